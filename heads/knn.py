@@ -1,0 +1,61 @@
+"""k-NN classifier over L2-normalised embeddings, searched with FAISS (cosine similarity)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+
+class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
+    """Majority (or similarity-weighted) vote of the k most cosine-similar training embeddings.
+
+    weights="uniform" counts neighbours; weights="similarity" weights each by
+    exp(similarity / temperature), as in DINOv2's k-NN evaluation.
+    """
+
+    def __init__(self, k: int = 10, weights: str = "uniform", temperature: float = 0.07):
+        self.k = k
+        self.weights = weights
+        self.temperature = temperature
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> FaissKNNClassifier:
+        from extractors.index import normalize
+
+        if self.weights not in ("uniform", "similarity"):
+            raise ValueError(f"weights must be 'uniform' or 'similarity', not {self.weights!r}")
+        self.classes_, y_idx = np.unique(np.asarray(y), return_inverse=True)
+        self.X_ = normalize(np.asarray(X, dtype=np.float32))
+        self.y_ = y_idx.astype(np.int64)
+        self.n_features_in_ = self.X_.shape[1]
+        return self
+
+    def _index(self):
+        import faiss
+
+        # Built on demand (FAISS objects are not serialisable with skops); cached per instance.
+        index = getattr(self, "_faiss", None)
+        if index is None or index.ntotal != len(self.X_):
+            index = faiss.IndexFlatIP(self.X_.shape[1])
+            index.add(self.X_)
+            self._faiss = index
+        return index
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        from extractors.index import normalize
+
+        check_is_fitted(self, "X_")
+        k = max(1, min(self.k, len(self.X_)))
+        sims, nn = self._index().search(normalize(np.asarray(X, dtype=np.float32)), k)
+        votes = np.ones_like(sims) if self.weights == "uniform" else np.exp(sims / self.temperature)
+        proba = np.zeros((len(X), len(self.classes_)), dtype=np.float64)
+        np.add.at(proba, (np.arange(len(X))[:, None], self.y_[nn]), votes)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_faiss", None)
+        return state

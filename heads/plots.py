@@ -1,0 +1,67 @@
+"""Plots people would rather look at than read: confusion matrices and 2-D embedding maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def confusion_matrix_png(
+    cm: np.ndarray, classes: Sequence[str], title: str, path: str | Path
+) -> Path:
+    """Row-normalised confusion matrix with counts in the cells."""
+    n = len(classes)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    color = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def embedding_map_png(
+    X: np.ndarray, labels: Sequence[str], title: str, path: str | Path, seed: int = 0
+) -> Path:
+    """PCA of the embeddings to 2-D, one colour per label."""
+    from sklearn.decomposition import PCA
+
+    pts = PCA(n_components=2, random_state=seed).fit_transform(X) if len(X) > 2 else X[:, :2]
+    labels = np.asarray(labels, dtype=object)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20")
+    for i, lab in enumerate(sorted(set(labels))):
+        m = labels == lab
+        ax.scatter(pts[m, 0], pts[m, 1], s=10, color=cmap(i % 20), label=str(lab), alpha=0.8)
+    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    if len(set(labels)) <= 20:
+        ax.legend(markerscale=2, fontsize=8, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,114 @@
+"""Training stage: a store's labelled embeddings -> validated splits -> fitted, saved heads."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extractors.store import Store
+from heads.classical import HEADS
+from heads.evaluate import HeadResult, Splits, fit_head
+from heads.persist import save_head, write_json_atomic
+
+
+class TrainingDataError(ValueError):
+    """The store's labels cannot support training heads; the message says what to do."""
+
+
+def load_splits(store: Store) -> Splits:
+    """Labelled embeddings by split, after checking there is enough to train and test on."""
+    X, meta = store.arrays(where_labelled=True)
+    if len(X) == 0:
+        raise TrainingDataError(
+            f"store {store.path} has no labelled images. Heads need labels: embed a folder with "
+            "one sub-folder per class, or a manifest with a label column."
+        )
+    labels = np.asarray(meta["label"].to_pylist(), dtype=object)
+    split = np.asarray(meta["split"].to_pylist(), dtype=object)
+    counts = Counter(labels)
+    if len(counts) < 2:
+        raise TrainingDataError(
+            f"only one class ({next(iter(counts))!r}) in {store.path}; heads need at least two. "
+            "Add a sub-folder of images per class."
+        )
+    problems = []
+    for cls in sorted(counts):
+        per = {s: int(((labels == cls) & (split == s)).sum()) for s in ("train", "val", "test")}
+        if per["train"] == 0 or per["test"] == 0 or (per["val"] == 0 and counts[cls] >= 3):
+            problems.append(f"{cls!r} ({counts[cls]} images: {per})")
+    if problems:
+        raise TrainingDataError(
+            "these classes are too small for a train/val/test split: "
+            + "; ".join(problems)
+            + ". Each class needs at least 3 images (one per split); add images or drop the class."
+        )
+    if not (split == "val").any():
+        raise TrainingDataError("no validation rows: give a 'val' split in the manifest")
+    pick = {s: split == s for s in ("train", "val", "test")}
+    return Splits(
+        X[pick["train"]],
+        labels[pick["train"]].astype(str),
+        X[pick["val"]],
+        labels[pick["val"]].astype(str),
+        X[pick["test"]],
+        labels[pick["test"]].astype(str),
+    )
+
+
+def train_heads(
+    store: Store, heads: list[str] | None = None, seed: int = 0
+) -> tuple[list[HeadResult], Splits]:
+    """Fit each head by the evaluation protocol; results sorted best first by test accuracy."""
+    heads = heads or list(HEADS)
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise TrainingDataError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
+    splits = load_splits(store)
+    results = [fit_head(name, splits, seed=seed) for name in heads]
+    return rank(results), splits
+
+
+def rank(results: list[HeadResult]) -> list[HeadResult]:
+    """Best first: by validation accuracy (the choice never looks at test), then by name."""
+    return sorted(results, key=lambda r: (-r.val_accuracy, r.name))
+
+
+def save_heads(
+    store: Store, results: list[HeadResult], run_tag: str, extra: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Save every head under <store>/heads/<run_tag>/ and point heads/latest.json at the best."""
+    manifest = store.manifest()
+    out_dir = store.path / "heads" / run_tag
+    saved = {}
+    for r in results:
+        meta = {
+            "head": r.name,
+            "params": r.params,
+            "classes": r.classes,
+            "backbone": manifest["backbone"],
+            "weights": manifest["weights"],
+            "dim": manifest["dim"],
+            "store": str(store.path),
+            "fingerprint": manifest["fingerprint"],
+            "val_accuracy": r.val_accuracy,
+            "metrics": r.metrics,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **(extra or {}),
+        }
+        saved[r.name] = save_head(r.estimator, meta, out_dir / f"{r.name}.skops")
+    best = results[0]
+    write_json_atomic(
+        store.path / "heads" / "latest.json",
+        {
+            "run": run_tag,
+            "best": best.name,
+            "best_path": str(saved[best.name].relative_to(store.path)),
+            "heads": {k: str(v.relative_to(store.path)) for k, v in saved.items()},
+            **(extra or {}),
+        },
+    )
+    return saved
