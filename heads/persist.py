@@ -15,6 +15,8 @@ from sklearn.base import BaseEstimator
 TRUSTED_TYPES = frozenset(
     {
         "heads.knn.FaissKNNClassifier",
+        "sklearn.calibration._CalibratedClassifier",
+        "sklearn.calibration._SigmoidCalibration",
     }
 )
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: real sample images, the real offline backbone, a real store, MLflow in tmp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes x 25 real handwritten digits as PNG files (100 > one batch, so workers run)."""
+    from flows.sample_data import materialise_digits
+
+    root = materialise_digits(tmp_path_factory.mktemp("digits") / "digits", per_class=25)
+    for extra in ("4", "5", "6", "7", "8", "9"):
+        for f in (root / extra).iterdir():
+            f.unlink()
+        (root / extra).rmdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from extractors.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def built_store(digits_dir: Path, backbone, tmp_path_factory: pytest.TempPathFactory):
+    """A store built once from `digits_dir` with the default backbone."""
+    from extractors.sources import read_source
+    from extractors.store import Store
+
+    store = Store(tmp_path_factory.mktemp("store") / "digits")
+    store.update(read_source(digits_dir), backbone, progress=False)
+    return store
+
+
+@pytest.fixture
+def mlflow_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store for one test, via MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (API + SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,129 @@
+"""The store: Parquet + manifest + FAISS round trip, incremental updates, bad files, locking."""
+
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from extractors import index as faiss_index
+from extractors.sources import read_source
+from extractors.store import EMBEDDINGS, Store, StoreError, content_id
+
+
+def test_parquet_schema_and_readers(built_store) -> None:
+    path = built_store.path / EMBEDDINGS
+    con = duckdb.connect()
+    cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM '{path}'").fetchall()]
+    assert cols[:8] == ["id", "path", "sha256", "label", "split", "width", "height", "bytes"]
+    assert "embedding" in cols
+    n, dim = con.execute(f"SELECT count(*), max(len(embedding)) FROM '{path}'").fetchone()
+    assert n == 100 and dim == 1280
+    assert pl.read_parquet(path)["embedding"].dtype == pl.Array(pl.Float32, 1280)
+    assert len(pd.read_parquet(path)) == 100
+    table = pq.read_table(path)
+    ids = table["id"].to_pylist()
+    assert len(set(ids)) == len(ids)
+    assert all(content_id(s) == i for s, i in zip(table["sha256"].to_pylist(), ids, strict=True))
+    assert set(table["split"].to_pylist()) == {"train", "val", "test"}
+
+
+def test_manifest(built_store) -> None:
+    m = built_store.manifest()
+    assert m["backbone"] == "efficientnet_lite0" and m["dim"] == 1280 and m["rows"] == 100
+    assert m["classes"] == ["0", "1", "2", "3"]
+    assert m["preprocessing"]["interpolation"] == "bicubic"
+    assert sum(m["splits"].values()) == 100
+
+
+def test_faiss_ids_equal_parquet_ids(built_store) -> None:
+    index = built_store.index()
+    ids = built_store.table(["id"])["id"].to_numpy()
+    assert index.ntotal == len(ids)
+    assert np.array_equal(faiss_index.index_ids(index), ids)
+
+
+def test_search_returns_query_first(built_store) -> None:
+    emb, meta = built_store.arrays(where_labelled=False)
+    scores, ids = faiss_index.search(built_store.index(), emb[:5], k=3)
+    assert np.array_equal(ids[:, 0], meta["id"].to_numpy()[:5])
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-4)
+
+
+def _copy_store_source(digits_dir, tmp_path):
+    src_dir = tmp_path / "src"
+    shutil.copytree(digits_dir, src_dir)
+    return src_dir
+
+
+def test_incremental_updates(digits_dir, backbone, tmp_path) -> None:
+    src_dir = _copy_store_source(digits_dir, tmp_path)
+    store = Store(tmp_path / "store")
+    first = store.update(read_source(src_dir), backbone, progress=False)
+    assert first.embedded == 100 and first.rows == 100
+    before = store.table()
+
+    again = store.update(read_source(src_dir), backbone, progress=False)
+    assert again.embedded == 0 and again.kept == 100
+    assert store.table().equals(before)  # idempotent
+
+    victim = sorted((src_dir / "0").iterdir())[0]
+    victim.unlink()
+    changed = sorted((src_dir / "1").iterdir())[0]
+    Image.open(changed).rotate(90).save(changed)
+    Image.new("RGB", (20, 20), "white").save(src_dir / "2" / "new.png")
+    third = store.update(read_source(src_dir), backbone, progress=False)
+    assert (third.embedded, third.removed, third.rows) == (2, 1, 100)  # changed = re-embedded
+    paths = set(store.table(["path"])["path"].to_pylist())
+    assert str(victim) not in paths and str(src_dir / "2" / "new.png") in paths
+    old_split = dict(zip(before["path"].to_pylist(), before["split"].to_pylist(), strict=True))
+    now = store.table(["path", "split"])
+    for p, s in zip(now["path"].to_pylist(), now["split"].to_pylist(), strict=True):
+        if p in old_split and p != str(changed):
+            assert old_split[p] == s  # splits of kept rows never move
+    assert np.array_equal(
+        faiss_index.index_ids(store.index()), store.table(["id"])["id"].to_numpy()
+    )
+
+
+def test_bad_files_are_recorded_and_skipped(digits_dir, backbone, tmp_path) -> None:
+    src_dir = _copy_store_source(digits_dir, tmp_path)
+    (src_dir / "0" / "empty.png").write_bytes(b"")
+    (src_dir / "0" / "text.jpg").write_text("not an image")
+    shutil.copy(next((src_dir / "1").iterdir()), src_dir / "1" / "zz_copy.png")
+    store = Store(tmp_path / "store")
+    report = store.update(read_source(src_dir), backbone, progress=False)
+    assert report.rows == 100 and report.failed == 3
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in store.failures().to_pylist()}
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert "not an image" in reasons["text.jpg"]
+    assert reasons["zz_copy.png"].startswith("duplicate content of")
+    assert store.manifest()["failures"] == 3
+
+
+def test_other_backbone_is_refused(built_store) -> None:
+    with pytest.raises(StoreError, match="was built with backbone efficientnet_lite0"):
+        built_store.check_backbone("torchvision:resnet50")
+
+
+def test_second_writer_is_refused(built_store) -> None:
+    with built_store.lock(), pytest.raises(StoreError, match="another headstart process"):  # noqa: SIM117
+        with Store(built_store.path).lock():
+            pass
+
+
+def test_broken_index_is_rebuilt(built_store, tmp_path) -> None:
+    store = Store(tmp_path / "copy")
+    shutil.copytree(built_store.path, store.path)
+    faiss_index.write_index(
+        faiss_index.build_index(np.zeros((1, 1280), np.float32), np.array([7])),
+        store.path / "index.faiss",
+    )
+    assert store.ensure_index() is True
+    assert store.index().ntotal == 100

@@ -1,0 +1,129 @@
+"""Every CLI command, run in-process against the session's Prefect server and a tmp MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    """Run a command, assert success, return its stdout (logs and progress go to stderr)."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.stdout
+
+
+def test_help_explains_every_command() -> None:
+    out = _ok(["--help"])
+    for cmd in ("demo", "embed", "train", "run", "search", "predict", "info", "serve"):
+        assert cmd in out
+        assert len(_ok([cmd, "--help"])) > 200
+
+
+def test_demo_then_search_predict_info(prefect_server, mlflow_tmp, tmp_path) -> None:
+    ws = str(tmp_path / "ws")
+    out = _ok(["demo", "--workspace", ws, "--per-class", "5"])
+    assert "logreg" in out and "svm" in out and "knn" in out
+    assert "mlflow ui --backend-store-uri" in out
+    query = sorted((tmp_path / "ws" / "sample" / "digits" / "3").iterdir())[0]
+
+    hits = json.loads(_ok(["search", str(query), "-k", "3", "--workspace", ws, "--json"]))
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
+    assert len(hits) == 3
+    assert "nearest to" in _ok(["search", str(query), "--workspace", ws])
+
+    preds = json.loads(_ok(["predict", str(query), "--workspace", ws, "--json"]))
+    assert preds[0]["label"] in {str(d) for d in range(10)}
+    assert abs(sum(t["score"] for t in preds[0]["top"]) - 1) < 0.5  # top-3 of a distribution
+
+    info = json.loads(_ok(["info", "--workspace", ws, "--json"]))
+    assert info["rows"] == 50 and info["index_consistent"] and info["heads"]["best"]
+    assert "backbone" in _ok(["info", "--workspace", ws])
+
+
+def test_embed_train_run_on_a_folder(prefect_server, mlflow_tmp, digits_dir, tmp_path) -> None:
+    ws = str(tmp_path / "ws")
+    report = json.loads(_ok(["embed", str(digits_dir), "--workspace", ws, "--json"]))
+    assert report["embedded"] == 100
+    again = json.loads(_ok(["embed", str(digits_dir), "--workspace", ws, "--json"]))
+    assert again["embedded"] == 0 and again["rows"] == 100
+    trained = json.loads(_ok(["train", "--workspace", ws, "--head", "logreg", "--json"]))
+    assert [h["head"] for h in trained["heads"]] == ["logreg"]
+    result = json.loads(_ok(["run", str(digits_dir), "--workspace", ws, "--finetune", "--json"]))
+    assert result["decision"]["escalate"] and "requested" in result["decision"]["reason"]
+
+
+def test_bad_input_gets_a_message_not_a_traceback(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["embed", str(tmp_path / "empty"), "--workspace", str(tmp_path)])
+    assert res.exit_code == 2 and "no images found" in res.output
+    one = tmp_path / "one" / "cat"
+    one.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(one / f"{i}.png")
+    res = runner.invoke(app, ["run", str(tmp_path / "one"), "--workspace", str(tmp_path)])
+    assert res.exit_code == 2 and "single class" in res.output
+    res = runner.invoke(app, ["run", str(tmp_path / "one"), "--backbone", "vgg"])
+    assert res.exit_code == 2 and "unknown backbone" in res.output
+    res = runner.invoke(app, ["search", str(one / "0.png"), "--workspace", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no store found" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_serve_registers_a_scheduled_deployment(prefect_server, digits_dir, tmp_path) -> None:
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            str(digits_dir),
+            "--cron",
+            "*/5 * * * *",
+            "--name",
+            "test-serve",
+            "--workspace",
+            str(tmp_path),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    import asyncio
+
+    async def find():
+        async with get_client() as client:
+            try:
+                return await client.read_deployment_by_name("pipeline/test-serve")
+            except Exception:
+                return None
+
+    try:
+        deadline = time.monotonic() + 120
+        dep = None
+        while dep is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            dep = asyncio.run(find())
+        assert dep is not None, proc.stdout.read() if proc.poll() is not None else "timeout"
+        assert dep.parameters["source"] == str(digits_dir.resolve())
+        assert any(s.schedule.cron == "*/5 * * * *" for s in dep.schedules)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
