@@ -1,4 +1,4 @@
-"""Backbones: the offline weights are real ImageNet weights; registry, local files, offline errors."""
+"""Backbones: the offline weights are real ImageNet weights; registry, local files, offline."""
 
 from __future__ import annotations
 

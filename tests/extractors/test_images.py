@@ -70,7 +70,7 @@ def test_truncated_and_missing(tmp_path) -> None:
     path = tmp_path / "trunc.jpg"
     _photo(400, 300).save(path, quality=95)
     path.write_bytes(path.read_bytes()[:600])
-    with pytest.raises(ImageError, match="truncated|corrupt"):
+    with pytest.raises(ImageError, match=r"truncated|corrupt"):
         load_rgb(path)
     with pytest.raises(ImageError, match="not found"):
         load_rgb(tmp_path / "gone.png")

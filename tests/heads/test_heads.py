@@ -54,9 +54,9 @@ def test_saved_heads_round_trip_without_pickle(trained, built_store, tmp_path) -
 
 
 def test_untrusted_head_file_is_refused(tmp_path) -> None:
-    from sklearn.preprocessing import FunctionTransformer
-
     import os
+
+    from sklearn.preprocessing import FunctionTransformer
 
     path = save_head(FunctionTransformer(func=os.getcwd), {}, tmp_path / "evil.skops")
     with pytest.raises(HeadFileError, match="does not trust"):
