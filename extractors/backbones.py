@@ -12,7 +12,6 @@ The embedding is the pooled penultimate feature (the input of the final classifi
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from extractors.images import file_sha256
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -147,11 +148,7 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
