@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from extractors.atomic import atomic_path
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -32,12 +33,8 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
     """Atomic write: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from extractors import index as faiss_index
+from extractors.atomic import atomic_path, write_bytes_atomic
 from extractors.backbones import Backbone
 from extractors.embed import embed_files
 from extractors.images import file_sha256
@@ -100,22 +101,10 @@ def default_store_dir(workspace: str | Path, source_root: str, backbone: str) ->
     return Path(workspace) / "stores" / f"{slug(Path(source_root).stem)}-{tag}__{slug(backbone)}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write a Parquet file under a temporary name, fsync it, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
 
 
 @dataclass
@@ -331,7 +320,7 @@ class Store:
             "created": created,
             "updated": now,
         }
-        _atomic_write_bytes(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_bytes_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:

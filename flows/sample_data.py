@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from extractors.atomic import atomic_path
+
 
 def materialise_digits(root: str | Path, per_class: int = 40, size: int = 32) -> Path:
     """Write `per_class` handwritten digits per class as PNGs under root/<digit>/ (idempotent).
@@ -27,7 +29,6 @@ def materialise_digits(root: str | Path, per_class: int = 40, size: int = 32) ->
                 continue
             pixels = (digits.images[idx] / 16.0 * 255.0).astype(np.uint8)
             img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR)
-            tmp = out.with_name(f".{out.name}.tmp")
-            img.save(tmp, format="PNG")
-            tmp.replace(out)
+            with atomic_path(out) as tmp:
+                img.save(tmp, format="PNG")
     return root

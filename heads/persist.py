@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import skops.io as sio
 from sklearn.base import BaseEstimator
+
+from extractors.atomic import atomic_path, write_bytes_atomic
 
 # Types our heads are made of that skops does not trust by default. Anything else found in a
 # file is refused: a head file is only loaded when every type in it is on this list.
@@ -29,9 +30,8 @@ def save_head(estimator: BaseEstimator, meta: dict[str, Any], path: str | Path) 
     """Write `path` (.skops) and `path`.json atomically; returns the .skops path."""
     path = Path(path).with_suffix(".skops")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sio.dump(estimator, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sio.dump(estimator, tmp)
     write_json_atomic(path.with_suffix(".json"), meta)
     return path
 
@@ -56,7 +56,4 @@ def load_head(path: str | Path) -> tuple[BaseEstimator, dict[str, Any]]:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """JSON to a temporary file, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(obj, indent=2, default=str).encode())
