@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from extractors import DEFAULT_BACKBONE
 from extractors.images import file_sha256
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 class BackboneError(ValueError):

@@ -167,9 +167,23 @@ class Store:
         return embedding_matrix(table), table.drop_columns(["embedding"])
 
     def index(self, mmap: bool = False):
-        """The FAISS index, rebuilt first if it does not match the Parquet ids."""
-        self.ensure_index()
-        return faiss_index.read_index(self.path / INDEX, mmap=mmap)
+        """The FAISS index (read once), rebuilt first if it does not match the Parquet ids."""
+        idx = self.index_if_consistent(mmap=mmap)
+        if idx is None:
+            self.ensure_index()
+            idx = faiss_index.read_index(self.path / INDEX, mmap=mmap)
+        return idx
+
+    def index_if_consistent(self, mmap: bool = False):
+        """The index on disk when its ids equal the Parquet ids, in order; else None."""
+        path = self.path / INDEX
+        if not path.exists():
+            return None
+        ids = self.table(["id"])["id"].to_numpy()
+        idx = faiss_index.read_index(path, mmap=mmap)
+        if idx.ntotal == len(ids) and np.array_equal(faiss_index.index_ids(idx), ids):
+            return idx
+        return None
 
     def check_backbone(self, backbone: str, weights: str | None = None) -> None:
         """Refuse to mix embeddings of two backbones in one store."""
@@ -203,15 +217,14 @@ class Store:
 
     def ensure_index(self) -> bool:
         """Rebuild index.faiss when it is missing or its ids differ from the Parquet ids."""
-        ids = self.table(["id"])["id"].to_numpy()
-        path = self.path / INDEX
-        if path.exists():
-            idx = faiss_index.read_index(path)
-            if idx.ntotal == len(ids) and np.array_equal(faiss_index.index_ids(idx), ids):
-                return False
-        emb, _ = self.arrays(where_labelled=False)
-        faiss_index.write_index(faiss_index.build_index(emb, ids), path)
+        if self.index_if_consistent() is not None:
+            return False
+        self._write_index(self.table())
         return True
+
+    def _write_index(self, table: pa.Table) -> None:
+        index = faiss_index.build_index(embedding_matrix(table), table["id"].to_numpy())
+        faiss_index.write_index(index, self.path / INDEX)
 
     def update(
         self,
@@ -291,7 +304,7 @@ class Store:
                 ),
                 self.path / FAILURES,
             )
-            self.ensure_index()
+            self._write_index(table)  # from the table in hand, not re-read from disk
             self._write_manifest(source, backbone, table, seed, report)
             return report
 

@@ -14,8 +14,8 @@ from rich.table import Table
 # Keep this module light: DataLoader workers are spawned and re-import the main module.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-friendly
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_WORKSPACE = Path(os.environ.get("HEADSTART_HOME", "data"))
+from extractors import DEFAULT_BACKBONE
+from flows import DEFAULT_WORKSPACE
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -7,8 +7,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import steps, tracking
-from flows.steps import DEFAULT_WORKSPACE
+from flows import DEFAULT_WORKSPACE, steps, tracking
 
 embed_task = task(steps.embed_source, name="embed-source", cache_policy=NO_CACHE)
 train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE)

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
+import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from extractors.backbones import DEFAULT_BACKBONE, create_backbone
-from extractors.images import load_rgb
+from extractors import DEFAULT_BACKBONE
+from extractors.backbones import check_name, create_backbone
+from extractors.images import ImageError, load_rgb
+from extractors.index import search
 from extractors.sources import read_source
 from extractors.store import Store, StoreError, default_store_dir
-from flows import tracking
+from flows import DEFAULT_WORKSPACE, tracking
+from heads.classical import class_scores
 from heads.persist import load_head
 from heads.plots import embedding_map_png
-from heads.train import save_heads, train_heads
-
-DEFAULT_WORKSPACE = Path(os.environ.get("HEADSTART_HOME", "data"))
+from heads.train import TrainingDataError, load_splits, save_heads, train_heads
 
 
 def resolve_store(
@@ -54,11 +56,6 @@ def preflight(
     need_labels: bool,
 ) -> None:
     """Cheap checks before any flow starts, so bad input gets a message instead of a traceback."""
-    from collections import Counter
-
-    from extractors.backbones import check_name
-    from heads.train import TrainingDataError
-
     src = read_source(source)
     if backbone is not None:
         check_name(backbone)
@@ -89,8 +86,6 @@ def preflight(
 
 def check_trainable(store: Store) -> None:
     """Raise TrainingDataError when the store cannot support training heads."""
-    from heads.train import load_splits
-
     load_splits(store)
 
 
@@ -235,8 +230,6 @@ def search_image(
     if bb.weights != m["weights"]:
         raise StoreError(f"store weights {m['weights']} differ from {bb.weights}")
     query = bb.embed(bb.transform(load_rgb(image))[None]).numpy()
-    from extractors.index import search
-
     index = st.index(mmap=True)
     if index.ntotal == 0:
         return []
@@ -270,24 +263,18 @@ def predict_images(
         latest = st.path / "heads" / "latest.json"
         if not latest.exists():
             raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
-        import json
-
         head = st.path / json.loads(latest.read_text())["best_path"]
     estimator, meta = load_head(head)
     bb = create_backbone(meta["backbone"], device=device)
     if meta.get("weights") and bb.weights != meta["weights"]:
         raise StoreError(f"head {head} was trained on {meta['weights']}, not {bb.weights}")
     out = []
-    from extractors.images import ImageError
-
     for img in images:
         try:
             x = bb.embed(bb.transform(load_rgb(img))[None]).numpy()
         except ImageError as exc:
             out.append({"image": str(img), "error": str(exc)})
             continue
-        from heads.classical import class_scores
-
         scores = class_scores(estimator, x)[0]
         order = np.argsort(-scores)[:top]
         out.append(
@@ -309,21 +296,15 @@ def store_info(
 ) -> dict[str, Any]:
     """What a store holds: manifest, counts, failures, index consistency, heads."""
     st = resolve_store(store, workspace)
-    m = st.manifest()
-    idx = st.index()
-    ids = st.table(["id"])["id"].to_numpy()
-    from extractors.index import index_ids
-
     info = {
         "store": str(st.path),
-        **m,
-        "index_consistent": bool(np.array_equal(np.sort(index_ids(idx)), np.sort(ids))),
+        **st.manifest(),
+        # Checked as found on disk (search rebuilds an inconsistent index before using it).
+        "index_consistent": st.index_if_consistent() is not None,
         "failures_table": st.failures().to_pylist(),
     }
     latest = st.path / "heads" / "latest.json"
     if latest.exists():
-        import json
-
         info["heads"] = json.loads(latest.read_text())
     return info
 

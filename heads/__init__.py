@@ -1,1 +1,1 @@
-"""heads package."""
+"""heads: classical heads, the evaluation protocol, plots and persistence."""
