@@ -12,8 +12,10 @@ The embedding is the pooled penultimate feature (the input of the final classifi
 
 from __future__ import annotations
 
+import math
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +38,12 @@ class BackboneUnavailable(BackboneError):
 
 @dataclass
 class Backbone:
-    """A frozen network plus the preprocessing its weights were trained with."""
+    """A frozen network plus the preprocessing its weights were trained with.
+
+    `decode_side` is the short side the transform resizes to first: images can be decoded at
+    a reduced scale down to it. `layers` maps extra store columns to module names whose
+    pooled outputs are saved beside the penultimate embedding (see `set_layers`).
+    """
 
     name: str
     model: nn.Module
@@ -46,28 +53,106 @@ class Backbone:
     preprocessing: dict[str, Any]
     _features: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(repr=False, default=None)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    decode_side: int | None = None
+    layers: dict[str, str] = field(default_factory=dict)
+    layer_dims: dict[str, int] = field(default_factory=dict)
+    _captured: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _hooks: list[Any] = field(default_factory=list, repr=False)
 
     def to(self, device: str | torch.device) -> Backbone:
         self.device = torch.device(device)
-        self.model.to(self.device)
+        # channels_last: the fast layout for convolutions on CPU (oneDNN) and tensor cores.
+        self.model.to(self.device, memory_format=torch.channels_last)
         return self
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (float32, on CPU) of a preprocessed batch."""
-        batch = batch.to(self.device, non_blocking=True)
+        return self.embed_all(batch)[0]
+
+    @torch.inference_mode()
+    def embed_all(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(penultimate features, {layer column: pooled features}), float32 on CPU."""
+        batch = batch.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        self._captured.clear()
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.autocast("cuda", dtype=dtype):
                 out = self._features(self.model, batch)
         else:
             out = self._features(self.model, batch)
-        return out.float().flatten(1).cpu()
+        extra = {col: self._captured.pop(col).float().cpu() for col in self.layers}
+        return out.float().flatten(1).cpu(), extra
 
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet logits of the original classifier (a sanity check of the weights)."""
-        return self.model(batch.to(self.device)).float().cpu()
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(batch).float().cpu()
+
+    def stages(self) -> list[str]:
+        """Module names of the network's stages, shallow to deep (what `--layers` indexes)."""
+        info = getattr(self.model, "feature_info", None)
+        if info is not None and not callable(info):
+            return [f["module"] for f in info]
+        names = dict(self.model.named_children())
+        if "layer4" in names:  # ResNet family
+            return [n for n in ("layer1", "layer2", "layer3", "layer4") if n in names]
+        features = names.get("features")
+        if isinstance(features, nn.Sequential):
+            return [f"features.{i}" for i in range(len(features))]
+        return [n for n, m in names.items() if any(True for _ in m.parameters())][:-1]
+
+    def set_layers(self, specs: Sequence[str]) -> dict[str, str]:
+        """Also save pooled outputs of these layers: stage indices (-1 = last stage) or module
+        names. Returns {store column: module name}; columns are `emb_<module>`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.layers, self.layer_dims = {}, {}
+        modules = dict(self.model.named_modules())
+        stages = self.stages()
+        for spec in specs:
+            spec = spec.strip()
+            if not spec:
+                continue
+            if re.fullmatch(r"-?\d+", spec):
+                i = int(spec)
+                if not -len(stages) <= i < len(stages):
+                    raise BackboneError(
+                        f"layer index {i} is out of range: {self.name} has {len(stages)} stages "
+                        f"({', '.join(stages)}); use -1 for the last"
+                    )
+                module_name = stages[i]
+            elif spec in modules and spec:
+                module_name = spec
+            else:
+                raise BackboneError(
+                    f"{self.name} has no layer {spec!r}; give stage indices (-1 = last stage, "
+                    f"-2 = the one before) or module names such as {', '.join(stages[-2:])}"
+                )
+            column = "emb_" + re.sub(r"[^A-Za-z0-9]+", "_", module_name)
+            self.layers[column] = module_name
+            self._hooks.append(modules[module_name].register_forward_hook(self._capture(column)))
+        if self.layers:  # one dry run to learn each layer's width
+            size = self.preprocessing.get("input_size") or [3, 224, 224]
+            _, extra = self.embed_all(torch.zeros(1, *size))
+            self.layer_dims = {col: int(t.shape[1]) for col, t in extra.items()}
+        return dict(self.layers)
+
+    def _capture(self, column: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if output.ndim == 4:  # (B, C, H, W): global average pool
+                output = output.mean(dim=(2, 3))
+            elif output.ndim == 3:  # (B, tokens, C)
+                output = output.mean(dim=1)
+            self._captured[column] = output.flatten(1)
+
+        return hook
 
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
@@ -162,6 +247,7 @@ def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
         weights=weights,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         _features=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True),
+        decode_side=math.floor(min(cfg["input_size"][1:]) / cfg.get("crop_pct", 1.0)),
     )
 
 
@@ -342,4 +428,5 @@ def _torchvision(arg: str, weights: str | Path | None = None) -> Backbone:
         weights=desc,
         preprocessing=prep,
         _features=_penultimate(head),
+        decode_side=min(prep["resize_size"]) if prep["resize_size"] else None,
     )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+ORIENTATION = 0x0112  # EXIF tag
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -57,30 +60,45 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode `path` fully into an upright RGB image (EXIF orientation applied, GIF first frame).
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode `path` into an upright RGB image (EXIF orientation applied, GIF first frame).
 
-    Raises `ImageError` with a readable reason for anything that is not a decodable image:
-    missing or empty files, unknown formats, truncated data, decompression bombs.
+    `min_side` lets JPEGs decode at a reduced scale (1/2, 1/4, 1/8: libjpeg's DCT scaling) as
+    long as both sides stay at least `min_side` pixels, which is several times faster for
+    photos far larger than the model's input. Raises `ImageError` with a readable reason for
+    anything that is not a decodable image: missing, empty, not a regular file, unknown
+    format, truncated data, decompression bombs.
     """
+    return open_rgb(path, min_side)[0]
+
+
+def open_rgb(path: str | Path, min_side: int | None = None) -> tuple[Image.Image, int, int]:
+    """`load_rgb` plus the full-resolution (width, height) after EXIF orientation."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise ImageError("file not found (moved or deleted after listing?)") from None
     except PermissionError:
         raise ImageError("permission denied: the file is not readable") from None
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (a folder, pipe or device named like an image)")
+    if st.st_size == 0:
         raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                width, height = img.size
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)  # animated GIF/WebP/TIFF: first frame
+                if min_side and img.format == "JPEG":
+                    img.draft(img.mode if img.mode in ("RGB", "L") else None, (min_side,) * 2)
                 img.load()
+                if img.getexif().get(ORIENTATION) in (5, 6, 7, 8):
+                    width, height = height, width
                 img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+                return _to_rgb(img), width, height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large (decompression-bomb guard): {exc}") from None
     except UnidentifiedImageError:
@@ -91,6 +109,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageError("permission denied: the file is not readable") from None
     except FileNotFoundError:
         raise ImageError("file not found (moved or deleted after listing?)") from None
+    except IsADirectoryError:
+        raise ImageError("not a regular file (a folder named like an image)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or corrupt data as OSError("image file is truncated ...").
         raise ImageError(f"corrupt or truncated image data: {exc}") from None

@@ -19,10 +19,8 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
     """Exact inner-product index on normalised vectors (= cosine similarity), keyed by `ids`."""
-    dim = embeddings.shape[1]
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if len(ids):
-        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))
+    index = empty_index(embeddings.shape[1])
+    add(index, embeddings, ids)
     return index
 
 
@@ -47,3 +45,14 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k vectors exist."""
     k = max(1, min(k, index.ntotal))
     return index.search(normalize(queries), k)
+
+
+def empty_index(dim: int) -> faiss.Index:
+    """An empty exact cosine index to fill batch by batch with `add`."""
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def add(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
+    """Add normalised vectors under their Parquet ids."""
+    if len(ids):
+        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))

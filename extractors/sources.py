@@ -57,6 +57,11 @@ def _walk_images(root: Path) -> list[Path]:
     return found
 
 
+def _abspath(p: Path) -> str:
+    """Canonical path; a dangling symlink keeps its own name, so its failure names it."""
+    return str(p.resolve() if p.exists() else p.absolute())
+
+
 def _from_folder(root: Path, layout: str) -> Source:
     top_images = [p for p in root.iterdir() if p.is_file() and is_image_path(p)]
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -64,10 +69,10 @@ def _from_folder(root: Path, layout: str) -> Source:
         layout = "folders" if class_dirs and not top_images else "unlabelled"
     if layout == "folders":
         records = [
-            ImageRecord(str(p.resolve()), label=d.name) for d in class_dirs for p in _walk_images(d)
+            ImageRecord(_abspath(p), label=d.name) for d in class_dirs for p in _walk_images(d)
         ]
         return Source(str(root.resolve()), "folders", tuple(records))
-    records = [ImageRecord(str(p.resolve())) for p in _walk_images(root)]
+    records = [ImageRecord(_abspath(p)) for p in _walk_images(root)]
     return Source(str(root.resolve()), "unlabelled", tuple(records))
 
 

@@ -16,15 +16,21 @@ On-disk layout (the one place it is documented; the README points here):
                              bytes      int64   file size and modification time, used to skip
                              mtime_ns   int64   re-hashing unchanged files on re-runs
                              embedding  fixed_size_list<float32>[dim]  pooled penultimate features
+                             emb_<module> fixed_size_list<float32>  pooled features of the
+                                        extra layers asked for with --layers (manifest "layers")
       failures.parquet     files of the source that are not in the store: path, reason
                            (undecodable, unreadable, duplicate content of another path)
+      staging/             part-NNNNNN.parquet rows embedded by an update that has not committed
+                           yet, same schema, split null unless given; staging.json its backbone.
+                           A re-run after a crash reuses them; removed after the commit.
       index.faiss          IndexIDMap2(IndexFlatIP) on L2-normalised embeddings; ids == `id`
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
       .lock                held while a writer updates the store
 
 Every file is written to a temporary name and renamed into place, so a reader sees the old or
 the new version, never a torn one. The manifest is written last and records the row count and
-fingerprint; `ensure_index` rebuilds an index that does not match the Parquet ids.
+fingerprint; `ensure_index` rebuilds an index that does not match the Parquet ids, and `verify`
+lists anything on disk that is not sound.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
+import shutil
+import stat
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +60,7 @@ import pyarrow.parquet as pq
 from extractors import index as faiss_index
 from extractors.atomic import atomic_path, write_bytes_atomic
 from extractors.backbones import Backbone
-from extractors.embed import embed_files
+from extractors.embed import EmbeddedBatch, EmbedStats, embed_files
 from extractors.images import file_sha256
 from extractors.sources import Source, stratified_split
 
@@ -58,14 +69,18 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.parquet"
 FAILURES = "failures.parquet"
 INDEX = "index.faiss"
+STAGING = "staging"
+CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash
+ROW_GROUP = 4096  # rows per Parquet row group in embeddings.parquet
 
 
 class StoreError(ValueError):
     """A store that cannot be used as asked; the message says what to do."""
 
 
-def schema(dim: int) -> pa.Schema:
-    """The Parquet schema of the embeddings table."""
+def schema(dim: int, layers: dict[str, int] | None = None) -> pa.Schema:
+    """The Parquet schema of the embeddings table; `layers` adds {column: dim} feature columns."""
+    extra = [(col, pa.list_(pa.float32(), d)) for col, d in (layers or {}).items()]
     return pa.schema(
         [
             ("id", pa.int64()),
@@ -78,8 +93,12 @@ def schema(dim: int) -> pa.Schema:
             ("bytes", pa.int64()),
             ("mtime_ns", pa.int64()),
             ("embedding", pa.list_(pa.float32(), dim)),
+            *extra,
         ]
     )
+
+
+META_COLUMNS = ["id", "path", "sha256", "label", "split", "width", "height", "bytes", "mtime_ns"]
 
 
 FAILURE_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
@@ -118,7 +137,9 @@ class UpdateReport:
     removed: int = 0
     failed: int = 0
     rows: int = 0
+    resumed: int = 0  # rows reused from the staging/ parts of an interrupted run
     failures: list[tuple[str, str]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)  # images/s and ms per image per stage
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -150,8 +171,9 @@ class Store:
         """The embeddings table (all rows), or an empty table if nothing was embedded yet."""
         path = self.path / EMBEDDINGS
         if not path.exists():
-            dim = self.manifest().get("dim", 0) if self.exists else 0
-            empty = schema(max(dim, 1)).empty_table()
+            m = self.manifest() if self.exists else {}
+            layers = {c: v["dim"] for c, v in m.get("layers", {}).items()}
+            empty = schema(max(m.get("dim", 0), 1), layers).empty_table()
             return empty.select(list(columns)) if columns else empty
         return pq.read_table(path, columns=list(columns) if columns else None)
 
@@ -159,12 +181,23 @@ class Store:
         path = self.path / FAILURES
         return pq.read_table(path) if path.exists() else FAILURE_SCHEMA.empty_table()
 
-    def arrays(self, where_labelled: bool = True) -> tuple[np.ndarray, pa.Table]:
-        """(embeddings as float32 matrix, the other columns) for labelled rows by default."""
-        table = self.table()
+    def features(self) -> list[str]:
+        """Feature columns: `embedding` (penultimate) and any `--layers` columns."""
+        return ["embedding", *self.manifest().get("layers", {})] if self.exists else ["embedding"]
+
+    def arrays(
+        self, where_labelled: bool = True, feature: str = "embedding"
+    ) -> tuple[np.ndarray, pa.Table]:
+        """(one feature column as a float32 matrix, the metadata) for labelled rows by default."""
+        if feature not in self.features():
+            raise StoreError(
+                f"store {self.path} has no feature column {feature!r}; it has "
+                f"{', '.join(self.features())} (add layers with `headstart embed --layers`)"
+            )
+        table = self.table([*META_COLUMNS, feature])
         if where_labelled:
             table = table.filter(pc.is_valid(table["label"]))
-        return embedding_matrix(table), table.drop_columns(["embedding"])
+        return embedding_matrix(table, feature), table.drop_columns([feature])
 
     def index(self, mmap: bool = False):
         """The FAISS index (read once), rebuilt first if it does not match the Parquet ids."""
@@ -185,6 +218,28 @@ class Store:
             return idx
         return None
 
+    def verify(self) -> list[str]:
+        """Problems found on disk (empty when sound): unreadable files, duplicate ids or paths,
+        an index whose ids differ from the Parquet ids, a manifest that disagrees."""
+        problems: list[str] = []
+        try:
+            meta = self.table(["id", "path"])
+        except (OSError, pa.ArrowException) as exc:
+            return [f"{EMBEDDINGS} is unreadable: {exc}"]
+        ids, paths = meta["id"].to_numpy(), meta["path"].to_pylist()
+        if len(np.unique(ids)) != len(ids):
+            problems.append(f"{len(ids) - len(np.unique(ids))} duplicate ids")
+        if len(set(paths)) != len(paths):
+            problems.append(f"{len(paths) - len(set(paths))} duplicate paths")
+        try:
+            if self.index_if_consistent() is None:
+                problems.append(f"{INDEX} is missing or its ids differ from the Parquet ids")
+        except RuntimeError as exc:
+            problems.append(f"{INDEX} is unreadable: {exc}")
+        if self.exists and self.manifest().get("rows") != len(ids):
+            problems.append("manifest row count differs from the Parquet file")
+        return problems
+
     def check_backbone(self, backbone: str, weights: str | None = None) -> None:
         """Refuse to mix embeddings of two backbones in one store."""
         if not self.exists:
@@ -195,6 +250,18 @@ class Store:
                 f"store {self.path} was built with backbone {m['backbone']} ({m['weights']}), "
                 f"not {backbone}" + (f" ({weights})" if weights else "") + ". Use another "
                 "--store for this backbone, or omit --backbone to keep using the store's own."
+            )
+
+    def check_layers(self, layer_dims: dict[str, int]) -> None:
+        """Refuse to add rows whose extra layer columns differ from the store's."""
+        if not self.exists:
+            return
+        have = {c: v["dim"] for c, v in self.manifest().get("layers", {}).items()}
+        if have != dict(layer_dims):
+            raise StoreError(
+                f"store {self.path} holds layer columns {sorted(have) or 'none'}, not "
+                f"{sorted(layer_dims) or 'none'}. Omit --layers to keep the store's own, or "
+                "use another --store for a different set of layers."
             )
 
     # --- writing -------------------------------------------------------------------------
@@ -234,79 +301,190 @@ class Store:
         batch_size: int = 32,
         num_workers: int | None = None,
         progress: bool = True,
+        fast_decode: bool = True,
+        checkpoint_rows: int = CHECKPOINT_ROWS,
     ) -> UpdateReport:
         """Bring the store in line with `source`: embed new or changed files, drop deleted ones.
 
-        Rows of unchanged files (same path and content) are kept as they are, with label and
-        given split refreshed from the source; new rows without a given split get a seeded
-        stratified split. Then the Parquet, the failures table, the index and the manifest
-        are replaced atomically, in that order.
+        Exactly once, in bounded memory: new rows stream into `staging/` parts (each renamed
+        into place every `checkpoint_rows` rows, so a crashed run resumes where it stopped),
+        then one pass merges the kept rows and the staged rows into a new Parquet file and
+        index, row group by row group. Rows of unchanged files (same path and content) keep
+        their embedding, with label and given split refreshed from the source; new rows
+        without a given split get a seeded stratified split. The Parquet, the failures
+        table, the index and the manifest are replaced atomically, in that order; the staging
+        folder is removed last. Disk errors leave the previous store as it was.
         """
         with self.lock():
             self.check_backbone(backbone.name, backbone.weights)
-            report = UpdateReport(store=str(self.path), scanned=len(source.records))
-            old = self.table() if (self.path / EMBEDDINGS).exists() else None
-            plan = _plan(source, old)
-            report.failures.extend(plan.failures)
-
-            new_rows: dict[str, list] = {k: [] for k in schema(backbone.dim).names}
-            paths = [r.path for r in plan.to_embed]
-            embedded_parts: list[np.ndarray] = []
-            for batch in embed_files(backbone, paths, batch_size, num_workers, progress):
-                for i, reason in batch.failures:
-                    report.failures.append((paths[i], reason))
-                for j, i in enumerate(batch.indices):
-                    rec = plan.to_embed[i]
-                    new_rows["id"].append(content_id(plan.sha[rec.path]))
-                    new_rows["path"].append(rec.path)
-                    new_rows["sha256"].append(plan.sha[rec.path])
-                    new_rows["label"].append(rec.label)
-                    new_rows["split"].append(rec.split)
-                    new_rows["width"].append(int(batch.widths[j]))
-                    new_rows["height"].append(int(batch.heights[j]))
-                    new_rows["bytes"].append(plan.stat[rec.path][0])
-                    new_rows["mtime_ns"].append(plan.stat[rec.path][1])
-                embedded_parts.append(batch.embeddings)
-            report.embedded = len(new_rows["id"])
-
-            # Splits for new rows without a given one: stratified among the new rows.
-            missing = [i for i, s in enumerate(new_rows["split"]) if s is None]
-            if missing:
-                assigned = stratified_split(
-                    [new_rows["sha256"][i] for i in missing],
-                    [new_rows["label"][i] for i in missing],
-                    seed=seed,
+            self.check_layers(backbone.layer_dims)
+            try:
+                return self._update(
+                    source,
+                    backbone,
+                    seed,
+                    batch_size,
+                    num_workers,
+                    progress,
+                    fast_decode,
+                    checkpoint_rows,
                 )
-                for i, s in zip(missing, assigned, strict=True):
-                    new_rows["split"][i] = s
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write to store {self.path}: {exc.strerror or exc}. The store is "
+                    "unchanged; free disk space or fix permissions, or choose another --store, "
+                    "then run again (finished batches are kept in staging/ and reused)."
+                ) from exc
 
-            emb = (
-                np.concatenate(embedded_parts)
-                if embedded_parts
-                else np.zeros((0, backbone.dim), np.float32)
-            )
-            fresh = _table_from_rows(new_rows, emb, backbone.dim)
-            kept = plan.kept_table(old, backbone.dim)
-            report.kept = kept.num_rows
-            report.removed = plan.removed
-            table = pa.concat_tables([kept, fresh]).sort_by([("path", "ascending")])
-            report.rows = table.num_rows
-            report.failed = len(report.failures)
+    def _update(
+        self,
+        source: Source,
+        backbone: Backbone,
+        seed: int,
+        batch_size: int,
+        num_workers: int | None,
+        progress: bool,
+        fast_decode: bool,
+        checkpoint_rows: int,
+    ) -> UpdateReport:
+        started = time.perf_counter()
+        sch = schema(backbone.dim, backbone.layer_dims)
+        _remove_temp_files(self.path)
+        staging = _Staging(self.path / STAGING, sch, backbone)
+        report = UpdateReport(store=str(self.path), scanned=len(source.records))
+        old = self._metadata()
+        plan = _plan(source, old, staging.metadata())
+        report.failures.extend(plan.failures)
+        report.resumed = len(plan.staged) - len(plan.to_embed)
 
-            write_parquet_atomic(table, self.path / EMBEDDINGS)
-            write_parquet_atomic(
-                pa.table(
-                    {
-                        "path": [p for p, _ in report.failures],
-                        "reason": [r for _, r in report.failures],
-                    },
-                    schema=FAILURE_SCHEMA,
-                ),
-                self.path / FAILURES,
+        stats = EmbedStats()
+        paths = [r.path for r in plan.to_embed]
+        with _StagingWriter(staging, checkpoint_rows, stats) as writer:
+            for batch in embed_files(
+                backbone,
+                paths,
+                batch_size,
+                num_workers,
+                progress,
+                stats=stats,
+                fast_decode=fast_decode,
+            ):
+                report.failures.extend((paths[i], reason) for i, reason in batch.failures)
+                if len(batch.indices):
+                    writer.put(_batch_table(batch, plan, sch))
+        report.failures.sort()
+        report.removed = plan.removed
+        report.failed = len(report.failures)
+        self._commit(source, backbone, plan, staging, sch, seed, report)
+        stats.wall_s = time.perf_counter() - started
+        report.stats = stats.metrics() | {"seconds": stats.wall_s}
+        return report
+
+    def _metadata(self) -> pa.Table | None:
+        """Every column but the embeddings, or None when nothing was committed yet."""
+        path = self.path / EMBEDDINGS
+        if not path.exists():
+            return None
+        return pq.read_table(path, columns=META_COLUMNS)
+
+    def _commit(
+        self,
+        source: Source,
+        backbone: Backbone,
+        plan: _Plan,
+        staging: _Staging,
+        sch: pa.Schema,
+        seed: int,
+        report: UpdateReport,
+    ) -> None:
+        """Merge kept and staged rows into new files, streaming, then drop the staging folder."""
+        staged = staging.metadata()
+        use = pc.is_in(staged["path"], value_set=pa.array(list(plan.staged), pa.string()))
+        staged = staged.filter(use) if staged.num_rows else staged
+        # One row per path: the first staged row of each path.
+        first: dict[str, int] = {}
+        for i, p in enumerate(staged["path"].to_pylist()):
+            first.setdefault(p, i)
+        new_paths = list(first)
+        new_sha = [plan.sha[p] for p in new_paths]
+        given = [plan.staged[p][1] for p in new_paths]
+        auto = [i for i, g in enumerate(given) if g is None]
+        splits = dict(zip(new_paths, given, strict=True))
+        if auto:
+            assigned = stratified_split(
+                [new_sha[i] for i in auto], [plan.staged[new_paths[i]][0] for i in auto], seed
             )
-            self._write_index(table)  # from the table in hand, not re-read from disk
-            self._write_manifest(source, backbone, table, seed, report)
-            return report
+            splits.update({new_paths[i]: s for i, s in zip(auto, assigned, strict=True)})
+
+        meta: dict[str, list] = {"sha256": [], "label": [], "split": []}
+        index = faiss_index.empty_index(backbone.dim)
+        written: set[str] = set()
+
+        def emit(writer: pq.ParquetWriter, table: pa.Table, labels, splits_) -> None:
+            keep = [p not in written for p in table["path"].to_pylist()]
+            if not all(keep):
+                table = table.filter(pa.array(keep))
+                labels = [x for x, k in zip(labels, keep, strict=True) if k]
+                splits_ = [x for x, k in zip(splits_, keep, strict=True) if k]
+            if not table.num_rows:
+                return
+            paths = table["path"].to_pylist()
+            table = _set_columns(
+                table,
+                label=pa.array(labels, pa.string()),
+                split=pa.array(splits_, pa.string()),
+                bytes=pa.array([plan.stat[p][0] for p in paths], pa.int64()),
+                mtime_ns=pa.array([plan.stat[p][1] for p in paths], pa.int64()),
+            )
+            writer.write_table(table.select(sch.names).cast(sch), row_group_size=ROW_GROUP)
+            faiss_index.add(index, embedding_matrix(table), table["id"].to_numpy())
+            written.update(paths)
+            meta["sha256"] += table["sha256"].to_pylist()
+            meta["label"] += labels
+            meta["split"] += splits_
+
+        with atomic_path(self.path / EMBEDDINGS) as tmp:
+            writer = pq.ParquetWriter(tmp, sch, compression="zstd")
+            try:
+                if plan.keep:
+                    old_file = pq.ParquetFile(self.path / EMBEDDINGS)
+                    for rb in old_file.iter_batches(ROW_GROUP):
+                        t = pa.Table.from_batches([rb])
+                        t = t.filter(pc.is_in(t["path"], value_set=pa.array(list(plan.keep))))
+                        ps, old_splits = t["path"].to_pylist(), t["split"].to_pylist()
+                        labels = [plan.keep[p][0] for p in ps]
+                        splits_ = [
+                            plan.keep[p][1] or s for p, s in zip(ps, old_splits, strict=True)
+                        ]
+                        emit(writer, t, labels, splits_)
+                report.kept = len(written)
+                for part in staging.parts():
+                    t = pq.read_table(part)
+                    t = t.filter(pc.is_in(t["path"], value_set=pa.array(new_paths, pa.string())))
+                    ok = [
+                        plan.sha.get(p) == h
+                        for p, h in zip(t["path"].to_pylist(), t["sha256"].to_pylist(), strict=True)
+                    ]
+                    t = t.filter(pa.array(ok, pa.bool_()))
+                    ps = t["path"].to_pylist()
+                    emit(writer, t, [plan.staged[p][0] for p in ps], [splits[p] for p in ps])
+            finally:
+                writer.close()
+        report.rows = len(written)
+        report.embedded = report.rows - report.kept
+        write_parquet_atomic(
+            pa.table(
+                {
+                    "path": [p for p, _ in report.failures],
+                    "reason": [r for _, r in report.failures],
+                },
+                schema=FAILURE_SCHEMA,
+            ),
+            self.path / FAILURES,
+        )
+        faiss_index.write_index(index, self.path / INDEX)
+        self._write_manifest(source, backbone, pa.table(meta), seed, report)
+        staging.remove()
 
     def _write_manifest(
         self, source: Source, backbone: Backbone, table: pa.Table, seed: int, report: UpdateReport
@@ -329,6 +507,10 @@ class Store:
             "fingerprint": fingerprint(table),
             "source": {"root": source.root, "kind": source.kind, "name": source.name},
             "split_seed": seed,
+            "layers": {
+                col: {"module": backbone.layers[col], "dim": d}
+                for col, d in backbone.layer_dims.items()
+            },
             "index": {"type": "IndexIDMap2(IndexFlatIP)", "metric": "cosine", "ntotal": len(table)},
             "created": created,
             "updated": now,
@@ -336,9 +518,9 @@ class Store:
         write_bytes_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The `embedding` column as a (rows, dim) float32 matrix, without a Python loop."""
-    col = table["embedding"].combine_chunks()
+def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed-size-list column as a (rows, dim) float32 matrix, without a Python loop."""
+    col = table[column].combine_chunks()
     dim = col.type.list_size
     if len(col) == 0:
         return np.zeros((0, dim), np.float32)
@@ -362,63 +544,195 @@ def fingerprint(table: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
-def _table_from_rows(rows: dict[str, list], emb: np.ndarray, dim: int) -> pa.Table:
-    sch = schema(dim)
-    cols = {k: pa.array(v, type=sch.field(k).type) for k, v in rows.items() if k != "embedding"}
-    cols["embedding"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(emb.reshape(-1), type=pa.float32()), dim
-    )
-    return pa.table(cols, schema=sch)
+def _set_columns(table: pa.Table, **columns: pa.Array) -> pa.Table:
+    for name, col in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, col)
+    return table
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _batch_table(batch: EmbeddedBatch, plan: _Plan, sch: pa.Schema) -> pa.Table:
+    """The rows of one embedded batch, in the store schema (split null unless given)."""
+    recs = [plan.to_embed[i] for i in batch.indices]
+    cols: dict[str, Any] = {
+        "id": [content_id(plan.sha[r.path]) for r in recs],
+        "path": [r.path for r in recs],
+        "sha256": [plan.sha[r.path] for r in recs],
+        "label": [r.label for r in recs],
+        "split": [r.split for r in recs],
+        "width": batch.widths,
+        "height": batch.heights,
+        "bytes": [plan.stat[r.path][0] for r in recs],
+        "mtime_ns": [plan.stat[r.path][1] for r in recs],
+    }
+    arrays = [pa.array(cols[f.name], f.type) for f in sch if f.name in cols]
+    arrays.append(_fixed_list(batch.embeddings))
+    arrays += [_fixed_list(batch.layers[f.name]) for f in sch if f.name.startswith("emb_")]
+    return pa.Table.from_arrays(arrays, schema=sch)
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Drop temporary files of writers that were killed (the caller holds the lock)."""
+    if folder.is_dir():
+        for tmp in [*folder.glob(".*.tmp"), *folder.glob(f"{STAGING}/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
+
+
+class _Staging:
+    """`staging/`: Parquet parts of rows embedded by an update that has not committed yet.
+
+    Parts are complete files renamed into place, so a killed run leaves only whole parts (and
+    temp files, removed on the next run). Parts from another backbone or schema are dropped.
+    """
+
+    def __init__(self, folder: Path, sch: pa.Schema, backbone: Backbone):
+        self.folder = folder
+        self.schema = sch
+        self.tag = {"backbone": backbone.name, "weights": backbone.weights}
+        meta = folder / "staging.json"
+        if folder.exists():
+            try:
+                same = json.loads(meta.read_text()) == self.tag and all(
+                    pq.read_schema(p).equals(sch) for p in self.parts()
+                )
+            except (OSError, ValueError, pa.ArrowException):
+                same = False
+            if not same:
+                shutil.rmtree(folder)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            write_bytes_atomic(meta, json.dumps(self.tag).encode())
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def metadata(self) -> pa.Table:
+        tables = [pq.read_table(p, columns=META_COLUMNS) for p in self.parts()]
+        empty = self.schema.empty_table().select(META_COLUMNS)
+        return pa.concat_tables([empty, *tables]) if tables else empty
+
+    def next_part(self) -> Path:
+        parts = self.parts()
+        n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+        return self.folder / f"part-{n:06d}.parquet"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _StagingWriter:
+    """Writes batches to staging parts on a background thread, so the model never waits on disk.
+
+    A part is closed and renamed into place every `rows_per_part` rows, and on exit (also after
+    an error in the caller, so finished batches survive for the next run). An error in the
+    writer thread (disk full) is raised in the caller at its next `put` or at exit.
+    """
+
+    def __init__(self, staging: _Staging, rows_per_part: int, stats: EmbedStats):
+        self.staging = staging
+        self.rows_per_part = max(1, rows_per_part)
+        self.stats = stats
+        self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
+
+    def __enter__(self) -> _StagingWriter:
+        self.thread.start()
+        return self
+
+    def put(self, table: pa.Table) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(table)
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def _run(self) -> None:
+        writer: pq.ParquetWriter | None = None
+        tmp = final = None
+        rows = 0
+        try:
+            while (table := self.queue.get()) is not None:
+                t0 = time.perf_counter()
+                if writer is None:
+                    final = self.staging.next_part()
+                    tmp = final.with_name(f".{final.name}.tmp")
+                    writer = pq.ParquetWriter(tmp, self.staging.schema, compression="zstd")
+                writer.write_table(table)
+                rows += table.num_rows
+                if rows >= self.rows_per_part:
+                    self._seal(writer, tmp, final)
+                    writer, rows = None, 0
+                self.stats.write_s += time.perf_counter() - t0
+        except BaseException as exc:  # handed to the caller
+            self.error = exc
+            while self.queue.get() is not None:
+                pass
+        finally:
+            if writer is not None:
+                try:
+                    self._seal(writer, tmp, final) if self.error is None else writer.close()
+                except OSError as exc:
+                    self.error = self.error or exc
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _seal(writer: pq.ParquetWriter, tmp: Path, final: Path) -> None:
+        writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
 
 
 @dataclass
 class _Plan:
     to_embed: list = field(default_factory=list)
-    keep: dict[str, Any] = field(default_factory=dict)  # path -> (label, split|None)
+    keep: dict[str, Any] = field(default_factory=dict)  # path -> (label, split|None), old rows
+    staged: dict[str, Any] = field(default_factory=dict)  # path -> (label, split|None), new rows
     sha: dict[str, str] = field(default_factory=dict)
     stat: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     removed: int = 0
 
-    def kept_table(self, old: pa.Table | None, dim: int) -> pa.Table:
-        if old is None or not self.keep:
-            return schema(dim).empty_table()
-        mask = pc.is_in(old["path"], value_set=pa.array(list(self.keep)))
-        kept = old.filter(mask)
-        paths = kept["path"].to_pylist()
-        old_splits = kept["split"].to_pylist()
-        labels = [self.keep[p][0] for p in paths]
-        splits = [self.keep[p][1] or s for p, s in zip(paths, old_splits, strict=True)]
-        fresh_cols = {
-            "label": pa.array(labels, pa.string()),
-            "split": pa.array(splits, pa.string()),
-            "bytes": pa.array([self.stat[p][0] for p in paths], pa.int64()),
-            "mtime_ns": pa.array([self.stat[p][1] for p in paths], pa.int64()),
-        }
-        for name, col in fresh_cols.items():
-            kept = kept.set_column(kept.schema.get_field_index(name), name, col)
-        return kept
+
+def _known_hashes(*tables: pa.Table | None) -> dict[str, tuple[str, int, int]]:
+    known: dict[str, tuple[str, int, int]] = {}
+    for t in tables:
+        if t is None:
+            continue
+        cols = [t[c].to_pylist() for c in ("path", "sha256", "bytes", "mtime_ns")]
+        for p, s, b, m in zip(*cols, strict=True):
+            known.setdefault(p, (s, b, m))
+    return known
 
 
-def _plan(source: Source, old: pa.Table | None) -> _Plan:
+def _plan(source: Source, old: pa.Table | None, staged: pa.Table) -> _Plan:
     """Hash the source (reusing stored hashes of files whose size and mtime are unchanged) and
-    decide per file: keep its row, embed it, or record it as a failure or duplicate."""
+    decide per file: keep its committed row, use its staged row, embed it, or record it as a
+    failure or duplicate."""
     plan = _Plan()
-    previous: dict[str, tuple[str, int, int]] = {}
-    if old is not None:
-        for p, s, b, m in zip(
-            old["path"].to_pylist(),
-            old["sha256"].to_pylist(),
-            old["bytes"].to_pylist(),
-            old["mtime_ns"].to_pylist(),
-            strict=True,
-        ):
-            previous[p] = (s, b, m)
+    committed = _known_hashes(old)
+    known = _known_hashes(old, staged)
+    staged_pairs = set(zip(staged["path"].to_pylist(), staged["sha256"].to_pylist(), strict=True))
     first_path_of: dict[str, str] = {}
     for rec in sorted(source.records, key=lambda r: r.path):
         try:
             st = os.stat(rec.path)
-            prev = previous.get(rec.path)
+            if not stat.S_ISREG(st.st_mode):
+                plan.failures.append(
+                    (rec.path, "not a regular file (a folder, pipe or device named like an image)")
+                )
+                continue
+            prev = known.get(rec.path)
             if prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
                 sha = prev[0]
             else:
@@ -430,7 +744,7 @@ def _plan(source: Source, old: pa.Table | None) -> _Plan:
             plan.failures.append((rec.path, "permission denied: the file is not readable"))
             continue
         except OSError as exc:
-            plan.failures.append((rec.path, f"cannot read file: {exc}"))
+            plan.failures.append((rec.path, f"cannot read file: {exc.strerror or exc}"))
             continue
         if sha in first_path_of:
             plan.failures.append((rec.path, f"duplicate content of {first_path_of[sha]}"))
@@ -438,9 +752,12 @@ def _plan(source: Source, old: pa.Table | None) -> _Plan:
         first_path_of[sha] = rec.path
         plan.sha[rec.path] = sha
         plan.stat[rec.path] = (st.st_size, st.st_mtime_ns)
-        if rec.path in previous and previous[rec.path][0] == sha:
+        if rec.path in committed and committed[rec.path][0] == sha:
             plan.keep[rec.path] = (rec.label, rec.split)
+        elif (rec.path, sha) in staged_pairs:
+            plan.staged[rec.path] = (rec.label, rec.split)
         else:
             plan.to_embed.append(rec)
-    plan.removed = sum(1 for p in previous if p not in plan.sha)
+            plan.staged[rec.path] = (rec.label, rec.split)
+    plan.removed = sum(1 for p in committed if p not in plan.sha)
     return plan

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-# Keep this module light: DataLoader workers are spawned and re-import the main module.
+# Keep this module light: `--help` and bad-input errors should not wait for torch to import.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-friendly
 
 from extractors import DEFAULT_BACKBONE
@@ -68,6 +68,15 @@ WeightsOpt = Annotated[
     Path | None, typer.Option(help="Local weights file for the backbone instead of a download.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Also save pooled features of these layers as extra columns, comma-separated: "
+        "stage indices (-1 = last stage, -2 = the one before) or module names, e.g. "
+        "--layers=-2,-1. Heads then pick the best column on validation. Default: the "
+        "store's own (none for a new store)."
+    ),
+]
 
 
 def _fail_or_raise(exc: Exception) -> None:
@@ -84,7 +93,10 @@ def _heads_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column(col, justify="left" if col in ("head", "chosen") else "right")
     for r in rows:
         top5 = f"{r['top5_accuracy']:.3f}" if "top5_accuracy" in r else "-"
-        chosen = ", ".join(f"{k}={v:g}" for k, v in r["params"].items())
+        chosen = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
+            for k, v in r["params"].items()
+        )
         table.add_row(
             r["head"],
             chosen,
@@ -103,6 +115,15 @@ def _print_embed(report: dict[str, Any]) -> None:
         f"({report['embedded']} embedded now, {report['kept']} unchanged, "
         f"{report['removed']} removed, {report['failed']} failed) with {report['backbone']}"
     )
+    if report.get("resumed"):
+        out.print(f"  resumed: {report['resumed']} images reused from an interrupted run")
+    stats = report.get("stats") or {}
+    if report["embedded"] and stats:
+        out.print(
+            f"  {stats['images_per_s']:.1f} images/s; ms per image: decode "
+            f"{stats['decode_ms_per_image']:.1f} (summed over threads), model "
+            f"{stats['model_ms_per_image']:.1f}, write {stats['write_ms_per_image']:.1f}"
+        )
     for path, reason in report["failures"][:10]:
         out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if report["failed"] > 10:
@@ -169,12 +190,26 @@ def embed(
     workspace: Workspace = DEFAULT_WORKSPACE,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[
-        int | None, typer.Option(help="Decode workers (default: cores - 1).")
+        int | None,
+        typer.Option(help="Decode threads, working ahead of the model (default: cores, 2-16)."),
     ] = None,
+    layers: LayersOpt = None,
+    fast_decode: Annotated[
+        bool,
+        typer.Option(
+            help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (never below the size the model "
+            "resizes to); --no-fast-decode decodes every pixel first."
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the stratified train/val/test split.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed new or changed images of SOURCE into the store and refresh its FAISS index."""
+    """Embed new or changed images of SOURCE into the store and refresh its FAISS index.
+
+    Safe to interrupt: finished batches are kept in the store's staging/ folder and a re-run
+    continues from them. Files that cannot be embedded are listed in failures.parquet with a
+    reason (`headstart info`). Counts and images/s per stage go to an MLflow run.
+    """
     from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
     from flows.pipeline import embed as embed_flow
 
@@ -190,6 +225,8 @@ def embed(
             num_workers=workers,
             seed=seed,
             progress=not as_json,
+            layers=_layers(layers),
+            fast_decode=fast_decode,
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -249,6 +286,7 @@ def run(
     ] = 0.9,
     finetune: Annotated[bool, typer.Option(help="Escalate to fine-tuning regardless.")] = False,
     batch_size: int = 32,
+    layers: LayersOpt = None,
     seed: int = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -270,6 +308,7 @@ def run(
             batch_size=batch_size,
             seed=seed,
             progress=not as_json,
+            layers=_layers(layers),
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -420,6 +459,10 @@ def serve(
 
 def _s(p: Path | None) -> str | None:
     return None if p is None else str(p)
+
+
+def _layers(spec: str | None) -> list[str] | None:
+    return None if spec is None else [x.strip() for x in spec.split(",") if x.strip()]
 
 
 def main() -> None:

@@ -25,9 +25,12 @@ def embed(
     num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    layers: list[str] | None = None,
+    fast_decode: bool = True,
 ) -> dict[str, Any]:
-    """Extract embeddings of new or changed images into the store and refresh its index."""
-    return embed_task(
+    """Extract embeddings of new or changed images into the store and refresh its index;
+    counts and per-stage throughput go to an MLflow run of their own."""
+    report = embed_task(
         source,
         store=store,
         backbone=backbone,
@@ -37,7 +40,16 @@ def embed(
         num_workers=num_workers,
         seed=seed,
         progress=progress,
+        layers=layers,
+        fast_decode=fast_decode,
     )
+    params = steps.run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
+    run_id = tracking.start_parent_run(
+        report["source_name"], workspace, steps.run_name("embed"), params
+    )
+    with tracking.closing_run(run_id, workspace):
+        tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
+    return report | {"run_id": run_id}
 
 
 @flow(name="train-heads")
@@ -72,6 +84,7 @@ def pipeline(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    layers: list[str] | None = None,
 ) -> dict[str, Any]:
     """embed -> heads -> compare the best head with the target and record the escalation."""
     report = embed_task(
@@ -83,6 +96,7 @@ def pipeline(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        layers=layers,
     )
     name = experiment or report["source_name"]
     run_id = tracking.start_parent_run(

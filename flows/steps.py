@@ -101,16 +101,31 @@ def embed_source(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    layers: list[str] | None = None,
+    fast_decode: bool = True,
 ) -> dict[str, Any]:
-    """read -> embed -> write -> index for one source; returns the update report as a dict."""
+    """read -> embed -> write -> index for one source; returns the update report as a dict.
+
+    `layers` adds pooled features of more stages as columns (stage indices such as -2, -1 or
+    module names); by default an existing store keeps its own.
+    """
     src = read_source(source, layout=layout)
     st = resolve_store(store, workspace, source=src.root, backbone=backbone)
     if backbone is None:
         backbone = st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE
     st.check_backbone(backbone)
     bb = create_backbone(backbone, weights=weights, device=device)
+    if layers is None and st.exists:
+        layers = [v["module"] for v in st.manifest().get("layers", {}).values()]
+    bb.set_layers(layers or [])
     report = st.update(
-        src, bb, seed=seed, batch_size=batch_size, num_workers=num_workers, progress=progress
+        src,
+        bb,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        fast_decode=fast_decode,
     )
     out = report.as_dict()
     out.update(
@@ -268,10 +283,14 @@ def predict_images(
     bb = create_backbone(meta["backbone"], device=device)
     if meta.get("weights") and bb.weights != meta["weights"]:
         raise StoreError(f"head {head} was trained on {meta['weights']}, not {bb.weights}")
+    feature = meta.get("feature", "embedding")
+    if feature != "embedding":
+        bb.set_layers([meta["feature_module"]])
     out = []
     for img in images:
         try:
-            x = bb.embed(bb.transform(load_rgb(img))[None]).numpy()
+            emb, extra = bb.embed_all(bb.transform(load_rgb(img))[None])
+            x = (emb if feature == "embedding" else extra[feature]).numpy()
         except ImageError as exc:
             out.append({"image": str(img), "error": str(exc)})
             continue
@@ -325,9 +344,10 @@ def run_params(report: dict[str, Any], seed: int, target: float | None) -> dict[
 
 
 def embed_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Counts of the embedding step, as metrics of the parent run."""
-    keys = ("scanned", "embedded", "kept", "removed", "failed", "rows")
-    return {f"images_{k}": float(report[k]) for k in keys}
+    """Counts and per-stage throughput of the embedding step, as MLflow metrics."""
+    keys = ("scanned", "embedded", "kept", "removed", "failed", "rows", "resumed")
+    counts = {f"images_{k}": float(report[k]) for k in keys}
+    return counts | {f"embed_{k}": float(v) for k, v in report.get("stats", {}).items()}
 
 
 def run_name(prefix: str) -> str:

@@ -19,9 +19,9 @@ class TrainingDataError(ValueError):
     """The store's labels cannot support training heads; the message says what to do."""
 
 
-def load_splits(store: Store) -> Splits:
-    """Labelled embeddings by split, after checking there is enough to train and test on."""
-    X, meta = store.arrays(where_labelled=True)
+def load_splits(store: Store, feature: str = "embedding") -> Splits:
+    """Labelled features by split, after checking there is enough to train and test on."""
+    X, meta = store.arrays(where_labelled=True, feature=feature)
     if len(X) == 0:
         raise TrainingDataError(
             f"store {store.path} has no labelled images. Heads need labels: embed a folder with "
@@ -60,16 +60,30 @@ def load_splits(store: Store) -> Splits:
 
 
 def train_heads(
-    store: Store, heads: list[str] | None = None, seed: int = 0
+    store: Store,
+    heads: list[str] | None = None,
+    seed: int = 0,
+    features: list[str] | None = None,
 ) -> tuple[list[HeadResult], Splits]:
-    """Fit each head by the evaluation protocol; results sorted best first by test accuracy."""
+    """Fit each head by the evaluation protocol; results sorted best first by val accuracy.
+
+    The feature column (the penultimate `embedding`, or a layer saved with `--layers`) is one
+    more hyperparameter: each head is fitted on each feature and the best on validation kept,
+    with `feature` among its params. Returns the splits of `embedding` for plots.
+    """
     heads = heads or list(HEADS)
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise TrainingDataError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
-    splits = load_splits(store)
-    results = [fit_head(name, splits, seed=seed) for name in heads]
-    return rank(results), splits
+    features = features or store.features()
+    splits = {f: load_splits(store, f) for f in features}
+    results = []
+    for name in heads:
+        fitted = [fit_head(name, splits[f], seed=seed) for f in features]
+        for f, r in zip(features, fitted, strict=True):
+            r.params["feature"] = f
+        results.append(rank(fitted)[0])
+    return rank(results), splits.get("embedding") or splits[features[0]]
 
 
 def rank(results: list[HeadResult]) -> list[HeadResult]:
@@ -92,6 +106,10 @@ def save_heads(
             "backbone": manifest["backbone"],
             "weights": manifest["weights"],
             "dim": manifest["dim"],
+            "feature": r.params.get("feature", "embedding"),
+            "feature_module": manifest.get("layers", {})
+            .get(r.params.get("feature"), {})
+            .get("module"),
             "store": str(store.path),
             "fingerprint": manifest["fingerprint"],
             "val_accuracy": r.val_accuracy,

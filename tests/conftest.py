@@ -56,3 +56,17 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def layered_store(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A store with the last two stages saved as extra columns (`--layers=-2,-1`)."""
+    from extractors.backbones import create_backbone
+    from extractors.sources import read_source
+    from extractors.store import Store
+
+    bb = create_backbone("efficientnet_lite0", device="cpu")
+    bb.set_layers(["-2", "-1"])
+    store = Store(tmp_path_factory.mktemp("layered") / "digits")
+    store.update(read_source(digits_dir), bb, progress=False)
+    return store

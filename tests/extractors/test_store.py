@@ -14,7 +14,7 @@ from PIL import Image
 
 from extractors import index as faiss_index
 from extractors.sources import read_source
-from extractors.store import EMBEDDINGS, Store, StoreError, content_id
+from extractors.store import EMBEDDINGS, Store, StoreError, content_id, embedding_matrix
 
 
 def test_parquet_schema_and_readers(built_store) -> None:
@@ -127,3 +127,28 @@ def test_broken_index_is_rebuilt(built_store, tmp_path) -> None:
     )
     assert store.ensure_index() is True
     assert store.index().ntotal == 100
+
+
+def test_layers_are_extra_columns_from_one_pass(layered_store, built_store, backbone) -> None:
+    table = layered_store.table()
+    assert layered_store.features() == ["embedding", "emb_blocks_4", "emb_blocks_6"]
+    assert table.schema.field("emb_blocks_4").type.list_size == 112
+    assert table.schema.field("emb_blocks_6").type.list_size == 320
+    assert layered_store.manifest()["layers"]["emb_blocks_6"] == {"module": "blocks.6", "dim": 320}
+    # the penultimate embedding is the same as in a store without layers
+    a = built_store.table(["path", "embedding"]).sort_by("path")
+    b = table.select(["path", "embedding"]).sort_by("path")
+    assert np.allclose(embedding_matrix(a), embedding_matrix(b), atol=1e-4)
+    assert layered_store.verify() == []
+    with pytest.raises(StoreError, match="holds layer columns"):
+        layered_store.check_layers({})
+
+
+def test_unknown_layer_is_a_clear_error(backbone) -> None:
+    from extractors.backbones import BackboneError, create_backbone
+
+    bb = create_backbone("efficientnet_lite0", device="cpu")
+    with pytest.raises(BackboneError, match="stages"):
+        bb.set_layers(["-9"])
+    with pytest.raises(BackboneError, match="no layer 'nope'"):
+        bb.set_layers(["nope"])

@@ -127,3 +127,32 @@ def test_serve_registers_a_scheduled_deployment(prefect_server, digits_dir, tmp_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_embed_with_layers_logs_stage_throughput(
+    prefect_server, mlflow_tmp, digits_dir, tmp_path
+) -> None:
+    import mlflow
+
+    ws = str(tmp_path / "ws")
+    store = str(tmp_path / "layered")
+    args = ["embed", str(digits_dir), "--store", store, "--workspace", ws, "--layers=-1"]
+    report = json.loads(_ok([*args, "--json"]))
+    assert report["rows"] == 100 and report["stats"]["images_per_s"] > 0
+    from extractors.store import Store
+
+    assert Store(store).features() == ["embedding", "emb_blocks_6"]
+    runs = mlflow.search_runs(experiment_names=[report["source_name"]])
+    run = runs[runs["run_id"] == report["run_id"]].iloc[0]
+    for stage in ("decode", "model", "write"):
+        assert run[f"metrics.embed_{stage}_ms_per_image"] > 0
+    assert run["metrics.images_embedded"] == 100
+    res = runner.invoke(app, ["embed", str(digits_dir), "--store", store, "--layers=-2"])
+    assert res.exit_code == 2 and "holds layer columns" in res.output
+    preds = json.loads(
+        _ok(["train", "--store", store, "--workspace", ws, "--head", "logreg", "--json"])
+    )
+    assert preds["heads"][0]["params"]["feature"] in ("embedding", "emb_blocks_6")
+    query = str(sorted((digits_dir / "2").iterdir())[0])
+    out = json.loads(_ok(["predict", query, "--store", store, "--workspace", ws, "--json"]))
+    assert out[0]["label"] in {"0", "1", "2", "3"}

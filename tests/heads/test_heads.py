@@ -98,3 +98,14 @@ def test_single_class_and_tiny_class_are_refused(built_store, tmp_path) -> None:
 def test_unknown_head_name() -> None:
     with pytest.raises(ValueError, match="unknown head"):
         build_head("tree")
+
+
+def test_layer_is_a_head_hyperparameter(layered_store) -> None:
+    from heads.train import train_heads
+
+    results, _ = train_heads(layered_store, heads=["logreg"])
+    (best,) = results
+    assert best.params["feature"] in layered_store.features()
+    only_last = train_heads(layered_store, heads=["logreg"], features=["emb_blocks_6"])[0][0]
+    assert only_last.params["feature"] == "emb_blocks_6"
+    assert best.val_accuracy >= only_last.val_accuracy  # chosen on validation among all three
