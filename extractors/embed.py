@@ -105,7 +105,9 @@ def split_transform(transform: Any) -> SplitTransform | None:
         tf = transform
 
         def pil(img: Any) -> Any:
-            img = F.resize(img, tf.resize_size, interpolation=tf.interpolation, antialias=True)
+            img = F.resize(
+                img, tf.resize_size, interpolation=tf.interpolation, antialias=tf.antialias
+            )
             return F.center_crop(img, tf.crop_size)
 
         return SplitTransform(
