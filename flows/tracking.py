@@ -38,10 +38,21 @@ def experiment_id(name: str, workspace: str | Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (Path(workspace).resolve() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=artifact_location(name, workspace))
+
+
+def artifact_location(experiment: str, workspace: str | Path) -> str | None:
+    """Where a new experiment keeps its files: beside the SQLite database (`mlartifacts/`).
+
+    MLflow's own default for a database store is `./mlruns` under whatever folder the command
+    runs in, which scatters artifacts (and once filled a git checkout); a tracking server
+    (http/https URIs) decides for itself, so None there.
+    """
+    uri = tracking_uri(workspace)
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
+    return (db.parent / "mlartifacts" / experiment).as_uri()
 
 
 def start_parent_run(
