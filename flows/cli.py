@@ -1,4 +1,5 @@
-"""The `headstart` command line: demo, embed, train, run, search, predict, info, serve."""
+"""The `headstart` command line: demo, embed, train, run, finetune, compare, search, predict,
+info, serve."""
 
 from __future__ import annotations
 
@@ -23,10 +24,19 @@ def user_errors() -> tuple[type[Exception], ...]:
     from extractors.images import ImageError
     from extractors.sources import SourceError
     from extractors.store import StoreError
+    from heads.finetune import FineTuneError
     from heads.persist import HeadFileError
     from heads.train import TrainingDataError
 
-    return (SourceError, StoreError, BackboneError, TrainingDataError, HeadFileError, ImageError)
+    return (
+        SourceError,
+        StoreError,
+        BackboneError,
+        TrainingDataError,
+        HeadFileError,
+        ImageError,
+        FineTuneError,
+    )
 
 
 app = typer.Typer(
@@ -78,6 +88,59 @@ LayersOpt = Annotated[
     ),
 ]
 
+# Fine-tuning settings, shared by `run`, `finetune` and `demo` (see heads/finetune.py).
+Strategy = Annotated[
+    str,
+    typer.Option(
+        help="head: only a new linear layer trains; partial: also the top --blocks groups of "
+        "layers; full: every layer (lower learning rates deeper down)."
+    ),
+]
+Blocks = Annotated[int, typer.Option(help="With --strategy partial: layer groups that train.")]
+Epochs = Annotated[int, typer.Option(help="Most epochs (early stopping on validation).")]
+ImageSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Input size for fine-tuning (default: the backbone's own on a GPU, at most 128 "
+        "px on a CPU)."
+    ),
+]
+BackboneLr = Annotated[
+    float, typer.Option(help="Learning rate of the top pretrained layers (x0.8 per group below).")
+]
+HeadLr = Annotated[float, typer.Option(help="Learning rate of the new classifier layer.")]
+Bn = Annotated[str, typer.Option(help="BatchNorm: frozen (keep pretrained statistics) or train.")]
+Gradual = Annotated[bool, typer.Option(help="Unfreeze one more layer group per epoch.")]
+Flip = Annotated[
+    bool, typer.Option(help="Random horizontal flips (turn off for digits, text, etc.).")
+]
+
+
+def _ft_settings(
+    strategy: str,
+    blocks: int,
+    epochs: int,
+    image_size: int | None,
+    backbone_lr: float,
+    head_lr: float,
+    bn: str,
+    gradual: bool,
+    flip: bool,
+    seed: int,
+) -> dict[str, Any]:
+    return {
+        "strategy": strategy,
+        "blocks": blocks,
+        "epochs": epochs,
+        "image_size": image_size,
+        "backbone_lr": backbone_lr,
+        "head_lr": head_lr,
+        "bn": bn,
+        "gradual": gradual,
+        "flip": flip,
+        "seed": seed,
+    }
+
 
 def _fail_or_raise(exc: Exception) -> None:
     """Bad input: one red line and exit code 2. Anything else is a bug: re-raise it."""
@@ -87,25 +150,44 @@ def _fail_or_raise(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _chosen(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in params.items()
+        if k != "best_epoch" and v not in (None, "")
+    )
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _metric_cells(r: dict[str, Any]) -> list[str]:
+    ci = ""
+    if r.get("accuracy_ci_low") is not None:
+        ci = f" [{float(r['accuracy_ci_low']):.2f}-{float(r['accuracy_ci_high']):.2f}]"
+    return [
+        _num(r.get("val_score")),
+        _num(r.get("accuracy")) + ci,
+        _num(r.get("balanced_accuracy")),
+        _num(r.get("macro_f1")),
+        _num(r.get("top5_accuracy")),
+        _num(r.get("log_loss")),
+        _num(r.get("ece")),
+    ]
+
+
+METRIC_COLUMNS = ("val", "test acc [95% CI]", "bal. acc", "macro-F1", "top-5", "log loss", "ECE")
+
+
 def _heads_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for col in ("head", "chosen", "val acc", "test acc", "bal. acc", "macro-F1", "top-5"):
-        table.add_column(col, justify="left" if col in ("head", "chosen") else "right")
+    table.add_column("model")
+    table.add_column("chosen", overflow="fold")
+    for col in METRIC_COLUMNS:
+        table.add_column(col, justify="right")
     for r in rows:
-        top5 = f"{r['top5_accuracy']:.3f}" if "top5_accuracy" in r else "-"
-        chosen = ", ".join(
-            f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
-            for k, v in r["params"].items()
-        )
-        table.add_row(
-            r["head"],
-            chosen,
-            f"{r['val_accuracy']:.3f}",
-            f"{r['accuracy']:.3f}",
-            f"{r['balanced_accuracy']:.3f}",
-            f"{r['macro_f1']:.3f}",
-            top5,
-        )
+        table.add_row(r["head"], _chosen(r["params"]), *_metric_cells(r))
     return table
 
 
@@ -131,42 +213,103 @@ def _print_embed(report: dict[str, Any]) -> None:
 
 
 def _print_pipeline(result: dict[str, Any], workspace: Path) -> None:
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
+    from flows import tracking
 
     _print_embed(result["embed"])
+    metric = result["heads"][0]["selection_metric"].replace("_", " ")
+    rows = list(result["heads"]) + ([result["finetune"]] if result.get("finetune") else [])
     out.print(
         _heads_table(
-            result["heads"],
-            f"heads on {result['embed']['source_name']} (test split, best by validation first)",
+            rows,
+            f"{result['embed']['source_name']}: test split, val = validation {metric}, "
+            "heads best first",
         )
     )
+    if result.get("imbalanced"):
+        out.print("classes are imbalanced: balanced class weights, chosen on balanced accuracy")
+    for reason in (result.get("skipped") or {}).values():
+        out.print(f"[yellow]skipped[/] {reason}")
     d = result["decision"]
     verdict = "[yellow]escalate to fine-tuning[/]" if d["escalate"] else "[green]no escalation[/]"
     out.print(f"decision: {verdict}: {d['reason']}")
+    if result.get("finetune"):
+        _print_finetune(result["finetune"], workspace)
+    if result.get("registered"):
+        reg = result["registered"]
+        out.print(f"registry: best head is version {reg['version']} of [bold]{reg['uri']}[/]")
     out.print(
         f"MLflow: experiment [bold]{result['experiment']}[/], run {result['run_id']}, "
         f"store {tracking.tracking_uri(workspace)}"
     )
     out.print(f"open the MLflow UI: [bold]{tracking.ui_command(workspace)}[/]")
+    out.print(f"compare runs: [bold]uv run headstart compare --workspace {workspace}[/]")
+
+
+def _print_finetune(ft: dict[str, Any], workspace: Path) -> None:
+    how = (
+        "reused a finished identical run"
+        if ft["reused"]
+        else (
+            f"{ft['epochs_run']} epochs, best epoch {ft['best_epoch']}, "
+            f"{ft['seconds_per_epoch']:.1f} s/epoch"
+        )
+    )
+    if ft.get("resumed_from_epoch"):
+        how += f", resumed at epoch {ft['resumed_from_epoch']}"
+    out.print(
+        f"fine-tuned {ft['head']} at {ft['image_size']} px ({how}): test accuracy "
+        f"{ft['accuracy']:.3f}",
+        highlight=False,
+    )
+    vs = ft.get("vs_best_head")
+    if vs:
+        gain = vs["test_accuracy_gain"]
+        word = "[green]beats[/]" if gain > 0 else "[yellow]does not beat[/]"
+        out.print(f"  {word} the best head {vs['head']} on the same test split by {gain:+.3f}")
+    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
+    out.print(
+        f"  new backbone [bold]{ft['backbone']}[/]: "
+        f"uv run headstart predict IMAGE --model {ft['backbone']}{ws}; "
+        f"uv run headstart embed SOURCE --backbone {ft['backbone']}{ws}",
+        highlight=False,
+    )
 
 
 @app.command()
 def demo(
     workspace: Workspace = DEFAULT_WORKSPACE,
-    per_class: Annotated[int, typer.Option(help="Sample images per digit class.")] = 40,
+    per_class: Annotated[int, typer.Option(help="Sample images per digit class (max 174).")] = 100,
     backbone: BackboneOpt = None,
     target: Annotated[
-        float, typer.Option(help="Validation accuracy the best head must reach.")
-    ] = 0.9,
+        float,
+        typer.Option(help="Validation accuracy the best head must reach, else fine-tune."),
+    ] = 0.99,
+    epochs: Epochs = 10,
+    image_size: ImageSize = None,
 ) -> None:
-    """Run the whole pipeline offline on bundled sample data (handwritten digits, 10 classes)."""
+    """Run the whole pipeline offline on bundled sample data (handwritten digits, 10 classes):
+    embed, frozen heads, then fine-tuning where the heads fall short, on the same test split."""
+    import torch
+
     from flows.pipeline import pipeline
     from flows.sample_data import materialise_digits
 
+    if image_size is None and not torch.cuda.is_available():
+        image_size = 64  # the digits are 8x8 scans: 64 px keeps CPU fine-tuning to seconds/epoch
+        out.print(
+            "fine-tuning (if needed) runs at 64 px on this CPU; a GPU uses the backbone's own size"
+        )
+    settings = _ft_settings("full", 2, epochs, image_size, 1e-4, 1e-3, "frozen", False, False, 0)
     try:
         root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
         out.print(f"sample data: {root} (10 classes x {per_class} images)")
-        result = pipeline(str(root), backbone=backbone, workspace=str(workspace), target=target)
+        result = pipeline(
+            str(root),
+            backbone=backbone,
+            workspace=str(workspace),
+            target=target,
+            finetune_settings=settings,
+        )
     except Exception as exc:
         _fail_or_raise(exc)
     _print_pipeline(result, workspace)
@@ -282,20 +425,34 @@ def run(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment.")] = None,
     target: Annotated[
         float,
-        typer.Option(help="Validation accuracy below which the run escalates to fine-tuning."),
+        typer.Option(help="Validation score below which the run escalates to fine-tuning."),
     ] = 0.9,
     finetune: Annotated[bool, typer.Option(help="Escalate to fine-tuning regardless.")] = False,
+    strategy: Strategy = "full",
+    blocks: Blocks = 2,
+    epochs: Epochs = 10,
+    image_size: ImageSize = None,
+    backbone_lr: BackboneLr = 1e-4,
+    head_lr: HeadLr = 1e-3,
+    bn: Bn = "frozen",
+    gradual: Gradual = False,
+    flip: Flip = True,
     batch_size: int = 32,
     layers: LayersOpt = None,
     seed: int = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """The whole pipeline on SOURCE: embed, train heads, decide on escalation, track it all."""
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
+    """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
+    best head's validation score is below --target (or with --finetune); all in MLflow."""
+    from flows import steps
     from flows.pipeline import pipeline
 
+    settings = _ft_settings(
+        strategy, blocks, epochs, image_size, backbone_lr, head_lr, bn, gradual, flip, seed
+    )
     try:
         steps.preflight(source, store, backbone, workspace, need_labels=True)
+        _check_settings(settings)
         result = pipeline(
             str(source),
             store=_s(store),
@@ -304,6 +461,7 @@ def run(
             experiment=experiment,
             target=target,
             finetune=finetune,
+            finetune_settings=settings,
             workspace=str(workspace),
             batch_size=batch_size,
             seed=seed,
@@ -316,6 +474,114 @@ def run(
         print(json.dumps(result, indent=2, default=str))
     else:
         _print_pipeline(result, workspace)
+
+
+@app.command(name="finetune")
+def finetune_cmd(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment (default: the source's name).")
+    ] = None,
+    strategy: Strategy = "full",
+    blocks: Blocks = 2,
+    epochs: Epochs = 10,
+    image_size: ImageSize = None,
+    backbone_lr: BackboneLr = 1e-4,
+    head_lr: HeadLr = 1e-3,
+    bn: Bn = "frozen",
+    gradual: Gradual = False,
+    flip: Flip = True,
+    seed: int = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a store's backbone on its labelled images (its train/val/test splits).
+
+    The result is a backbone of its own, finetuned:<id>, usable with `embed --backbone` and
+    `predict --model`. Interrupted runs resume from their last epoch; an identical finished run
+    is reused, not retrained.
+    """
+    from flows import steps
+    from flows.pipeline import finetune
+
+    settings = _ft_settings(
+        strategy, blocks, epochs, image_size, backbone_lr, head_lr, bn, gradual, flip, seed
+    )
+    try:
+        st = steps.resolve_store(store, workspace)
+        steps.check_trainable(st)
+        _check_settings(settings)
+        result = finetune(
+            str(st.path),
+            experiment=experiment,
+            settings=settings,
+            workspace=str(workspace),
+            progress=not as_json,
+        )
+    except Exception as exc:
+        _fail_or_raise(exc)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out.print(_heads_table([result["finetune"]], f"fine-tuned on {st.path.name} (test split)"))
+    _print_finetune(result["finetune"], workspace)
+    out.print(f"MLflow: experiment {result['experiment']}, run {result['run_id']}")
+
+
+@app.command()
+def compare(
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Annotated[
+        str | None, typer.Option(help="Only this MLflow experiment (default: all).")
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option(help="Only the newest N pipeline/training runs.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
+    (newest first), best validation score first, the same metrics as the MLflow UI."""
+    from flows import steps
+
+    try:
+        rows = steps.compare(workspace, experiment=experiment, last=last)
+    except Exception as exc:
+        if type(exc).__name__ != "ValueError":
+            _fail_or_raise(exc)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        out.print("no heads in MLflow yet: run `headstart demo` or `headstart run SOURCE`")
+        return
+    table = Table(title="heads and fine-tuned networks (test split; val = validation score)")
+    for col in ("run", "backbone", "model", "chosen"):
+        table.add_column(col, overflow="fold")
+    for col in METRIC_COLUMNS:
+        table.add_column(col, justify="right")
+    previous = None
+    for r in rows:
+        first = r["parent_run_id"] != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = r["parent_run_id"]
+        label = f"{r['experiment']}/{r['parent_run']}" if first else ""
+        table.add_row(
+            label,
+            r["backbone"] if first else "",
+            r["model"],
+            _chosen(r["chosen"]),
+            *_metric_cells(r),
+        )
+    out.print(table)
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    from heads.finetune import FineTuneConfig
+
+    FineTuneConfig(**settings).check()
 
 
 @app.command()
@@ -355,16 +621,24 @@ def predict(
             help="A saved head (.skops); default: the best head of the store's latest run."
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A fine-tuned network, finetuned:<id>, instead of a head (its own classifier)."
+        ),
+    ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     top: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
-    """Label new images with a trained head, with class probabilities."""
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
+    """Label new images with a trained head or a fine-tuned network, with probabilities."""
+    from flows import steps
 
     try:
-        preds = steps.predict_images(images, head=head, store=store, workspace=workspace, top=top)
+        preds = steps.predict_images(
+            images, head=head, store=store, workspace=workspace, top=top, model=model
+        )
     except Exception as exc:
         _fail_or_raise(exc)
     if as_json:

@@ -12,6 +12,7 @@ from flows import DEFAULT_WORKSPACE, steps, tracking
 embed_task = task(steps.embed_source, name="embed-source", cache_policy=NO_CACHE)
 train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE)
 decide_task = task(steps.escalation_decision, name="escalation-decision", cache_policy=NO_CACHE)
+finetune_task = task(steps.finetune_and_track, name="fine-tune", cache_policy=NO_CACHE)
 
 
 @flow(name="embed")
@@ -79,6 +80,7 @@ def pipeline(
     experiment: str | None = None,
     target: float | None = 0.9,
     finetune: bool = False,
+    finetune_settings: dict[str, Any] | None = None,
     heads: list[str] | None = None,
     workspace: str = str(DEFAULT_WORKSPACE),
     batch_size: int = 32,
@@ -86,7 +88,8 @@ def pipeline(
     progress: bool = True,
     layers: list[str] | None = None,
 ) -> dict[str, Any]:
-    """embed -> heads -> compare the best head with the target and record the escalation."""
+    """embed -> heads -> escalate to fine-tuning when the best head is below `target` (or
+    `finetune`), scored on the same test split; the decision and its reason go to MLflow."""
     report = embed_task(
         source,
         store=store,
@@ -112,4 +115,36 @@ def pipeline(
             params={"escalate": decision["escalate"]},
             tags={"escalation_reason": decision["reason"]},
         )
-    return {"embed": report, **summary, "decision": decision, "run_id": run_id, "experiment": name}
+        tuned = None
+        if decision["escalate"]:
+            best = next(h for h in summary["heads"] if h["head"] == summary["best"])
+            tuned = finetune_task(
+                report["store"], run_id, workspace, finetune_settings, best, progress=progress
+            )
+    return {
+        "embed": report,
+        **summary,
+        "decision": decision,
+        "finetune": tuned,
+        "run_id": run_id,
+        "experiment": name,
+    }
+
+
+@flow(name="finetune")
+def finetune(
+    store: str,
+    experiment: str | None = None,
+    settings: dict[str, Any] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a store's backbone on its labelled images under an MLflow parent run of its
+    own (scored on the store's test split, like the heads)."""
+    manifest = steps.Store(store).manifest()
+    name = experiment or manifest["source"]["name"]
+    params = {"store": store, "backbone": manifest["backbone"], "settings": settings or {}}
+    run_id = tracking.start_parent_run(name, workspace, steps.run_name("finetune"), params)
+    with tracking.closing_run(run_id, workspace):
+        row = finetune_task(store, run_id, workspace, settings, progress=progress)
+    return {"finetune": row, "run_id": run_id, "experiment": name}

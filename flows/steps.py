@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import tempfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from extractors.sources import read_source
 from extractors.store import Store, StoreError, default_store_dir
 from flows import DEFAULT_WORKSPACE, tracking
 from heads.classical import class_scores
+from heads.evaluate import HeadResult
 from heads.persist import load_head
 from heads.plots import embedding_map_png
 from heads.train import TrainingDataError, load_splits, save_heads, train_heads
@@ -114,7 +116,7 @@ def embed_source(
     if backbone is None:
         backbone = st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE
     st.check_backbone(backbone)
-    bb = create_backbone(backbone, weights=weights, device=device)
+    bb = backbone_for(backbone, workspace, weights=weights, device=device)
     if layers is None and st.exists:
         layers = [v["module"] for v in st.manifest().get("layers", {}).values()]
     bb.set_layers(layers or [])
@@ -146,10 +148,13 @@ def train_and_track(
     workspace: str | Path = DEFAULT_WORKSPACE,
     heads: list[str] | None = None,
     seed: int = 0,
+    register: bool = True,
 ) -> dict[str, Any]:
-    """Fit the heads, save them in the store, and log one nested MLflow run per head."""
+    """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
+    and register the best head as a new version of `<experiment>-head`."""
     st = Store(store)
-    results, splits = train_heads(st, heads=heads, seed=seed)
+    trained = train_heads(st, heads=heads, seed=seed)
+    results, splits = trained.results, trained.splits
     saved = save_heads(st, results, run_tag=parent_run_id, extra={"mlflow_run_id": parent_run_id})
     manifest = st.manifest()
     context = {
@@ -157,19 +162,20 @@ def train_and_track(
         "store": str(st.path),
         "fingerprint": manifest["fingerprint"],
     }
-    table = []
+    table, model_uris = [], {}
+    examples: dict[str, np.ndarray] = {}
     for r in results:
-        run_id = tracking.log_head_run(parent_run_id, workspace, r, saved[r.name], context)
-        table.append(
-            {
-                "head": r.name,
-                "params": r.params,
-                "val_accuracy": r.val_accuracy,
-                **r.metrics,
-                "run_id": run_id,
-                "path": str(saved[r.name]),
-            }
+        feature = r.params.get("feature", "embedding")
+        if feature not in examples:  # real rows for the model signature, read once per column
+            examples[feature] = st.arrays(where_labelled=True, feature=feature)[0][:5]
+        run_id, model_uris[r.name] = tracking.log_head_run(
+            parent_run_id, workspace, r, saved[r.name], context, examples[feature]
         )
+        table.append(_row(r, run_id, path=str(saved[r.name])))
+    experiment = tracking.experiment_of(parent_run_id, workspace)
+    registered = None
+    if register and model_uris.get(results[0].name):
+        registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
     with tempfile.TemporaryDirectory() as tmp:
         X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
         y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
@@ -183,52 +189,155 @@ def train_and_track(
         tracking.log_to_run(
             parent_run_id,
             workspace,
+            params={
+                "imbalanced": trained.imbalanced,
+                "selection_metric": results[0].selection_metric,
+            },
             metrics={
                 "n_train": len(splits.y_train),
                 "n_val": len(splits.y_val),
                 "n_test": len(splits.y_test),
                 "n_classes": len(splits.classes),
-                "best_val_accuracy": results[0].val_accuracy,
+                "best_val_score": results[0].val_score,
                 "best_test_accuracy": results[0].metrics["accuracy"],
             },
-            tags={"best_head": results[0].name},
+            tags={
+                "best_head": results[0].name,
+                "skipped_heads": "; ".join(trained.skipped.values()) or "none",
+                **({"registered_model": registered["uri"]} if registered else {}),
+            },
             artifacts=[emap],
         )
-    return {"store": str(st.path), "heads": table, "best": results[0].name}
+    return {
+        "store": str(st.path),
+        "heads": table,
+        "best": results[0].name,
+        "skipped": trained.skipped,
+        "imbalanced": trained.imbalanced,
+        "registered": registered,
+    }
+
+
+def _row(r: HeadResult, run_id: str, **extra: Any) -> dict[str, Any]:
+    """One line of the heads table (CLI, JSON and Prefect artifact alike)."""
+    return {
+        "head": r.name,
+        "params": {k: v for k, v in r.params.items() if k != "feature" or v != "embedding"},
+        "val_score": r.val_score,
+        "selection_metric": r.selection_metric,
+        **r.metrics,
+        "run_id": run_id,
+        **extra,
+    }
 
 
 def escalation_decision(
     summary: dict[str, Any], target: float | None, finetune: bool = False
 ) -> dict[str, Any]:
-    """Escalate to fine-tuning when asked, or when the best head's val accuracy is below target."""
+    """Escalate to fine-tuning when asked, or when the best head's val score is below target."""
     best = next(h for h in summary["heads"] if h["head"] == summary["best"])
-    score = best["val_accuracy"]
+    score, metric = best["val_score"], best["selection_metric"].replace("_", " ")
     if finetune:
-        return {
-            "escalate": True,
-            "reason": "fine-tuning requested (--finetune)",
-            "best_head": best["head"],
-            "best_val_accuracy": score,
-        }
-    if target is not None and score < target:
-        reason = f"best head {best['head']} val accuracy {score:.3f} < target {target:.3f}"
-        return {
-            "escalate": True,
-            "reason": reason,
-            "best_head": best["head"],
-            "best_val_accuracy": score,
-        }
-    reason = (
-        f"best head {best['head']} val accuracy {score:.3f} >= target {target:.3f}"
-        if target is not None
-        else "no target set"
-    )
+        escalate, reason = True, "fine-tuning requested (--finetune)"
+    elif target is not None and score < target:
+        escalate = True
+        reason = f"best head {best['head']} val {metric} {score:.3f} < target {target:.3f}"
+    elif target is not None:
+        escalate = False
+        reason = f"best head {best['head']} val {metric} {score:.3f} >= target {target:.3f}"
+    else:
+        escalate, reason = False, "no target set"
     return {
-        "escalate": False,
+        "escalate": escalate,
         "reason": reason,
         "best_head": best["head"],
-        "best_val_accuracy": score,
+        "best_val_score": score,
     }
+
+
+def finetune_and_track(
+    store: str | Path,
+    parent_run_id: str,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    settings: dict[str, Any] | None = None,
+    best_head: dict[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the store's backbone on its labelled rows (same splits as the heads), log a
+    nested MLflow run, and return its table row plus the `finetuned:<id>` backbone name."""
+    from heads.finetune import FineTuneConfig, finetune, run_key
+
+    st = Store(store)
+    manifest = st.manifest()
+    cfg = FineTuneConfig(**(settings or {}))
+    meta = st.table(["path", "label", "split"])
+    labels = np.asarray(meta["label"].to_pylist(), dtype=object)
+    split = np.asarray(meta["split"].to_pylist(), dtype=object)
+    paths = np.asarray(meta["path"].to_pylist(), dtype=object)
+    labelled = np.array([lab is not None for lab in labels])
+    data = {
+        s: (list(paths[labelled & (split == s)]), labels[labelled & (split == s)].astype(str))
+        for s in ("train", "val", "test")
+    }
+    classes = sorted({str(c) for c in labels[labelled]})
+    bb = backbone_for(manifest["backbone"], workspace, device=device)
+    key = run_key(cfg, bb, manifest["fingerprint"], classes)
+    workdir = Path(workspace) / "finetuned" / key
+    out = finetune(bb, data, classes, cfg, workdir, manifest["fingerprint"], progress=progress)
+    result = out.result
+    result.extra["backbone"] = f"finetuned:{key}"
+    params = {
+        "base_backbone": manifest["backbone"],
+        "store": str(st.path),
+        "fingerprint": manifest["fingerprint"],
+        **{f"finetune.{k}": v for k, v in asdict(cfg).items()},
+        "image_size": result.extra["image_size"],
+        "device": result.extra["device"],
+    }
+    run_id = tracking.log_finetune_run(
+        parent_run_id, workspace, result, out.history, params, out.workdir
+    )
+    row = _row(result, run_id, backbone=f"finetuned:{key}", path=str(out.workdir))
+    row |= {
+        "image_size": result.extra["image_size"],
+        "epochs_run": len(out.history),
+        "best_epoch": result.extra["best_epoch"],
+        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in out.history])),
+        "reused": out.resumed_from_epoch == -1,
+        "resumed_from_epoch": max(0, out.resumed_from_epoch),
+    }
+    if best_head is not None:
+        gain = result.metrics["accuracy"] - best_head["accuracy"]
+        row["vs_best_head"] = {"head": best_head["head"], "test_accuracy_gain": gain}
+        tracking.log_to_run(
+            parent_run_id,
+            workspace,
+            metrics={"finetune_test_accuracy": result.metrics["accuracy"], "finetune_gain": gain},
+            tags={"finetuned_backbone": f"finetuned:{key}"},
+        )
+    return row
+
+
+def backbone_for(
+    name: str,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    weights: str | Path | None = None,
+    device: str = "auto",
+):
+    """create_backbone, with `finetuned:<id>` found in the workspace's finetuned/ folder."""
+    if name.startswith("finetuned:") and weights is None:
+        weights = Path(workspace) / "finetuned" / name.partition(":")[2]
+    return create_backbone(name, weights=weights, device=device)
+
+
+def compare(
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    experiment: str | None = None,
+    last: int | None = None,
+) -> list[dict[str, Any]]:
+    """Heads and fine-tuned networks side by side, as logged in MLflow."""
+    return tracking.compare_runs(workspace, experiment=experiment, last=last)
 
 
 def search_image(
@@ -241,7 +350,7 @@ def search_image(
     """Nearest images in the store to `image`, embedded with the store's own backbone."""
     st = resolve_store(store, workspace)
     m = st.manifest()
-    bb = create_backbone(m["backbone"], device=device)
+    bb = backbone_for(m["backbone"], workspace, device=device)
     if bb.weights != m["weights"]:
         raise StoreError(f"store weights {m['weights']} differ from {bb.weights}")
     query = bb.embed(bb.transform(load_rgb(image))[None]).numpy()
@@ -271,40 +380,54 @@ def predict_images(
     workspace: str | Path = DEFAULT_WORKSPACE,
     top: int = 3,
     device: str = "auto",
+    model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Label images with a saved head (default: the best head of the store's latest run)."""
-    if head is None:
-        st = resolve_store(store, workspace)
-        latest = st.path / "heads" / "latest.json"
-        if not latest.exists():
-            raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
-        head = st.path / json.loads(latest.read_text())["best_path"]
-    estimator, meta = load_head(head)
-    bb = create_backbone(meta["backbone"], device=device)
-    if meta.get("weights") and bb.weights != meta["weights"]:
-        raise StoreError(f"head {head} was trained on {meta['weights']}, not {bb.weights}")
-    feature = meta.get("feature", "embedding")
-    if feature != "embedding":
-        bb.set_layers([meta["feature_module"]])
+    """Label images with a saved head (default: the best head of the store's latest run), or
+    with a fine-tuned network's own classifier (`model="finetuned:<id>"`)."""
+    if model is not None:
+        if not model.startswith("finetuned:"):
+            raise StoreError(f"--model takes finetuned:<id>, not {model!r}; use --head for heads")
+        bb = backbone_for(model, workspace, device=device)
+        classes, who = bb.classes, model
+
+        def scores_of(img: str | Path) -> np.ndarray:
+            return bb.predict_proba(bb.transform(load_rgb(img))[None]).numpy()[0]
+
+    else:
+        if head is None:
+            st = resolve_store(store, workspace)
+            latest = st.path / "heads" / "latest.json"
+            if not latest.exists():
+                raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
+            head = st.path / json.loads(latest.read_text())["best_path"]
+        estimator, meta = load_head(head)
+        bb = backbone_for(meta["backbone"], workspace, device=device)
+        if meta.get("weights") and bb.weights != meta["weights"]:
+            raise StoreError(f"head {head} was trained on {meta['weights']}, not {bb.weights}")
+        feature = meta.get("feature", "embedding")
+        if feature != "embedding":
+            bb.set_layers([meta["feature_module"]])
+        classes, who = [str(c) for c in estimator.classes_], meta.get("head")
+
+        def scores_of(img: str | Path) -> np.ndarray:
+            emb, extra = bb.embed_all(bb.transform(load_rgb(img))[None])
+            x = (emb if feature == "embedding" else extra[feature]).numpy()
+            return class_scores(estimator, x)[0]
+
     out = []
     for img in images:
         try:
-            emb, extra = bb.embed_all(bb.transform(load_rgb(img))[None])
-            x = (emb if feature == "embedding" else extra[feature]).numpy()
+            scores = scores_of(img)
         except ImageError as exc:
             out.append({"image": str(img), "error": str(exc)})
             continue
-        scores = class_scores(estimator, x)[0]
         order = np.argsort(-scores)[:top]
         out.append(
             {
                 "image": str(img),
-                "label": str(estimator.classes_[order[0]]),
-                "head": meta.get("head"),
-                "top": [
-                    {"label": str(estimator.classes_[j]), "score": round(float(scores[j]), 4)}
-                    for j in order
-                ],
+                "label": classes[order[0]],
+                "model": who,
+                "top": [{"label": classes[j], "score": round(float(scores[j]), 4)} for j in order],
             }
         )
     return out

@@ -1,4 +1,5 @@
-"""MLflow tracking: where the store is, one parent run per pipeline run, a nested run per head."""
+"""MLflow tracking: one parent run per pipeline run, a nested run per head and fine-tuned
+network, heads as MLflow models in the registry, and the comparison read back."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from heads.evaluate import METRICS, HeadResult
-from heads.plots import confusion_matrix_png
+from heads.plots import confusion_matrix_png, curves_png, sweep_png
 
 
 def tracking_uri(workspace: str | Path) -> str:
@@ -39,6 +41,13 @@ def experiment_id(name: str, workspace: str | Path) -> str:
     if exp is not None:
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(name, workspace))
+
+
+def experiment_of(run_id: str, workspace: str | Path) -> str:
+    """The name of a run's experiment."""
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    client = MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
 
 def artifact_location(experiment: str, workspace: str | Path) -> str | None:
@@ -111,38 +120,197 @@ def log_head_run(
     result: HeadResult,
     saved_head: Path,
     context: dict[str, Any],
-) -> str:
-    """A nested run for one head: params, the same metric names for every head, artifacts."""
+    example: np.ndarray,
+) -> tuple[str, str | None]:
+    """A nested run for one head: params, the same metric names as every model, the sweep,
+    plots, and the head as an MLflow model (skops, no pickle) with an input signature.
+
+    Returns (run id, model URI)."""
     mlflow.set_tracking_uri(tracking_uri(workspace))
     exp_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     with mlflow.start_run(
         experiment_id=exp_id, run_name=result.name, nested=True, parent_run_id=parent_run_id
     ) as run:
-        mlflow.set_tag("headstart.kind", "head")
-        mlflow.set_tag("headstart.head", result.name)
+        mlflow.set_tags({"headstart.kind": "head", "headstart.head": result.name})
         params = {f"head.{k}": v for k, v in result.estimator.get_params(deep=True).items()}
         params = {k: v for k, v in params.items() if not hasattr(v, "get_params")}
         mlflow.log_params({k: _short(v) for k, v in {**context, **params}.items()})
-        mlflow.log_params({f"chosen.{k}": v for k, v in result.params.items()})
-        mlflow.log_metric("val_accuracy", result.val_accuracy)
-        for value, acc in result.val_scores.items():
-            mlflow.log_metric(f"val_sweep_accuracy_{value}", acc)
+        mlflow.log_params({f"chosen.{k}": _short(v) for k, v in result.params.items()})
+        mlflow.log_param("selection_metric", result.selection_metric)
+        mlflow.log_metric("val_score", result.val_score)
         mlflow.log_metrics({m: result.metrics[m] for m in METRICS if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
-        with tempfile.TemporaryDirectory() as tmp:
-            cm = confusion_matrix_png(
+        mlflow.log_metric("sweep_points", len(result.sweep))
+        _log_result_files(result, sweep=True)
+        mlflow.log_artifact(str(saved_head), artifact_path="head")
+        mlflow.log_artifact(str(saved_head.with_suffix(".json")), artifact_path="head")
+        model_uri = _log_model(result, example)
+        return run.info.run_id, model_uri
+
+
+def _log_result_files(result: HeadResult, sweep: bool) -> None:
+    """Confusion matrix, classification report, per-class table and (heads) the sweep."""
+    mlflow.log_dict(result.per_class, "per_class.json")
+    mlflow.log_text(result.report, "classification_report.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [
+            confusion_matrix_png(
                 result.confusion,
                 result.classes,
                 f"{result.name}: test accuracy {result.metrics['accuracy']:.3f}",
                 Path(tmp) / "confusion_matrix.png",
             )
-            report = Path(tmp) / "classification_report.txt"
-            report.write_text(result.report)
-            mlflow.log_artifact(str(cm))
-            mlflow.log_artifact(str(report))
-        mlflow.log_artifact(str(saved_head), artifact_path="head")
-        mlflow.log_artifact(str(saved_head.with_suffix(".json")), artifact_path="head")
+        ]
+        if sweep and result.sweep:
+            csv = Path(tmp) / "val_sweep.csv"
+            cols = list(result.sweep[0])
+            lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in result.sweep]
+            csv.write_text("\n".join(lines) + "\n")
+            files += [csv, sweep_png(result, Path(tmp) / "val_sweep.png")]
+        for f in files:
+            mlflow.log_artifact(str(f))
+
+
+def _log_model(result: HeadResult, example: np.ndarray) -> str | None:
+    """The fitted head as an MLflow sklearn model in skops format with a real-rows signature."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from heads.persist import TRUSTED_TYPES
+
+    X = np.asarray(example[:5], dtype=np.float32)
+    signature = infer_signature(X, result.estimator.predict(X))
+    info = mlflow.sklearn.log_model(
+        result.estimator,
+        name="model",
+        serialization_format="skops",
+        skops_trusted_types=sorted(TRUSTED_TYPES),
+        signature=signature,
+        pip_requirements=_requirements(),
+        code_paths=[str(Path(__file__).resolve().parents[1] / "heads")],
+    )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Pinned from this environment (MLflow's own inference fails under uv)."""
+    from importlib import metadata
+
+    names = ("scikit-learn", "skops", "numpy", "faiss-cpu", "scipy")
+    out = []
+    for n in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out.append(f"{n}=={metadata.version(n)}")
+    return out
+
+
+def register_best(model_uri: str, experiment: str, workspace: str | Path) -> dict[str, Any]:
+    """Register the best head of a run as a new version of `<experiment>-head`, alias `newest`."""
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    name = f"{experiment}-head"
+    version = mlflow.register_model(model_uri, name)
+    MlflowClient().set_registered_model_alias(name, "newest", version.version)
+    return {"name": name, "version": int(version.version), "uri": f"models:/{name}@newest"}
+
+
+def log_finetune_run(
+    parent_run_id: str,
+    workspace: str | Path,
+    result: HeadResult,
+    history: list[dict[str, float]],
+    params: dict[str, Any],
+    model_dir: Path,
+) -> str:
+    """A nested run for a fine-tuned network: per-epoch curves, the same test metrics as the
+    heads (same test split), plots, and the network (state dicts + config) as artifacts."""
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    exp_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=result.name, nested=True, parent_run_id=parent_run_id
+    ) as run:
+        mlflow.set_tags(
+            {
+                "headstart.kind": "finetune",
+                "headstart.head": result.name,
+                "headstart.backbone": result.extra["backbone"],
+            }
+        )
+        mlflow.log_params({k: _short(v) for k, v in params.items()})
+        mlflow.log_params({f"chosen.{k}": _short(v) for k, v in result.params.items()})
+        mlflow.log_param("selection_metric", result.selection_metric)
+        for row in history:
+            step = int(row["epoch"])
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metric("val_score", result.val_score)
+        mlflow.log_metrics({m: result.metrics[m] for m in METRICS if m in result.metrics})
+        mlflow.log_metric("fit_seconds", result.fit_seconds)
+        _log_result_files(result, sweep=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(curves_png(history, result.name, Path(tmp) / "curves.png")))
+        mlflow.log_artifacts(str(model_dir), artifact_path="network")
         return run.info.run_id
+
+
+def compare_runs(
+    workspace: str | Path, experiment: str | None = None, last: int | None = None
+) -> list[dict[str, Any]]:
+    """Every head and fine-tuned network read back from MLflow, grouped by parent run (newest
+    parent first, best validation score first within it): the table analysts see in the UI."""
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    client = MlflowClient()
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri(workspace)}")
+        exps = [exp]
+    else:
+        exps = client.search_experiments()
+    names = {e.experiment_id: e.name for e in exps}
+    runs = (
+        [
+            r
+            for kind in ("head", "finetune")
+            for r in client.search_runs(
+                list(names), f"tags.`headstart.kind` = '{kind}'", max_results=5000
+            )
+        ]
+        if names
+        else []
+    )
+    parents: dict[str, Any] = {}
+    for r in runs:
+        pid = r.data.tags.get("mlflow.parentRunId")
+        if pid and pid not in parents:
+            parents[pid] = client.get_run(pid)
+    order = sorted(parents, key=lambda p: -parents[p].info.start_time)
+    if last is not None:
+        order = order[:last]
+    rows = []
+    for pid in order:
+        parent = parents[pid]
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
+        kids.sort(key=lambda r: -r.data.metrics.get("val_score", 0.0))
+        for r in kids:
+            m = r.data.metrics
+            rows.append(
+                {
+                    "experiment": names[r.info.experiment_id],
+                    "parent_run": parent.info.run_name,
+                    "parent_run_id": pid,
+                    "backbone": parent.data.params.get("backbone", ""),
+                    "model": r.data.tags.get("headstart.head", r.info.run_name),
+                    "kind": r.data.tags.get("headstart.kind"),
+                    "chosen": {
+                        k.removeprefix("chosen."): v
+                        for k, v in r.data.params.items()
+                        if k.startswith("chosen.")
+                    },
+                    "run_id": r.info.run_id,
+                    "val_score": m.get("val_score"),
+                    **{k: m.get(k) for k in METRICS},
+                }
+            )
+    return rows
 
 
 def _short(value: Any) -> str:

@@ -1,31 +1,61 @@
-"""Evaluation protocol for heads on frozen embeddings.
+"""Evaluation protocol for heads on frozen embeddings, and the metrics every model is scored by.
 
-Protocol (as in linear-probe evaluations): for each head, sweep its hyperparameter over a grid,
-fitting on the train split and scoring accuracy on the validation split; take the best value
-(ties go to the first, i.e. the strongest regularisation), refit on train+val with it, and
-score once on the test split. The test split is never used for a choice.
+Protocol (the linear-probe protocol of Kornblith et al. 2019, CLIP and DINOv2's eval code):
+
+1. For each head, sweep its grid (`HEADS[name].grid`) times the preprocessing options (`PRE`):
+   fit on the **train** split, score on the **validation** split. Logistic regression walks C
+   upwards reusing the previous solution (warm start), so the 12-point sweep costs little more
+   than a few fits.
+2. Take the best validation score: accuracy, or balanced accuracy when the classes are
+   imbalanced (largest class more than 1.5x the smallest; then every head also gets balanced
+   class weights). Ties go to the lower validation log loss, so the head with the better
+   calibrated probabilities wins among equals, then to the earlier grid point.
+3. Refit that configuration on **train + validation** (heads without probabilities of their own
+   are sigmoid-calibrated here) and score it **once** on the **test** split.
+
+The test split is never used for a choice. `score` gives the same metric names for every head
+and for fine-tuned networks, so runs compare side by side.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     classification_report,
     confusion_matrix,
     f1_score,
+    log_loss,
+    precision_recall_fscore_support,
     top_k_accuracy_score,
 )
 
-from heads.classical import HEADS, build_head, calibrated, class_scores
+from heads.classical import HEADS, PRE, build_head, calibrated, class_scores, preprocessing
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy")
+METRICS = (
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "balanced_accuracy",
+    "macro_f1",
+    "top5_accuracy",
+    "log_loss",
+    "ece",
+)
+IMBALANCE_RATIO = 1.5
+BOOTSTRAP = 1000
+ECE_BINS = 15
+
+
+class HeadSkipped(Exception):
+    """A head that does not apply to this data (the message says why)."""
 
 
 @dataclass
@@ -46,14 +76,16 @@ class Splits:
 
 @dataclass
 class HeadResult:
-    """A fitted head with its sweep, chosen parameters and test metrics."""
+    """A fitted head (or fine-tuned network) with its sweep, choice and test metrics."""
 
     name: str
-    estimator: BaseEstimator
+    estimator: BaseEstimator | None
     params: dict[str, Any]
-    val_scores: dict[str, float]
-    val_accuracy: float
-    metrics: dict[str, float]
+    sweep: list[dict[str, Any]]  # one row per grid point: params, val_score, val_log_loss
+    val_score: float  # the selection score of the chosen configuration
+    selection_metric: str  # "accuracy" or "balanced_accuracy"
+    metrics: dict[str, float]  # test metrics, names as in METRICS
+    per_class: dict[str, dict[str, float]]
     confusion: np.ndarray
     classes: list[str]
     report: str
@@ -61,52 +93,190 @@ class HeadResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def score(estimator: BaseEstimator, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Test metrics with the same names for every head (top-5 only with more than 5 classes)."""
-    pred = estimator.predict(X)
+def is_imbalanced(y: np.ndarray) -> bool:
+    """Largest class more than IMBALANCE_RATIO times the smallest."""
+    counts = np.unique(y, return_counts=True)[1]
+    return bool(counts.max() > IMBALANCE_RATIO * counts.min())
+
+
+def expected_calibration_error(y_idx: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: |accuracy - confidence| over equal-width confidence bins, weighted."""
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_idx
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def bootstrap_ci(
+    correct: np.ndarray, n: int = BOOTSTRAP, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of a 0/1 vector (test accuracy)."""
+    if len(correct) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(n, len(correct)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def score(
+    y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, seed: int = 0
+) -> dict[str, float]:
+    """Test metrics from class probabilities, with the same names for every model.
+
+    top5_accuracy only with more than 5 classes. log_loss and ece use the probabilities as
+    given (heads are calibrated, fine-tuned networks temperature-scaled on validation).
+    """
+    classes = np.asarray(classes)
+    y_true = np.asarray(y_true)
+    pred = classes[proba.argmax(axis=1)]
+    y_idx = np.searchsorted(classes, y_true)
+    lo, hi = bootstrap_ci((pred == y_true).astype(np.float64), seed=seed)
     out = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, pred)),
+        "accuracy_ci_low": lo,
+        "accuracy_ci_high": hi,
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "macro_f1": float(f1_score(y_true, pred, average="macro", zero_division=0)),
+        "log_loss": _log_loss(y_true, proba, classes),
+        "ece": expected_calibration_error(y_idx, proba),
     }
-    classes = estimator.classes_
     if len(classes) > 5:
-        scores = class_scores(estimator, X)
-        out["top5_accuracy"] = float(top_k_accuracy_score(y, scores, k=5, labels=classes))
+        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=classes))
     return out
 
 
-def fit_head(name: str, splits: Splits, seed: int = 0) -> HeadResult:
-    """Run the protocol above for one head."""
+def per_class(y_true: np.ndarray, pred: np.ndarray, classes: np.ndarray) -> dict[str, dict]:
+    """Precision, recall, F1 and support per class."""
+    p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=classes, zero_division=0)
+    return {
+        str(c): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "n": int(s[i])}
+        for i, c in enumerate(classes)
+    }
+
+
+def scored_on_test(
+    name: str,
+    estimator: BaseEstimator | None,
+    proba: np.ndarray,
+    classes: np.ndarray,
+    y_test: np.ndarray,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The test-split part of a HeadResult: metrics, per-class table, confusion, report."""
+    classes = np.asarray(classes)
+    pred = classes[proba.argmax(axis=1)]
+    return {
+        "metrics": score(y_test, proba, classes, seed=seed),
+        "per_class": per_class(y_test, pred, classes),
+        "confusion": confusion_matrix(y_test, pred, labels=classes),
+        "classes": [str(c) for c in classes],
+        "report": classification_report(y_test, pred, labels=classes, zero_division=0),
+    }
+
+
+def _grid(name: str) -> list[dict[str, Any]]:
+    grid = HEADS[name].grid
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _log_loss(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Log loss with probabilities floored at 1e-7 (k-NN gives exact zeros), renormalised."""
+    p = np.clip(proba, 1e-7, 1)
+    return float(log_loss(y, p / p.sum(axis=1, keepdims=True), labels=classes))
+
+
+def _val_log_loss(est: BaseEstimator, X: np.ndarray, y: np.ndarray) -> float:
+    return _log_loss(y, class_scores(est, X), est.classes_)
+
+
+def sweep(
+    name: str,
+    splits: Splits,
+    class_weight: str | None = None,
+    selection: str = "accuracy",
+    seed: int = 0,
+    pre_options: tuple[str, ...] = PRE,
+) -> list[dict[str, Any]]:
+    """Step 1 of the protocol: every (pre, grid point) fitted on train, scored on val."""
     spec = HEADS[name]
+    metric = balanced_accuracy_score if selection == "balanced_accuracy" else accuracy_score
+    rows = []
+    for pre in pre_options:
+        step = preprocessing(pre, seed).fit(splits.X_train)
+        Xtr, Xva = step.transform(splits.X_train), step.transform(splits.X_val)
+        clf = None
+        for point in _grid(name):
+            if clf is not None and spec.warm_start:
+                clf.set_params(**point)
+            else:
+                clf = spec.build(class_weight=class_weight, seed=seed, **point)
+                if spec.warm_start:
+                    clf.set_params(warm_start=True)
+            clf.fit(Xtr, splits.y_train)
+            rows.append(
+                {
+                    "pre": pre,
+                    **point,
+                    "val_score": float(metric(splits.y_val, clf.predict(Xva))),
+                    "val_log_loss": _val_log_loss(clf, Xva, splits.y_val),
+                }
+            )
+    return rows
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step 2: best val score; ties to lower val log loss, then the earlier grid point."""
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_score"], -rows[i]["val_log_loss"], -i))
+    return rows[best]
+
+
+def fit_head(name: str, splits: Splits, seed: int = 0, balanced: bool | None = None) -> HeadResult:
+    """Run the protocol above for one head. Raises HeadSkipped when it does not apply."""
+    spec = HEADS[name]
+    n_train = len(splits.y_train)
+    if spec.max_train_rows is not None and n_train > spec.max_train_rows:
+        raise HeadSkipped(
+            f"{name} skipped: {n_train} training rows > {spec.max_train_rows} "
+            "(its cost grows with the square of the rows); the linear heads cover this size"
+        )
+    if balanced is None:
+        balanced = is_imbalanced(np.concatenate([splits.y_train, splits.y_val]))
+    class_weight = "balanced" if balanced else None
+    selection = "balanced_accuracy" if balanced else "accuracy"
     t0 = time.perf_counter()
-    val_scores: dict[str, float] = {}
-    best_value, best = None, -1.0
-    for value in spec.grid:
-        est = build_head(name, seed=seed, **{spec.param: value})
-        est.fit(splits.X_train, splits.y_train)
-        acc = float(accuracy_score(splits.y_val, est.predict(splits.X_val)))
-        val_scores[str(value)] = acc
-        if acc > best:
-            best_value, best = value, acc
+    rows = sweep(name, splits, class_weight, selection, seed)
+    best = choose(rows)
+    params = {k: v for k, v in best.items() if k not in ("val_score", "val_log_loss")}
     X_fit = np.concatenate([splits.X_train, splits.X_val])
     y_fit = np.concatenate([splits.y_train, splits.y_val])
-    final = build_head(name, seed=seed, **{spec.param: best_value})
+    final: BaseEstimator = build_head(name, class_weight=class_weight, seed=seed, **params)
     if spec.calibrate:
         final = calibrated(final, y_fit)
     final.fit(X_fit, y_fit)
     seconds = time.perf_counter() - t0
-    classes = [str(c) for c in final.classes_]
-    pred = final.predict(splits.X_test)
+    test = scored_on_test(
+        name, final, class_scores(final, splits.X_test), final.classes_, splits.y_test, seed
+    )
     return HeadResult(
         name=name,
         estimator=final,
-        params={spec.param: best_value},
-        val_scores=val_scores,
-        val_accuracy=best,
-        metrics=score(final, splits.X_test, splits.y_test),
-        confusion=confusion_matrix(splits.y_test, pred, labels=final.classes_),
-        classes=classes,
-        report=classification_report(splits.y_test, pred, zero_division=0),
+        params=params,
+        sweep=rows,
+        val_score=best["val_score"],
+        selection_metric=selection,
         fit_seconds=seconds,
+        extra={"class_weight": class_weight},
+        **test,
     )
+
+
+def refit_like(result: HeadResult, X: np.ndarray, y: np.ndarray) -> BaseEstimator:
+    """The chosen head refitted on other features (e.g. at another input size), unfitted copy."""
+    return clone(result.estimator).fit(X, y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -61,6 +62,54 @@ def embedding_map_png(
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
     if len(set(labels)) <= 20:
         ax.legend(markerscale=2, fontsize=8, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def sweep_png(result, path: str | Path) -> Path:
+    """Validation score along the head's first grid parameter, one line per other setting."""
+    rows = result.sweep
+    keys = [k for k in rows[0] if k not in ("val_score", "val_log_loss")]
+    x_key = next((k for k in keys if k != "pre"), "pre")
+    series: dict[str, list[tuple[Any, float]]] = {}
+    for r in rows:
+        label = ", ".join(f"{k}={r[k]}" for k in keys if k != x_key)
+        series.setdefault(label, []).append((r[x_key], r["val_score"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = all(isinstance(v, int | float) for v, _ in next(iter(series.values())))
+    for label, pts in series.items():
+        xs = [v for v, _ in pts] if numeric else [str(v) for v, _ in pts]
+        ax.plot(xs, [s for _, s in pts], marker="o", ms=3, label=label)
+    if numeric and x_key == "C":
+        ax.set_xscale("log")
+    chosen = ", ".join(f"{k}={v}" for k, v in result.params.items() if k != "feature")
+    ax.set(
+        xlabel=x_key,
+        ylabel=f"validation {result.selection_metric}",
+        title=f"{result.name} sweep (chosen: {chosen})",
+    )
+    if len(series) <= 12:
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves_png(history: list[dict[str, float]], title: str, path: str | Path) -> Path:
+    """Per-epoch loss and accuracy of a fine-tuning run, train and validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        a.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3, label=key)
+    for key in ("train_accuracy", "val_accuracy"):
+        b.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3, label=key)
+    a.set(xlabel="epoch", ylabel="loss", title=title)
+    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    a.legend(frameon=False)
+    b.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

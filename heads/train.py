@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from extractors.store import Store
 from heads.classical import HEADS
-from heads.evaluate import HeadResult, Splits, fit_head
+from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced
 from heads.persist import save_head, write_json_atomic
 
 
@@ -59,17 +60,31 @@ def load_splits(store: Store, feature: str = "embedding") -> Splits:
     )
 
 
+@dataclass
+class Trained:
+    """The heads of one training run, best first, and what was decided along the way."""
+
+    results: list[HeadResult]
+    splits: Splits  # of the `embedding` column, for plots
+    skipped: dict[str, str]  # head -> why it did not apply
+    imbalanced: bool  # classes imbalanced: balanced class weights, chosen on balanced accuracy
+
+    @property
+    def best(self) -> HeadResult:
+        return self.results[0]
+
+
 def train_heads(
     store: Store,
     heads: list[str] | None = None,
     seed: int = 0,
     features: list[str] | None = None,
-) -> tuple[list[HeadResult], Splits]:
-    """Fit each head by the evaluation protocol; results sorted best first by val accuracy.
+) -> Trained:
+    """Fit each head by the evaluation protocol (heads/evaluate.py); best first on validation.
 
     The feature column (the penultimate `embedding`, or a layer saved with `--layers`) is one
     more hyperparameter: each head is fitted on each feature and the best on validation kept,
-    with `feature` among its params. Returns the splits of `embedding` for plots.
+    with `feature` among its params.
     """
     heads = heads or list(HEADS)
     unknown = [h for h in heads if h not in HEADS]
@@ -77,18 +92,29 @@ def train_heads(
         raise TrainingDataError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
     features = features or store.features()
     splits = {f: load_splits(store, f) for f in features}
-    results = []
+    first = splits.get("embedding") or splits[features[0]]
+    imbalanced = is_imbalanced(np.concatenate([first.y_train, first.y_val]))
+    results, skipped = [], {}
     for name in heads:
-        fitted = [fit_head(name, splits[f], seed=seed) for f in features]
-        for f, r in zip(features, fitted, strict=True):
+        fitted = []
+        for f in features:
+            try:
+                r = fit_head(name, splits[f], seed=seed, balanced=imbalanced)
+            except HeadSkipped as exc:
+                skipped[name] = str(exc)
+                break
             r.params["feature"] = f
-        results.append(rank(fitted)[0])
-    return rank(results), splits.get("embedding") or splits[features[0]]
+            fitted.append(r)
+        if fitted:
+            results.append(rank(fitted)[0])
+    if not results:
+        raise TrainingDataError(f"no head could be trained: {skipped}")
+    return Trained(rank(results), first, skipped, imbalanced)
 
 
 def rank(results: list[HeadResult]) -> list[HeadResult]:
-    """Best first: by validation accuracy (the choice never looks at test), then by name."""
-    return sorted(results, key=lambda r: (-r.val_accuracy, r.name))
+    """Best first: by validation score (the choice never looks at test), then by name."""
+    return sorted(results, key=lambda r: (-r.val_score, r.name))
 
 
 def save_heads(
@@ -112,7 +138,8 @@ def save_heads(
             .get("module"),
             "store": str(store.path),
             "fingerprint": manifest["fingerprint"],
-            "val_accuracy": r.val_accuracy,
+            "val_score": r.val_score,
+            "selection_metric": r.selection_metric,
             "metrics": r.metrics,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **(extra or {}),

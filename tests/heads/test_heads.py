@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from sklearn.base import clone
 
 from extractors.store import Store
-from heads.classical import HEADS, build_head
+from heads.classical import HEADS, PRE, build_head
+from heads.evaluate import (
+    METRICS,
+    HeadSkipped,
+    Splits,
+    bootstrap_ci,
+    expected_calibration_error,
+    fit_head,
+    score,
+)
 from heads.knn import FaissKNNClassifier
 from heads.persist import HeadFileError, load_head, save_head
 from heads.train import TrainingDataError, load_splits, save_heads, train_heads
@@ -18,38 +29,99 @@ def trained(built_store):
     return train_heads(built_store, seed=0)
 
 
-def test_heads_far_above_chance(trained) -> None:
-    results, splits = trained
-    assert {r.name for r in results} == set(HEADS)
+def test_heads_far_above_chance_with_the_same_metrics(trained) -> None:
+    splits = trained.splits
+    assert {r.name for r in trained.results} == set(HEADS)
     chance = 1 / len(splits.classes)  # 4 classes: 0.25
-    for r in results:
-        assert r.metrics["accuracy"] >= 0.6, (r.name, r.metrics)
-        assert set(r.metrics) == {"accuracy", "balanced_accuracy", "macro_f1"}  # <= 5 classes
-        assert r.metrics["accuracy"] > 2 * chance
+    for r in trained.results:
+        assert set(r.metrics) == set(METRICS) - {"top5_accuracy"}  # <= 5 classes: no top-5
+        assert r.metrics["accuracy"] >= 0.6 and r.metrics["accuracy"] > 2 * chance, r.name
+        lo, hi = r.metrics["accuracy_ci_low"], r.metrics["accuracy_ci_high"]
+        assert lo <= r.metrics["accuracy"] <= hi <= 1
+        assert 0 <= r.metrics["ece"] <= 1 and r.metrics["log_loss"] > 0
         assert r.confusion.sum() == len(splits.y_test)
-        assert r.params[HEADS[r.name].param] in HEADS[r.name].grid
+        assert set(r.per_class) == set(r.classes) and sum(
+            c["n"] for c in r.per_class.values()
+        ) == len(splits.y_test)
 
 
-def test_best_is_chosen_on_validation(trained) -> None:
-    results, _ = trained
-    assert [r.val_accuracy for r in results] == sorted(
-        (r.val_accuracy for r in results), reverse=True
-    )
-    for r in results:
-        assert r.val_accuracy == max(r.val_scores.values())
+def test_every_grid_point_and_preprocessing_is_swept_and_the_best_chosen(trained) -> None:
+    for r in trained.results:
+        grid = HEADS[r.name].grid
+        assert len(r.sweep) == len(PRE) * int(np.prod([len(v) for v in grid.values()]))
+        assert r.val_score == max(row["val_score"] for row in r.sweep)
+        assert r.params["pre"] in PRE
+        for key, values in grid.items():
+            assert r.params[key] in values
+    scores = [r.val_score for r in trained.results]
+    assert scores == sorted(scores, reverse=True)  # best first, chosen on validation
+    assert trained.best is trained.results[0] and not trained.imbalanced
+
+
+def test_ties_go_to_the_lower_validation_log_loss() -> None:
+    from heads.evaluate import choose
+
+    rows = [
+        {"C": 1, "val_score": 0.9, "val_log_loss": 0.8},
+        {"C": 2, "val_score": 0.9, "val_log_loss": 0.3},
+        {"C": 3, "val_score": 0.8, "val_log_loss": 0.1},
+    ]
+    assert choose(rows)["C"] == 2
+
+
+def _blobs(counts: list[int], dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (len(counts), dim))
+    X = np.concatenate([rng.normal(c, 1.0, (n, dim)) for c, n in zip(centers, counts, strict=True)])
+    y = np.concatenate([[f"c{i}"] * n for i, n in enumerate(counts)])
+    return X.astype(np.float32), y
+
+
+def test_imbalanced_classes_get_balanced_weights_and_balanced_selection() -> None:
+    Xtr, ytr = _blobs([90, 15, 15])
+    Xva, yva = _blobs([30, 5, 5], seed=1)
+    Xte, yte = _blobs([30, 5, 5], seed=2)
+    r = fit_head("logreg", Splits(Xtr, ytr, Xva, yva, Xte, yte))
+    assert r.selection_metric == "balanced_accuracy"
+    assert r.extra["class_weight"] == "balanced"
+    assert r.estimator.named_steps["clf"].class_weight == "balanced"
+
+
+def test_rbf_svm_is_skipped_on_large_training_sets() -> None:
+    X, y = _blobs([2600, 2600], dim=4)
+    with pytest.raises(HeadSkipped, match="5200 training rows > 5000"):
+        fit_head("rbf_svm", Splits(X, y, X[:10], y[:10], X[:10], y[:10]))
+
+
+def test_metrics_on_known_probabilities() -> None:
+    classes = np.array(["a", "b"])
+    y = np.array(["a", "a", "b", "b"])
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+    m = score(y, proba, classes)
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.75
+    expected_ll = -np.mean(np.log([0.9, 0.6, 0.7, 0.2]))
+    assert m["log_loss"] == pytest.approx(expected_ll)
+    # confidences 0.9, 0.6, 0.7, 0.8 fall in four bins; |acc - conf| = .1, .4, .3, .8
+    assert m["ece"] == pytest.approx((0.1 + 0.4 + 0.3 + 0.8) / 4)
+    assert expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [0, 1.0]])) == 0
+
+
+def test_bootstrap_interval_brackets_the_mean() -> None:
+    correct = np.array([1.0] * 80 + [0.0] * 20)
+    lo, hi = bootstrap_ci(correct)
+    assert 0.7 < lo < 0.8 < hi < 0.9
 
 
 def test_saved_heads_round_trip_without_pickle(trained, built_store, tmp_path) -> None:
-    results, splits = trained
+    splits = trained.splits
     store = Store(tmp_path / "s")
-    import shutil
-
     shutil.copytree(built_store.path, store.path)
-    saved = save_heads(store, results, run_tag="run1")
-    for r in results:
+    saved = save_heads(store, trained.results, run_tag="run1")
+    for r in trained.results:
         est, meta = load_head(saved[r.name])
         assert np.array_equal(est.predict(splits.X_test), r.estimator.predict(splits.X_test))
         assert meta["classes"] == r.classes and meta["backbone"] == "efficientnet_lite0"
+        assert meta["params"]["pre"] == r.params["pre"]
         assert saved[r.name].read_bytes()[:2] == b"PK"  # a skops zip, not a pickle
 
 
@@ -63,20 +135,33 @@ def test_untrusted_head_file_is_refused(tmp_path) -> None:
         load_head(path)
 
 
-def test_knn_follows_estimator_api() -> None:
+def test_heads_follow_the_estimator_api() -> None:
     knn = FaissKNNClassifier(k=3)
-    assert clone(knn).get_params() == {"k": 3, "weights": "uniform", "temperature": 0.07}
-    rng = np.random.default_rng(0)
-    X = np.concatenate([rng.normal(0, 1, (20, 8)) + 5, rng.normal(0, 1, (20, 8)) - 5])
-    y = np.array(["a"] * 20 + ["b"] * 20)
-    assert knn.fit(X, y) is knn and list(knn.classes_) == ["a", "b"]
+    assert clone(knn).get_params() == {
+        "k": 3,
+        "weights": "uniform",
+        "temperature": 0.07,
+        "class_weight": None,
+    }
+    X, y = _blobs([20, 20], dim=8)
+    assert knn.fit(X, y) is knn and list(knn.classes_) == ["c0", "c1"]
     assert (knn.predict(X) == y).all()
     assert np.allclose(knn.predict_proba(X).sum(axis=1), 1)
+    head = build_head("logreg", pre="pca_whiten", C=0.5)
+    params = head.get_params()
+    assert params["clf__C"] == 0.5 and params["pre__whiten"] is True
+
+
+def test_balanced_knn_votes_do_not_follow_class_size() -> None:
+    X = np.array([[1.0, 0.0]] * 9 + [[0.9, 0.1]] * 3)
+    y = np.array(["big"] * 9 + ["small"] * 3)
+    query = np.array([[0.95, 0.05]])
+    plain = FaissKNNClassifier(k=12).fit(X, y).predict_proba(query)[0]
+    fair = FaissKNNClassifier(k=12, class_weight="balanced").fit(X, y).predict_proba(query)[0]
+    assert plain[0] == pytest.approx(0.75) and fair[0] == pytest.approx(0.5)
 
 
 def test_single_class_and_tiny_class_are_refused(built_store, tmp_path) -> None:
-    import shutil
-
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -101,11 +186,8 @@ def test_unknown_head_name() -> None:
 
 
 def test_layer_is_a_head_hyperparameter(layered_store) -> None:
-    from heads.train import train_heads
-
-    results, _ = train_heads(layered_store, heads=["logreg"])
-    (best,) = results
+    best = train_heads(layered_store, heads=["logreg"]).best
     assert best.params["feature"] in layered_store.features()
-    only_last = train_heads(layered_store, heads=["logreg"], features=["emb_blocks_6"])[0][0]
+    only_last = train_heads(layered_store, heads=["logreg"], features=["emb_blocks_6"]).best
     assert only_last.params["feature"] == "emb_blocks_6"
-    assert best.val_accuracy >= only_last.val_accuracy  # chosen on validation among all three
+    assert best.val_score >= only_last.val_score  # chosen on validation among all three
