@@ -24,6 +24,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from extractors.images import ImageError
     from extractors.sources import SourceError
     from extractors.store import StoreError
+    from flows.tracking import ExperimentNotFound
     from heads.finetune import FineTuneError
     from heads.persist import HeadFileError
     from heads.train import TrainingDataError
@@ -36,6 +37,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         HeadFileError,
         ImageError,
         FineTuneError,
+        ExperimentNotFound,
     )
 
 
@@ -162,11 +164,20 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{float(value):.3f}"
 
 
+METRIC_COLUMNS = ("val", "test acc [95% CI]", "bal. acc", "macro-F1", "top-5", "log loss", "ECE")
+NARROW = 3  # columns kept on a terminal narrower than WIDE
+WIDE = 130
+
+
+def _columns() -> tuple[str, ...]:
+    return METRIC_COLUMNS if out.width >= WIDE else METRIC_COLUMNS[:NARROW]
+
+
 def _metric_cells(r: dict[str, Any]) -> list[str]:
     ci = ""
     if r.get("accuracy_ci_low") is not None:
         ci = f" [{float(r['accuracy_ci_low']):.2f}-{float(r['accuracy_ci_high']):.2f}]"
-    return [
+    cells = [
         _num(r.get("val_score")),
         _num(r.get("accuracy")) + ci,
         _num(r.get("balanced_accuracy")),
@@ -175,17 +186,22 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
         _num(r.get("log_loss")),
         _num(r.get("ece")),
     ]
+    return cells[: len(_columns())]
 
 
-METRIC_COLUMNS = ("val", "test acc [95% CI]", "bal. acc", "macro-F1", "top-5", "log loss", "ECE")
+def _metric_columns(table: Table) -> None:
+    """Numbers never wrap; on a narrow terminal the `chosen` column folds instead."""
+    for col in _columns():
+        table.add_column(col, justify="right", no_wrap=col.startswith("test"), min_width=5)
+    if len(_columns()) < len(METRIC_COLUMNS):
+        table.caption = f"macro-F1, top-5, log loss, ECE: a terminal of {WIDE}+ columns, or --json"
 
 
 def _heads_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    table.add_column("model")
-    table.add_column("chosen", overflow="fold")
-    for col in METRIC_COLUMNS:
-        table.add_column(col, justify="right")
+    table.add_column("model", no_wrap=True, min_width=max(len(r["head"]) for r in rows))
+    table.add_column("chosen", overflow="fold", min_width=12)
+    _metric_columns(table)
     for r in rows:
         table.add_row(r["head"], _chosen(r["params"]), *_metric_cells(r))
     return table
@@ -278,13 +294,15 @@ def _print_finetune(ft: dict[str, Any], workspace: Path) -> None:
 @app.command()
 def demo(
     workspace: Workspace = DEFAULT_WORKSPACE,
-    per_class: Annotated[int, typer.Option(help="Sample images per digit class (max 174).")] = 100,
+    per_class: Annotated[
+        int, typer.Option(help="Sample images per digit class (at most 174: all of them).")
+    ] = 174,
     backbone: BackboneOpt = None,
     target: Annotated[
         float,
         typer.Option(help="Validation accuracy the best head must reach, else fine-tune."),
     ] = 0.99,
-    epochs: Epochs = 10,
+    epochs: Epochs = 12,
     image_size: ImageSize = None,
 ) -> None:
     """Run the whole pipeline offline on bundled sample data (handwritten digits, 10 classes):
@@ -299,7 +317,8 @@ def demo(
         out.print(
             "fine-tuning (if needed) runs at 64 px on this CPU; a GPU uses the backbone's own size"
         )
-    settings = _ft_settings("full", 2, epochs, image_size, 1e-4, 1e-3, "frozen", False, False, 0)
+    # Full fine-tuning, no flips (a mirrored digit is another symbol).
+    settings = _ft_settings("full", 2, epochs, image_size, 3e-4, 1e-3, "frozen", False, False, 0)
     try:
         root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
         out.print(f"sample data: {root} (10 classes x {per_class} images)")
@@ -546,10 +565,7 @@ def compare(
     try:
         rows = steps.compare(workspace, experiment=experiment, last=last)
     except Exception as exc:
-        if type(exc).__name__ != "ValueError":
-            _fail_or_raise(exc)
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail_or_raise(exc)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -557,10 +573,11 @@ def compare(
         out.print("no heads in MLflow yet: run `headstart demo` or `headstart run SOURCE`")
         return
     table = Table(title="heads and fine-tuned networks (test split; val = validation score)")
-    for col in ("run", "backbone", "model", "chosen"):
+    for col in ("run", "backbone"):
         table.add_column(col, overflow="fold")
-    for col in METRIC_COLUMNS:
-        table.add_column(col, justify="right")
+    table.add_column("model", no_wrap=True, min_width=max(len(r["model"]) for r in rows))
+    table.add_column("chosen", overflow="fold", min_width=12)
+    _metric_columns(table)
     previous = None
     for r in rows:
         first = r["parent_run_id"] != previous

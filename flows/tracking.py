@@ -4,6 +4,7 @@ network, heads as MLflow models in the registry, and the comparison read back.""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from heads.evaluate import METRICS, HeadResult
 from heads.plots import confusion_matrix_png, curves_png, sweep_png
+
+
+class ExperimentNotFound(ValueError):
+    """An experiment name that the tracking store does not hold."""
 
 
 def tracking_uri(workspace: str | Path) -> str:
@@ -179,17 +184,28 @@ def _log_model(result: HeadResult, example: np.ndarray) -> str | None:
     from heads.persist import TRUSTED_TYPES
 
     X = np.asarray(example[:5], dtype=np.float32)
-    signature = infer_signature(X, result.estimator.predict(X))
-    info = mlflow.sklearn.log_model(
-        result.estimator,
-        name="model",
-        serialization_format="skops",
-        skops_trusted_types=sorted(TRUSTED_TYPES),
-        signature=signature,
-        pip_requirements=_requirements(),
-        code_paths=[str(Path(__file__).resolve().parents[1] / "heads")],
-    )
+    with _quiet("mlflow.utils.environment"):  # "Failed to resolve installed pip version" (uv)
+        info = mlflow.sklearn.log_model(
+            result.estimator,
+            name="model",
+            serialization_format="skops",
+            skops_trusted_types=sorted(TRUSTED_TYPES),
+            signature=infer_signature(X, result.estimator.predict(X)),
+            pip_requirements=_requirements(),
+            code_paths=[str(Path(__file__).resolve().parents[1] / "heads")],
+        )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _requirements() -> list[str]:
@@ -261,7 +277,10 @@ def compare_runs(
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri(workspace)}")
+            raise ExperimentNotFound(
+                f"no MLflow experiment {experiment!r} in {tracking_uri(workspace)}; "
+                "`headstart compare` without --experiment lists them all"
+            )
         exps = [exp]
     else:
         exps = client.search_experiments()
@@ -300,6 +319,7 @@ def compare_runs(
                     "backbone": parent.data.params.get("backbone", ""),
                     "model": r.data.tags.get("headstart.head", r.info.run_name),
                     "kind": r.data.tags.get("headstart.kind"),
+                    "finetuned_backbone": r.data.tags.get("headstart.backbone"),
                     "chosen": {
                         k.removeprefix("chosen."): v
                         for k, v in r.data.params.items()

@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -205,13 +207,14 @@ def finetune(
     workdir: str | Path,
     fingerprint: str = "",
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> FineTuned:
     """Fine-tune `backbone` on data[split] = (paths, labels) for train/val/test (see above).
 
     The backbone object is trained in place (it is the network's body); pass a fresh one.
     """
     cfg.check()
+    log = log or _stderr
     device = backbone.device
     torch.manual_seed(cfg.seed)
     classes = [str(c) for c in classes]
@@ -235,12 +238,16 @@ def finetune(
 
     def loader(s: str, tf: Callable, shuffle: bool) -> torch.utils.data.DataLoader:
         paths, y = splits[s]
-        workers = min(8, torch.get_num_threads()) if device.type == "cuda" else 0
+        # Decode workers only on a GPU (on a CPU they would compete with the model for cores);
+        # spawned, not forked (forked workers die under Prefect's threads), and kept alive.
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
         return torch.utils.data.DataLoader(
             LabelledImages(paths, y, tf, min_side),
             batch_size=cfg.batch_size,
             shuffle=shuffle,
             num_workers=workers,
+            multiprocessing_context="spawn" if workers else None,
+            persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),
         )
@@ -323,7 +330,7 @@ def finetune(
     val_logits, val_y = _logits(net, val_loader, device)
     temperature = _fit_temperature(val_logits, val_y)
     test_logits, test_y = _logits(net, test_loader, device)
-    proba = torch.softmax(test_logits / temperature, dim=1).numpy()
+    proba = torch.softmax(test_logits / temperature, dim=1).double().numpy()  # JSON-exact
     seconds = time.perf_counter() - t0 + sum(h["epoch_seconds"] for h in history[:start_epoch])
     summary = {
         "best_epoch": int(best["epoch"]),
@@ -597,6 +604,11 @@ def _write_json(path: Path, obj: Any) -> None:
     from heads.persist import write_json_atomic
 
     write_json_atomic(path, obj)
+
+
+def _stderr(message: str) -> None:
+    """Messages go where the progress bars go, so stdout stays clean for --json."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _bar(total: int, start: int, progress: bool):

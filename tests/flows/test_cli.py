@@ -27,16 +27,27 @@ def _ok(args: list[str]) -> str:
 
 def test_help_explains_every_command() -> None:
     out = _ok(["--help"])
-    for cmd in ("demo", "embed", "train", "run", "search", "predict", "info", "serve"):
+    commands = ("demo", "embed", "train", "run", "finetune", "compare", "search", "predict")
+    for cmd in (*commands, "info", "serve"):
         assert cmd in out
         assert len(_ok([cmd, "--help"])) > 200
 
 
 def test_demo_then_search_predict_info(prefect_server, mlflow_tmp, tmp_path) -> None:
     ws = str(tmp_path / "ws")
-    out = _ok(["demo", "--workspace", ws, "--per-class", "5"])
-    assert "logreg" in out and "svm" in out and "knn" in out
-    assert "mlflow ui --backend-store-uri" in out
+    out = _ok(["demo", "--workspace", ws, "--per-class", "5", "--epochs", "1", "--target", "1.01"])
+    for model in ("logreg", "linear_svm", "rbf_svm", "knn", "finetune:full"):
+        assert model in out
+    assert "mlflow ui --backend-store-uri" in out and "escalate to fine-tuning" in out
+    assert "fine-tuned finetune:full at 64 px" in out and "the best head" in out
+
+    rows = json.loads(_ok(["compare", "--workspace", ws, "--json"]))
+    assert {r["model"] for r in rows} == {"logreg", "linear_svm", "rbf_svm", "knn", "finetune:full"}
+    assert len({r["parent_run_id"] for r in rows}) == 1
+    assert all(r["accuracy"] is not None and r["log_loss"] is not None for r in rows)
+    table = _ok(["compare", "--workspace", ws, "--last", "1"])
+    assert "finetune:full" in table and "test acc" in table
+    tuned = next(r["finetuned_backbone"] for r in rows if r["kind"] == "finetune")
     query = sorted((tmp_path / "ws" / "sample" / "digits" / "3").iterdir())[0]
 
     hits = json.loads(_ok(["search", str(query), "-k", "3", "--workspace", ws, "--json"]))
@@ -47,6 +58,10 @@ def test_demo_then_search_predict_info(prefect_server, mlflow_tmp, tmp_path) -> 
     preds = json.loads(_ok(["predict", str(query), "--workspace", ws, "--json"]))
     assert preds[0]["label"] in {str(d) for d in range(10)}
     assert abs(sum(t["score"] for t in preds[0]["top"]) - 1) < 0.5  # top-3 of a distribution
+    args = ["predict", str(query), "--model", tuned, "--workspace", ws, "--json", "--top", "10"]
+    preds = json.loads(_ok(args))
+    assert preds[0]["model"] == tuned and preds[0]["label"] in {str(d) for d in range(10)}
+    assert abs(sum(t["score"] for t in preds[0]["top"]) - 1) < 1e-3  # all 10 classes
 
     info = json.loads(_ok(["info", "--workspace", ws, "--json"]))
     assert info["rows"] == 50 and info["index_consistent"] and info["heads"]["best"]
@@ -61,8 +76,29 @@ def test_embed_train_run_on_a_folder(prefect_server, mlflow_tmp, digits_dir, tmp
     assert again["embedded"] == 0 and again["rows"] == 100
     trained = json.loads(_ok(["train", "--workspace", ws, "--head", "logreg", "--json"]))
     assert [h["head"] for h in trained["heads"]] == ["logreg"]
-    result = json.loads(_ok(["run", str(digits_dir), "--workspace", ws, "--finetune", "--json"]))
+    small = ["--epochs", "1", "--image-size", "32", "--no-flip"]
+    args = ["run", str(digits_dir), "--workspace", ws, "--finetune", "--json", *small]
+    result = json.loads(_ok([*args, "--strategy", "partial", "--blocks", "1"]))
     assert result["decision"]["escalate"] and "requested" in result["decision"]["reason"]
+    tuned = result["finetune"]["backbone"]
+    params = result["finetune"]["params"]
+    assert params | {"strategy": "partial", "image_size": 32, "blocks": 1} == params
+
+    # The fine-tuned network is a backbone: embed with it, train heads on its store.
+    store = str(tmp_path / "adapted")
+    args = ["embed", str(digits_dir), "--backbone", tuned, "--store", store, "--workspace", ws]
+    report = json.loads(_ok([*args, "--json"]))
+    assert report["rows"] == 100 and report["backbone"] == tuned
+    heads = json.loads(_ok(["train", "--store", store, "--workspace", ws, "--json"]))
+    assert heads["heads"][0]["accuracy"] > 0.5
+
+    # `finetune` on a store by itself, and settings it refuses.
+    alone = json.loads(_ok(["finetune", "--workspace", ws, "--strategy", "head", "--json", *small]))
+    assert alone["finetune"]["head"] == "finetune:head"
+    res = runner.invoke(app, ["finetune", "--workspace", ws, "--strategy", "all"])
+    assert res.exit_code == 2 and "unknown strategy" in res.output
+    res = runner.invoke(app, ["compare", "--workspace", ws, "--experiment", "nope"])
+    assert res.exit_code == 2 and "no MLflow experiment 'nope'" in res.output
 
 
 def test_bad_input_gets_a_message_not_a_traceback(tmp_path) -> None:
@@ -152,7 +188,7 @@ def test_embed_with_layers_logs_stage_throughput(
     preds = json.loads(
         _ok(["train", "--store", store, "--workspace", ws, "--head", "logreg", "--json"])
     )
-    assert preds["heads"][0]["params"]["feature"] in ("embedding", "emb_blocks_6")
+    assert preds["heads"][0]["params"].get("feature", "embedding") in ("embedding", "emb_blocks_6")
     query = str(sorted((digits_dir / "2").iterdir())[0])
     out = json.loads(_ok(["predict", query, "--store", store, "--workspace", ws, "--json"]))
     assert out[0]["label"] in {"0", "1", "2", "3"}

@@ -11,15 +11,23 @@ from heads.evaluate import METRICS
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_flow_tracks_parent_and_nested_runs(
+FT = {"epochs": 2, "image_size": 32, "flip": False, "batch_size": 16}
+
+
+def test_pipeline_flow_tracks_heads_finetune_and_registry(
     prefect_server, digits_dir, mlflow_tmp, tmp_path
 ) -> None:
     from flows.pipeline import pipeline
 
-    result = pipeline(str(digits_dir), workspace=str(tmp_path), target=1.01, progress=False)
+    result = pipeline(
+        str(digits_dir), workspace=str(tmp_path), target=1.01, finetune_settings=FT, progress=False
+    )
     assert result["embed"]["embedded"] == 100
     assert result["decision"]["escalate"] is True  # no head can reach 1.01
     assert "< target" in result["decision"]["reason"]
+    tuned = result["finetune"]
+    assert tuned["head"] == "finetune:full" and tuned["backbone"].startswith("finetuned:")
+    assert tuned["epochs_run"] == 2 and "vs_best_head" in tuned
 
     mlflow.set_tracking_uri(mlflow_tmp)
     client = MlflowClient()
@@ -29,25 +37,43 @@ def test_pipeline_flow_tracks_parent_and_nested_runs(
     assert parent.data.params["backbone"] == "efficientnet_lite0"
     assert parent.data.params["fingerprint"] == result["embed"]["fingerprint"]
     assert parent.data.params["escalate"] == "True"
+    assert parent.data.tags["escalation_reason"] == result["decision"]["reason"]
     assert parent.data.metrics["images_embedded"] == 100
+    assert parent.data.tags["finetuned_backbone"] == tuned["backbone"]
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'"
     )
-    assert sorted(c.data.tags["headstart.head"] for c in children) == ["knn", "logreg", "svm"]
+    kinds = sorted(c.data.tags["headstart.head"] for c in children)
+    assert kinds == ["finetune:full", "knn", "linear_svm", "logreg", "rbf_svm"]
+    metric_names = {frozenset(set(c.data.metrics) & set(METRICS)) for c in children}
+    assert metric_names == {frozenset(set(METRICS) - {"top5_accuracy"})}  # same for every model
     for child in children:
-        assert {"accuracy", "macro_f1", "balanced_accuracy"} <= set(child.data.metrics)
-        assert set(child.data.metrics) & set(METRICS) == {
-            "accuracy",
-            "balanced_accuracy",
-            "macro_f1",
-        }
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"confusion_matrix.png", "classification_report.txt", "head"} <= files
+        assert {"confusion_matrix.png", "classification_report.txt", "per_class.json"} <= files
+        if child.data.tags["headstart.kind"] == "head":
+            assert {"val_sweep.png", "val_sweep.csv", "head", "model"} <= files
+        else:
+            assert {"curves.png", "network"} <= files
+            history = client.get_metric_history(child.info.run_id, "val_accuracy")
+            assert sorted(m.step for m in history) == [0, 1]
     assert "embedding_map.png" in {a.path for a in client.list_artifacts(result["run_id"])}
 
+    # The best head is registered and loads back through pyfunc (skops inside, no pickle).
+    reg = result["registered"]
+    assert reg["uri"] == "models:/digits-head@newest"
+    version = client.get_model_version_by_alias("digits-head", "newest")
+    assert int(version.version) == reg["version"]
+    from extractors.store import Store
+
+    X = Store(result["store"]).arrays(where_labelled=True)[0][:4]
+    preds = mlflow.pyfunc.load_model(reg["uri"]).predict(X)
+    assert set(preds) <= {"0", "1", "2", "3"}
+
     # Scheduled re-runs over the same folder embed nothing new.
-    again = pipeline(str(digits_dir), workspace=str(tmp_path), progress=False)
+    again = pipeline(str(digits_dir), workspace=str(tmp_path), target=None, progress=False)
     assert again["embed"]["embedded"] == 0 and again["embed"]["kept"] == 100
+    assert again["finetune"] is None and "no target" in again["decision"]["reason"]
+    assert client.get_model_version_by_alias("digits-head", "newest").version == "2"
 
 
 def test_prefect_server_records_flow_runs(prefect_server) -> None:

@@ -53,3 +53,12 @@ def test_gpu_fit_agrees_with_scikit_learn() -> None:
     ref = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(X, y)
     ours = TorchLogisticRegression(C=1.0, device="cuda").fit(X, y)
     assert np.abs(ours.predict_proba(X) - ref.predict_proba(X)).max() < 5e-3
+
+
+def test_saved_with_skops_and_loaded_as_a_trusted_head(tmp_path) -> None:
+    from heads.persist import load_head, save_head
+
+    X, y = _data(3)
+    model = TorchLogisticRegression(C=1.0, device="cpu").fit(X, y)
+    est, _ = load_head(save_head(model, {}, tmp_path / "torch_logreg.skops"))
+    assert (est.predict(X) == model.predict(X)).all()
