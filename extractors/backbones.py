@@ -73,10 +73,6 @@ class Backbone:
             self.classifier.to(self.device)
         return self
 
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
-        """Pooled penultimate features with autograd (for fine-tuning); `embed` for inference."""
-        return self._features(self.model, batch).flatten(1)
-
     @torch.inference_mode()
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a fine-tuned network's own (temperature-scaled) classifier."""

@@ -156,7 +156,7 @@ def _chosen(params: dict[str, Any]) -> str:
     return ", ".join(
         f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
         for k, v in params.items()
-        if k != "best_epoch" and v not in (None, "")
+        if k != "best_epoch" and v not in (None, "") and (k, v) != ("feature", "embedding")
     )
 
 

@@ -107,7 +107,9 @@ def pipeline(
     )
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
-        summary = train_task(report["store"], run_id, workspace=workspace, heads=heads, seed=seed)
+        summary = train_task(
+            report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
+        )
         decision = decide_task(summary, target, finetune)
         tracking.log_to_run(
             run_id,

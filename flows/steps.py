@@ -149,11 +149,12 @@ def train_and_track(
     heads: list[str] | None = None,
     seed: int = 0,
     register: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
     and register the best head as a new version of `<experiment>-head`."""
     st = Store(store)
-    trained = train_heads(st, heads=heads, seed=seed)
+    trained = train_heads(st, heads=heads, seed=seed, progress=progress)
     results, splits = trained.results, trained.splits
     saved = save_heads(st, results, run_tag=parent_run_id, extra={"mlflow_run_id": parent_run_id})
     manifest = st.manifest()
@@ -284,7 +285,7 @@ def finetune_and_track(
     bb = backbone_for(manifest["backbone"], workspace, device=device)
     key = run_key(cfg, bb, manifest["fingerprint"], classes)
     workdir = Path(workspace) / "finetuned" / key
-    out = finetune(bb, data, classes, cfg, workdir, manifest["fingerprint"], progress=progress)
+    out = finetune(bb, data, classes, cfg, workdir, progress=progress)
     result = out.result
     result.extra["backbone"] = f"finetuned:{key}"
     params = {

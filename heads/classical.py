@@ -55,7 +55,7 @@ def _logreg(C: float = 1.0, class_weight: str | None = None, seed: int = 0) -> B
 
 
 def _linear_svm(C: float = 1.0, class_weight: str | None = None, seed: int = 0) -> BaseEstimator:
-    return LinearSVC(C=C, class_weight=class_weight, max_iter=5000, random_state=seed)
+    return LinearSVC(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
 
 
 def _rbf_svm(
@@ -110,7 +110,7 @@ HEADS: dict[str, HeadSpec] = {
     "linear_svm": HeadSpec(
         "linear_svm",
         _linear_svm,
-        {"C": tuple(float(c) for c in np.logspace(-4, 2, 7))},
+        {"C": tuple(float(c) for c in np.logspace(-4, 1, 6))},
         "linear SVM (LinearSVC), sigmoid-calibrated probabilities",
         calibrate=True,
     ),

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -162,8 +165,6 @@ def per_class(y_true: np.ndarray, pred: np.ndarray, classes: np.ndarray) -> dict
 
 
 def scored_on_test(
-    name: str,
-    estimator: BaseEstimator | None,
     proba: np.ndarray,
     classes: np.ndarray,
     y_test: np.ndarray,
@@ -203,6 +204,7 @@ def sweep(
     selection: str = "accuracy",
     seed: int = 0,
     pre_options: tuple[str, ...] = PRE,
+    tick: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Step 1 of the protocol: every (pre, grid point) fitted on train, scored on val."""
     spec = HEADS[name]
@@ -219,7 +221,9 @@ def sweep(
                 clf = spec.build(class_weight=class_weight, seed=seed, **point)
                 if spec.warm_start:
                     clf.set_params(warm_start=True)
-            clf.fit(Xtr, splits.y_train)
+            with warnings.catch_warnings():  # extreme grid points may stop early: expected
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(Xtr, splits.y_train)
             rows.append(
                 {
                     "pre": pre,
@@ -228,6 +232,8 @@ def sweep(
                     "val_log_loss": _val_log_loss(clf, Xva, splits.y_val),
                 }
             )
+            if tick is not None:
+                tick()
     return rows
 
 
@@ -237,7 +243,18 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return rows[best]
 
 
-def fit_head(name: str, splits: Splits, seed: int = 0, balanced: bool | None = None) -> HeadResult:
+def sweep_size(name: str) -> int:
+    """Grid points a head's sweep fits (for progress bars)."""
+    return len(_grid(name)) * len(PRE)
+
+
+def fit_head(
+    name: str,
+    splits: Splits,
+    seed: int = 0,
+    balanced: bool | None = None,
+    tick: Callable[[], None] | None = None,
+) -> HeadResult:
     """Run the protocol above for one head. Raises HeadSkipped when it does not apply."""
     spec = HEADS[name]
     n_train = len(splits.y_train)
@@ -251,7 +268,7 @@ def fit_head(name: str, splits: Splits, seed: int = 0, balanced: bool | None = N
     class_weight = "balanced" if balanced else None
     selection = "balanced_accuracy" if balanced else "accuracy"
     t0 = time.perf_counter()
-    rows = sweep(name, splits, class_weight, selection, seed)
+    rows = sweep(name, splits, class_weight, selection, seed, tick=tick)
     best = choose(rows)
     params = {k: v for k, v in best.items() if k not in ("val_score", "val_log_loss")}
     X_fit = np.concatenate([splits.X_train, splits.X_val])
@@ -261,9 +278,7 @@ def fit_head(name: str, splits: Splits, seed: int = 0, balanced: bool | None = N
         final = calibrated(final, y_fit)
     final.fit(X_fit, y_fit)
     seconds = time.perf_counter() - t0
-    test = scored_on_test(
-        name, final, class_scores(final, splits.X_test), final.classes_, splits.y_test, seed
-    )
+    test = scored_on_test(class_scores(final, splits.X_test), final.classes_, splits.y_test, seed)
     return HeadResult(
         name=name,
         estimator=final,
@@ -275,8 +290,3 @@ def fit_head(name: str, splits: Splits, seed: int = 0, balanced: bool | None = N
         extra={"class_weight": class_weight},
         **test,
     )
-
-
-def refit_like(result: HeadResult, X: np.ndarray, y: np.ndarray) -> BaseEstimator:
-    """The chosen head refitted on other features (e.g. at another input size), unfitted copy."""
-    return clone(result.estimator).fit(X, y)

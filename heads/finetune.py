@@ -205,7 +205,6 @@ def finetune(
     classes: list[str],
     cfg: FineTuneConfig,
     workdir: str | Path,
-    fingerprint: str = "",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FineTuned:
@@ -371,7 +370,7 @@ def _result(
         selection_metric="accuracy",
         fit_seconds=summary["fit_seconds"],
         extra=dict(summary),
-        **scored_on_test(name, None, proba, np.asarray(classes), y_test, seed=cfg.seed),
+        **scored_on_test(proba, np.asarray(classes), y_test, seed=cfg.seed),
     )
 
 
@@ -471,32 +470,25 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def _logits(
-    net: FineTuneNet, loader: torch.utils.data.DataLoader, device: torch.device
+def _outputs(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    net: FineTuneNet,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels of a whole split, in eval mode."""
+    """fn(batch) (float32, CPU) and the labels over a whole split, in eval mode."""
     net.eval()
     outs, ys = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with _autocast(device):
-            outs.append(net(x).float().cpu())
+            outs.append(fn(x).float().cpu())
         ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
 
-@torch.no_grad()
-def _features(
-    net: FineTuneNet, loader: torch.utils.data.DataLoader, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    net.eval()
-    outs, ys = [], []
-    for x, y in loader:
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            outs.append(net.features(x).float().cpu())
-        ys.append(y)
-    return torch.cat(outs).numpy(), torch.cat(ys).numpy()
+def _logits(net: FineTuneNet, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outputs(net, net, loader, device)
 
 
 def _warm_start_head(
@@ -509,8 +501,8 @@ def _warm_start_head(
     input size (raw features, so its weights stay small; C chosen on validation)."""
     from sklearn.linear_model import LogisticRegression
 
-    Xtr, ytr = _features(net, train_loader, device)
-    Xva, yva = _features(net, val_loader, device)
+    Xtr, ytr = (t.numpy() for t in _outputs(net.features, net, train_loader, device))
+    Xva, yva = (t.numpy() for t in _outputs(net.features, net, val_loader, device))
     best: tuple[float, float, Any] | None = None
     for C in (1e-3, 1e-2, 0.1, 1.0, 10.0):
         lr = LogisticRegression(C=C, max_iter=2000).fit(Xtr, ytr)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from extractors.store import Store
 from heads.classical import HEADS
-from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced
+from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced, sweep_size
 from heads.persist import save_head, write_json_atomic
 
 
@@ -79,6 +80,7 @@ def train_heads(
     heads: list[str] | None = None,
     seed: int = 0,
     features: list[str] | None = None,
+    progress: bool = False,
 ) -> Trained:
     """Fit each head by the evaluation protocol (heads/evaluate.py); best first on validation.
 
@@ -95,18 +97,22 @@ def train_heads(
     first = splits.get("embedding") or splits[features[0]]
     imbalanced = is_imbalanced(np.concatenate([first.y_train, first.y_val]))
     results, skipped = [], {}
-    for name in heads:
-        fitted = []
-        for f in features:
-            try:
-                r = fit_head(name, splits[f], seed=seed, balanced=imbalanced)
-            except HeadSkipped as exc:
-                skipped[name] = str(exc)
-                break
-            r.params["feature"] = f
-            fitted.append(r)
-        if fitted:
-            results.append(rank(fitted)[0])
+    total = sum(sweep_size(h) for h in heads) * len(features)
+    with tqdm(total=total, desc="heads", unit="fit", disable=not progress) as bar:
+        for name in heads:
+            bar.set_postfix_str(name)
+            fitted = []
+            for f in features:
+                try:
+                    r = fit_head(name, splits[f], seed, imbalanced, tick=lambda: bar.update(1))
+                except HeadSkipped as exc:
+                    skipped[name] = str(exc)
+                    bar.update(sweep_size(name) * len(features))
+                    break
+                r.params["feature"] = f
+                fitted.append(r)
+            if fitted:
+                results.append(rank(fitted)[0])
     if not results:
         raise TrainingDataError(f"no head could be trained: {skipped}")
     return Trained(rank(results), first, skipped, imbalanced)
