@@ -1,5 +1,5 @@
 """The `headstart` command line: demo, embed, train, run, finetune, compare, search, predict,
-info, serve."""
+dedup, info, serve."""
 
 from __future__ import annotations
 
@@ -671,6 +671,56 @@ def predict(
             tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"])
             table.add_row(p["image"], p["label"], tops)
     out.print(table)
+
+
+@app.command()
+def dedup(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            help="Cosine similarity at or above which two images count as near-duplicates: "
+            "0.95 catches re-saved, resized and re-encoded copies of one photo; lower values "
+            "also group crops and edits."
+        ),
+    ] = 0.95,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the groups to this .parquet or .csv file."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find groups of near-duplicate images in a store (before training: duplicates leak
+    between train and test splits). Exact duplicates are already in `headstart info`."""
+    from extractors.dedup import near_duplicate_groups, write_groups
+    from flows import steps
+
+    try:
+        st = steps.resolve_store(store, workspace)
+        groups = near_duplicate_groups(st, threshold=threshold)
+        written = write_groups(groups, out_file) if out_file is not None else None
+    except Exception as exc:
+        _fail_or_raise(exc)
+    rows = groups.to_pylist()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    n_groups = len({r["group"] for r in rows})
+    table = Table(title=f"near-duplicates in {st.path.name} (cosine >= {threshold})")
+    for col in ("group", "similarity", "label", "split", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows[:60]:
+        table.add_row(
+            str(r["group"]), f"{r['similarity']:.3f}", str(r["label"]), str(r["split"]), r["path"]
+        )
+    if rows:
+        out.print(table)
+    leaks = sum(len({r["split"] for r in rows if r["group"] == g}) > 1 for g in range(n_groups))
+    out.print(
+        f"{n_groups} group(s), {len(rows)} images; {leaks} group(s) span more than one split"
+        + (f"; written to {written}" if written else "")
+    )
 
 
 @app.command()

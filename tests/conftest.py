@@ -70,3 +70,28 @@ def layered_store(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     store = Store(tmp_path_factory.mktemp("layered") / "digits")
     store.update(read_source(digits_dir), bb, progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def planted(backbone, tmp_path_factory: pytest.TempPathFactory):
+    """Six distinct photos; three of them with a near-duplicate (resized to 3/4, JPEG q90)."""
+    from PIL import Image
+    from skimage import data
+
+    from extractors.sources import read_source
+    from extractors.store import Store
+
+    root = tmp_path_factory.mktemp("photos")
+    copies = {}
+    for name in ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "camera"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        img.save(root / f"{name}.png")
+        if name in ("chelsea", "coffee", "rocket"):
+            w, h = img.size
+            img.resize((w * 3 // 4, h * 3 // 4)).save(root / f"{name}_copy.jpg", quality=90)
+            copies[str((root / f"{name}_copy.jpg").resolve())] = str(
+                (root / f"{name}.png").resolve()
+            )
+    store = Store(tmp_path_factory.mktemp("store") / "photos")
+    store.update(read_source(root), backbone, progress=False)
+    return store, copies

@@ -28,7 +28,7 @@ def _ok(args: list[str]) -> str:
 def test_help_explains_every_command() -> None:
     out = _ok(["--help"])
     commands = ("demo", "embed", "train", "run", "finetune", "compare", "search", "predict")
-    for cmd in (*commands, "info", "serve"):
+    for cmd in (*commands, "dedup", "info", "serve"):
         assert cmd in out
         assert len(_ok([cmd, "--help"])) > 200
 
@@ -91,6 +91,10 @@ def test_embed_train_run_on_a_folder(prefect_server, mlflow_tmp, digits_dir, tmp
     assert report["rows"] == 100 and report["backbone"] == tuned
     heads = json.loads(_ok(["train", "--store", store, "--workspace", ws, "--json"]))
     assert heads["heads"][0]["accuracy"] > 0.5
+    query = sorted((digits_dir / "1").iterdir())[0]
+    args = ["search", str(query), "--store", store, "--workspace", ws, "-k", "3", "--json"]
+    hits = json.loads(_ok(args))  # searched with the adapted embeddings
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
 
     # `finetune` on a store by itself, and settings it refuses.
     alone = json.loads(_ok(["finetune", "--workspace", ws, "--strategy", "head", "--json", *small]))
@@ -192,3 +196,15 @@ def test_embed_with_layers_logs_stage_throughput(
     query = str(sorted((digits_dir / "2").iterdir())[0])
     out = json.loads(_ok(["predict", query, "--store", store, "--workspace", ws, "--json"]))
     assert out[0]["label"] in {"0", "1", "2", "3"}
+
+
+def test_dedup_command(planted, tmp_path) -> None:
+    store, copies = planted
+    out = tmp_path / "groups.csv"
+    res = runner.invoke(app, ["dedup", "--store", str(store.path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "3 group(s), 6 images" in res.stdout and out.exists()
+    res = runner.invoke(app, ["dedup", "--store", str(store.path), "--json"])
+    assert {r["path"] for r in json.loads(res.stdout)} == set(copies) | set(copies.values())
+    res = runner.invoke(app, ["dedup", "--store", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "holds no embeddings yet" in res.output

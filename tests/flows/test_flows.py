@@ -51,12 +51,22 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"confusion_matrix.png", "classification_report.txt", "per_class.json"} <= files
         if child.data.tags["headstart.kind"] == "head":
-            assert {"val_sweep.png", "val_sweep.csv", "head", "model"} <= files
+            assert {"val_sweep.png", "val_sweep.csv", "head"} <= files
         else:
             assert {"curves.png", "network"} <= files
             history = client.get_metric_history(child.info.run_id, "val_accuracy")
             assert sorted(m.step for m in history) == [0, 1]
     assert "embedding_map.png" in {a.path for a in client.list_artifacts(result["run_id"])}
+    # Each head is an MLflow model (MLflow 3 keeps them as logged models of their run).
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    head_runs = {c.info.run_id for c in children if c.data.tags["headstart.kind"] == "head"}
+    assert {m.source_run_id for m in models} == head_runs
+    for m in models:
+        info = mlflow.models.get_model_info(f"models:/{m.model_id}")
+        assert (
+            "sklearn" in info.flavors and info.flavors["sklearn"]["serialization_format"] == "skops"
+        )
+        assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1280]
 
     # The best head is registered and loads back through pyfunc (skops inside, no pickle).
     reg = result["registered"]
@@ -73,7 +83,7 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     again = pipeline(str(digits_dir), workspace=str(tmp_path), target=None, progress=False)
     assert again["embed"]["embedded"] == 0 and again["embed"]["kept"] == 100
     assert again["finetune"] is None and "no target" in again["decision"]["reason"]
-    assert client.get_model_version_by_alias("digits-head", "newest").version == "2"
+    assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 2
 
 
 def test_prefect_server_records_flow_runs(prefect_server) -> None:

@@ -1,0 +1,102 @@
+"""Near-duplicate stage: groups of images whose embeddings are almost the same, via FAISS range
+search on the store's index (cosine similarity at or above a threshold).
+
+Exact duplicates (same bytes) never reach the store: they are listed in its failures table as
+"duplicate content of …". This finds the rest: re-encoded, resized, lightly cropped or
+recoloured copies, which leak between train and test splits and inflate a class. Groups are the
+connected components of the "similarity >= threshold" graph. Memory: the index plus one batch
+of query vectors; the rows are read one Parquet row group at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from extractors.atomic import atomic_path
+from extractors.index import normalize
+from extractors.store import EMBEDDINGS, Store, StoreError, embedding_matrix
+
+GROUP_SCHEMA = pa.schema(
+    [
+        ("group", pa.int32()),
+        ("size", pa.int32()),
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("similarity", pa.float32()),  # to the group's first member (1.0 for itself)
+    ]
+)
+
+
+def _find(parent: dict[int, int], a: int) -> int:
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
+    """One row per image that has a near-duplicate, grouped; biggest groups first.
+
+    `threshold` is a cosine similarity in (0, 1]: 0.95 catches re-encodes and resizes of one
+    photo; lower values start to group different photos of one scene.
+    """
+    if not 0 < threshold <= 1:
+        raise StoreError(f"threshold must be a cosine similarity in (0, 1], not {threshold}")
+    path = store.path / EMBEDDINGS
+    if not path.exists():
+        raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
+    index = store.index()
+    parent: dict[int, int] = {}
+    reader = pq.ParquetFile(path)
+    for batch in reader.iter_batches(columns=["id", "embedding"], batch_size=4096):
+        table = pa.Table.from_batches([batch])
+        # Float32 rounding puts a vector's similarity to itself a hair under 1.
+        lims, _, hits = index.range_search(
+            normalize(embedding_matrix(table)), min(threshold, 1 - 1e-6)
+        )
+        for row, qid in enumerate(table["id"].to_numpy()):
+            for other in hits[lims[row] : lims[row + 1]]:
+                if other != qid:
+                    _union(parent, int(qid), int(other))
+    meta = {}  # second, cheap pass: the rows of grouped images only, without vectors
+    for batch in reader.iter_batches(columns=["id", "path", "label", "split"], batch_size=65536):
+        meta.update({r["id"]: r for r in batch.to_pylist() if r["id"] in parent})
+    members: dict[int, list[int]] = {}
+    for node in parent:
+        members.setdefault(_find(parent, node), []).append(node)
+    groups = [sorted(g, key=lambda i: meta[i]["path"]) for g in members.values()]
+    groups.sort(key=lambda g: (-len(g), meta[g[0]]["path"]))
+    rows = []
+    for n, group in enumerate(groups):
+        vectors = np.stack([index.reconstruct(i) for i in group])  # normalised at indexing
+        for i, sim in zip(group, vectors @ vectors[0], strict=True):
+            rows.append({"group": n, "size": len(group), **meta[i], "similarity": float(sim)})
+    return pa.Table.from_pylist(rows, schema=GROUP_SCHEMA)
+
+
+def _union(parent: dict[int, int], a: int, b: int) -> None:
+    for node in (a, b):
+        parent.setdefault(node, node)
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)
+
+
+def write_groups(table: pa.Table, out: str | Path) -> Path:
+    """Write the groups as Parquet, or CSV when the name ends in .csv (atomically)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        if out.suffix.lower() == ".csv":
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(table, tmp)
+        else:
+            pq.write_table(table, tmp)
+    return out
