@@ -21,7 +21,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-from sklearn.svm import SVC, LinearSVC
+from sklearn.svm import SVC
 
 from heads.knn import FaissKNNClassifier
 
@@ -55,7 +55,11 @@ def _logreg(C: float = 1.0, class_weight: str | None = None, seed: int = 0) -> B
 
 
 def _linear_svm(C: float = 1.0, class_weight: str | None = None, seed: int = 0) -> BaseEstimator:
-    return LinearSVC(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
+    # LinearSVC's model and objective solved by L-BFGS for all classes at once (liblinear fits
+    # the one-vs-rest problems one by one on one core: ~50 s a fit at 12k x 1280 x 20 classes).
+    from heads.torch_linear import TorchLinearSVC
+
+    return TorchLinearSVC(C=C, class_weight=class_weight)
 
 
 def _rbf_svm(
@@ -111,8 +115,10 @@ HEADS: dict[str, HeadSpec] = {
         "linear_svm",
         _linear_svm,
         {"C": tuple(float(c) for c in np.logspace(-4, 1, 6))},
-        "linear SVM (LinearSVC), sigmoid-calibrated probabilities",
+        "linear SVM (LinearSVC's squared-hinge objective, L-BFGS over all classes at once), "
+        "C swept with warm starts, sigmoid-calibrated probabilities",
         calibrate=True,
+        warm_start=True,
     ),
     "rbf_svm": HeadSpec(
         "rbf_svm",

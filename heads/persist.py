@@ -16,6 +16,7 @@ from extractors.atomic import atomic_path, write_bytes_atomic
 TRUSTED_TYPES = frozenset(
     {
         "heads.knn.FaissKNNClassifier",
+        "heads.torch_linear.TorchLinearSVC",
         "heads.torch_linear.TorchLogisticRegression",
         "sklearn.calibration._CalibratedClassifier",
         "sklearn.calibration._SigmoidCalibration",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from heads.torch_linear import TorchLogisticRegression
+from heads.torch_linear import TorchLinearSVC, TorchLogisticRegression
 
 
 def _data(n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +44,20 @@ def test_warm_start_reaches_the_same_solution() -> None:
     warm = TorchLogisticRegression(C=0.01, tol=1e-9, warm_start=True, device="cpu").fit(X, y)
     warm.set_params(C=1.0).fit(X, y)
     assert np.abs(warm.predict_proba(X) - cold.predict_proba(X)).max() < 1e-3
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
+def test_linear_svc_matches_liblinear(n_classes: int, C: float) -> None:
+    from sklearn.svm import LinearSVC
+
+    X, y = _data(n_classes)
+    ref = LinearSVC(C=C, tol=1e-10, max_iter=200000).fit(X, y)
+    ours = TorchLinearSVC(C=C, tol=1e-9, device="cpu").fit(X, y)
+    assert ours.coef_.shape == ref.coef_.shape
+    d_ref, d_ours = ref.decision_function(X), ours.decision_function(X)
+    assert np.abs(d_ours - d_ref).max() < 2e-3 * max(1.0, np.abs(d_ref).max())
+    assert (ours.predict(X) == ref.predict(X)).all()
 
 
 @pytest.mark.gpu
