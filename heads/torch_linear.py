@@ -36,6 +36,22 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
 
     penalise_intercept = False
 
+    def __init__(
+        self,
+        C: float = 1.0,
+        max_iter: int = 500,
+        tol: float = 1e-5,
+        class_weight: str | None = None,
+        warm_start: bool = False,
+        device: str = "auto",
+    ):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.class_weight = class_weight
+        self.warm_start = warm_start
+        self.device = device
+
     def _loss(self, z: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -112,22 +128,6 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
 class TorchLogisticRegression(_TorchLinear):
     """Drop-in for scikit-learn's multinomial L-BFGS logistic regression, fitted with torch."""
 
-    def __init__(
-        self,
-        C: float = 1.0,
-        max_iter: int = 500,
-        tol: float = 1e-5,
-        class_weight: str | None = None,
-        warm_start: bool = False,
-        device: str = "auto",
-    ):
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.class_weight = class_weight
-        self.warm_start = warm_start
-        self.device = device
-
     def _loss(self, z: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
         if binary:
             return F.softplus(-(2 * y - 1).to(z.dtype) * z[:, 0])
@@ -147,22 +147,6 @@ class TorchLinearSVC(_TorchLinear):
     all classes at once instead of liblinear's one class at a time on one core."""
 
     penalise_intercept = True
-
-    def __init__(
-        self,
-        C: float = 1.0,
-        max_iter: int = 500,
-        tol: float = 1e-5,
-        class_weight: str | None = None,
-        warm_start: bool = False,
-        device: str = "auto",
-    ):
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.class_weight = class_weight
-        self.warm_start = warm_start
-        self.device = device
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
         if binary:
