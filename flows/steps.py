@@ -148,7 +148,6 @@ def train_and_track(
     workspace: str | Path = DEFAULT_WORKSPACE,
     heads: list[str] | None = None,
     seed: int = 0,
-    register: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
@@ -164,19 +163,17 @@ def train_and_track(
         "fingerprint": manifest["fingerprint"],
     }
     table, model_uris = [], {}
-    examples: dict[str, np.ndarray] = {}
+    examples = {"embedding": splits.X_train[:5]}  # real rows for the models' signatures
     for r in results:
         feature = r.params.get("feature", "embedding")
-        if feature not in examples:  # real rows for the model signature, read once per column
+        if feature not in examples:  # a --layers column: read once
             examples[feature] = st.arrays(where_labelled=True, feature=feature)[0][:5]
         run_id, model_uris[r.name] = tracking.log_head_run(
             parent_run_id, workspace, r, saved[r.name], context, examples[feature]
         )
         table.append(_row(r, run_id, path=str(saved[r.name])))
     experiment = tracking.experiment_of(parent_run_id, workspace)
-    registered = None
-    if register and model_uris.get(results[0].name):
-        registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
+    registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
     with tempfile.TemporaryDirectory() as tmp:
         X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
         y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
@@ -205,7 +202,7 @@ def train_and_track(
             tags={
                 "best_head": results[0].name,
                 "skipped_heads": "; ".join(trained.skipped.values()) or "none",
-                **({"registered_model": registered["uri"]} if registered else {}),
+                "registered_model": registered["uri"],
             },
             artifacts=[emap],
         )

@@ -126,7 +126,7 @@ def log_head_run(
     saved_head: Path,
     context: dict[str, Any],
     example: np.ndarray,
-) -> tuple[str, str | None]:
+) -> tuple[str, str]:
     """A nested run for one head: params, the same metric names as every model, the sweep,
     plots, and the head as an MLflow model (skops, no pickle) with an input signature.
 
@@ -176,7 +176,7 @@ def _log_result_files(result: HeadResult, sweep: bool) -> None:
             mlflow.log_artifact(str(f))
 
 
-def _log_model(result: HeadResult, example: np.ndarray) -> str | None:
+def _log_model(result: HeadResult, example: np.ndarray) -> str:
     """The fitted head as an MLflow sklearn model in skops format with a real-rows signature."""
     import mlflow.sklearn
     from mlflow.models import infer_signature

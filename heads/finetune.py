@@ -235,10 +235,13 @@ def finetune(
         raise FineTuneError("fine-tuning needs readable train, val and test images")
     min_side = math.floor(size / crop_fraction(prep))
 
-    def loader(s: str, tf: Callable, shuffle: bool) -> torch.utils.data.DataLoader:
+    def loader(
+        s: str, tf: Callable, shuffle: bool = False, every_epoch: bool = False
+    ) -> torch.utils.data.DataLoader:
         paths, y = splits[s]
         # Decode workers only on a GPU (on a CPU they would compete with the model for cores);
-        # spawned, not forked (forked workers die under Prefect's threads), and kept alive.
+        # spawned, not forked (forked workers die under Prefect's threads); kept alive only
+        # for the loaders used every epoch.
         workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
         return torch.utils.data.DataLoader(
             LabelledImages(paths, y, tf, min_side),
@@ -246,14 +249,14 @@ def finetune(
             shuffle=shuffle,
             num_workers=workers,
             multiprocessing_context="spawn" if workers else None,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and every_epoch,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
-    train_eval = loader("train", ev_tf, False)
-    val_loader, test_loader = loader("val", ev_tf, False), loader("test", ev_tf, False)
-    train_loader = loader("train", train_transform(prep, size, cfg), True)
+    train_eval, test_loader = loader("train", ev_tf), loader("test", ev_tf)
+    val_loader = loader("val", ev_tf, every_epoch=True)
+    train_loader = loader("train", train_transform(prep, size, cfg), True, every_epoch=True)
 
     done = workdir / DONE
     if done.exists():
