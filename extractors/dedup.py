@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from extractors.atomic import atomic_path
 from extractors.index import normalize
+from extractors.indexing import flat_copy
 from extractors.store import EMBEDDINGS, Store, StoreError, embedding_matrix
 
 GROUP_SCHEMA = pa.schema(
@@ -51,7 +52,9 @@ def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
     path = store.path / EMBEDDINGS
     if not path.exists():
         raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
-    index = store.index()
+    ann = store.index()
+    # Range search needs an exact index: the store's own when flat, else a copy in memory.
+    index = ann.index if ann.kind == "flat" else flat_copy(store.batches, ann.index.d)
     parent: dict[int, int] = {}
     reader = pq.ParquetFile(path)
     for batch in reader.iter_batches(columns=["id", "embedding"], batch_size=4096):

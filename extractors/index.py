@@ -1,13 +1,41 @@
-"""FAISS index stage: cosine search over L2-normalised embeddings, ids = the Parquet `id`s."""
+"""FAISS index stage: cosine search over L2-normalised embeddings, ids = the Parquet `id`s.
+
+Four kinds, chosen by `choose` from the number of vectors, their dimension and a memory budget:
+
+    flat      IDMap2(FlatIP): exact. Small stores, where a scan costs little.
+    hnsw      IDMap2(HNSW32,Flat): graph search, full vectors; fast, grows by adding; cannot
+              delete, so a removal rebuilds it.
+    ivf_flat  IVF<nlist>,Flat: inverted lists of full vectors, when the HNSW graph does not fit.
+    ivf_pq    IVF<nlist>,PQ<m>: product-quantised codes of m bytes a vector, for stores whose
+              vectors do not fit the budget. The top candidates are re-ranked exactly against
+              the float32 vectors, read from a memory-mapped file on disk (`vectors.f32`,
+              `vector_ids.npy`), so recall is not capped by the codes.
+
+Search parameters (`nprobe`, `efSearch`, `rerank` = candidates per result for ivf_pq) are set
+by `extractors.tuning` to reach a recall target; `AnnIndex` applies them.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 from extractors.atomic import atomic_path
+
+KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+FLAT_MAX = 20_000  # below this an exact scan takes a few ms a query: nothing to gain
+HNSW_M = 32
+HNSW_MAX = 2_000_000  # above this an HNSW build takes hours on a few cores
+DEFAULT_MAX_MEMORY = 4 * 2**30
+INDEX_FILE = "index.faiss"
+VECTORS = "vectors.f32"
+VECTOR_IDS = "vector_ids.npy"
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -17,6 +45,294 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def parse_bytes(text: str | int | None) -> int | None:
+    """'512MB', '2GB', '1.5GiB' or a plain number of bytes -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = text.strip().upper().replace("IB", "B")
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MB or 2GB") from None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which index to build, its build parameters and why; written to the manifest."""
+
+    kind: str
+    dim: int
+    n: int
+    nlist: int = 0
+    m: int = 0
+    memory_bytes: int = 0  # estimated resident size of the index
+    budget_bytes: int = DEFAULT_MAX_MEMORY
+    reason: str = ""
+    disk_bytes: int = 0  # vectors kept on disk for exact re-ranking (ivf_pq)
+
+    @property
+    def factory(self) -> str:
+        return {
+            "flat": "IDMap2,Flat",
+            "hnsw": f"IDMap2,HNSW{HNSW_M},Flat",
+            "ivf_flat": f"IVF{self.nlist},Flat",
+            # np: no polysemous training (slow); fewer bits a code for stores too small to
+            # train 256 centroids per sub-vector
+            "ivf_pq": f"IVF{self.nlist},PQ{self.m}x{pq_bits(self.n)}np",
+        }[self.kind]
+
+    def same_build(self, other: dict[str, Any] | None) -> bool:
+        """Whether an index built for `other` (a manifest entry) has this structure."""
+        return bool(other) and all(
+            other.get(k) == getattr(self, k) for k in ("kind", "dim", "nlist", "m")
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"factory": self.factory}
+
+
+def _nlist(n: int) -> int:
+    """About 2·sqrt(n) lists with at least 39 training points each, as a power of two (so
+    that it changes, forcing a retrain, only when the store doubles or halves)."""
+    lists = round(math.log2(max(2 * math.sqrt(max(n, 1)), 1)))
+    cap = math.floor(math.log2(max(n / 39, 1)))
+    return 2 ** int(min(lists, cap, 16))
+
+
+def pq_bits(n: int) -> int:
+    """Bits a PQ sub-code: 8 (256 centroids) when there are enough vectors to train them."""
+    return int(min(8, max(4, math.floor(math.log2(max(n, 1) / 39)))))
+
+
+def _pq_m(dim: int, n: int, budget: int, fixed: int) -> int:
+    """The largest code size (bytes a vector, dividing dim) whose codes fit the budget."""
+    # Sub-vectors of at least 8 dimensions: finer splits train slowly and gain little.
+    options = [m for m in (128, 96, 64, 48, 40, 32, 24, 20, 16, 8, 4) if dim % m == 0]
+    options = [m for m in options if dim // m >= 8] or options[-1:]
+    for m in options:
+        if n * (m + 8) + fixed <= budget:
+            return m
+    return options[-1] if options else 1
+
+
+def estimate_bytes(kind: str, n: int, dim: int, nlist: int = 0, m: int = 0) -> int:
+    """Resident bytes of an index of this kind (vectors, graph or codes, ids, centroids)."""
+    if kind == "flat":
+        return n * (4 * dim + 24)
+    if kind == "hnsw":
+        return n * (4 * dim + int(2 * HNSW_M * 4 * 1.05) + 24)
+    if kind == "ivf_flat":
+        return n * (4 * dim + 8) + nlist * dim * 4
+    return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
+
+
+def choose(
+    n: int, dim: int, max_memory: int | str | None = None, kind: str = "auto"
+) -> IndexChoice:
+    """The index for `n` vectors of `dim` within `max_memory` bytes (default 4 GiB), and why."""
+    budget = parse_bytes(max_memory) or DEFAULT_MAX_MEMORY
+    if kind not in ("auto", *KINDS):
+        raise ValueError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
+    nlist = _nlist(n)
+    size = {k: estimate_bytes(k, n, dim, nlist) for k in ("flat", "hnsw", "ivf_flat")}
+    fixed = nlist * dim * 4 + 256 * dim * 4
+    m = _pq_m(dim, n, budget, fixed)
+    size["ivf_pq"] = estimate_bytes("ivf_pq", n, dim, nlist, m)
+    if kind != "auto":
+        reason = f"asked for {kind}"
+    elif n <= FLAT_MAX and size["flat"] <= budget:
+        kind, reason = "flat", f"{n:,} vectors: an exact scan is fast at this size"
+    elif size["hnsw"] <= budget and n <= HNSW_MAX:
+        kind = "hnsw"
+        reason = (
+            f"{n:,} vectors: the HNSW graph ({human_bytes(size['hnsw'])}) fits the "
+            f"{human_bytes(budget)} budget"
+        )
+    elif size["ivf_flat"] <= budget:
+        kind = "ivf_flat"
+        reason = (
+            f"{n:,} vectors ({human_bytes(size['ivf_flat'])}) fit the {human_bytes(budget)} "
+            + ("budget, not with an HNSW graph" if n <= HNSW_MAX else "budget; too many for HNSW")
+        )
+    else:
+        kind = "ivf_pq"
+        reason = (
+            f"{n:,} full vectors ({human_bytes(size['flat'])}) exceed the "
+            f"{human_bytes(budget)} budget: {m}-byte PQ codes, exact re-ranking from disk"
+        )
+    return IndexChoice(
+        kind=kind,
+        dim=dim,
+        n=n,
+        nlist=nlist if kind.startswith("ivf") else 0,
+        m=m if kind == "ivf_pq" else 0,
+        memory_bytes=size[kind],
+        budget_bytes=budget,
+        reason=reason,
+        disk_bytes=n * dim * 4 if kind == "ivf_pq" else 0,
+    )
+
+
+def new_index(choice: IndexChoice) -> faiss.Index:
+    """An empty index of the chosen kind (inner product on normalised vectors = cosine)."""
+    index = faiss.index_factory(choice.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    if choice.kind.startswith("ivf"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = 10  # k-means iterations: past 10 the lists barely move
+        ivf.cp.max_points_per_centroid = 64
+        if choice.kind == "ivf_pq":
+            faiss.downcast_index(ivf).pq.cp.niter = 10
+    return index
+
+
+def train_sample_size(choice: IndexChoice) -> int:
+    """Vectors needed to train the index (0: nothing to train)."""
+    if not choice.kind.startswith("ivf"):
+        return 0
+    need = 40 * choice.nlist
+    if choice.kind == "ivf_pq":
+        need = max(need, 256 * 40)
+    return need
+
+
+def kind_of(index: faiss.Index) -> str:
+    """The kind of a built index, read off the index itself."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+    ivf = faiss.extract_index_ivf(index)
+    return "ivf_pq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf_flat"
+
+
+def index_ids(index: faiss.Index | AnnIndex) -> np.ndarray:
+    """The ids held by an index (IDMap: insertion order; IVF: list by list)."""
+    index = faiss.downcast_index(index.index if isinstance(index, AnnIndex) else index)
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(lists.nlist)
+        if lists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class Reranker:
+    """Exact cosine scores for candidate ids, from the vectors file (memory-mapped)."""
+
+    def __init__(self, folder: Path, dim: int):
+        self.folder, self.dim = Path(folder), dim
+        ids_path = self.folder / VECTOR_IDS
+        self.ids = np.load(ids_path) if ids_path.exists() else np.zeros(0, np.int64)
+        self.vectors = self._map()
+        self._order = np.argsort(self.ids, kind="stable")
+        self._sorted = self.ids[self._order]
+
+    def _map(self) -> np.ndarray:
+        if not len(self.ids):
+            return np.zeros((0, self.dim), np.float32)
+        return np.memmap(
+            self.folder / VECTORS, np.float32, mode="r", shape=(len(self.ids), self.dim)
+        )
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self._sorted, ids)
+        pos = np.minimum(pos, len(self._sorted) - 1)
+        return self._order[pos]
+
+    def rerank(
+        self, queries: np.ndarray, cand: np.ndarray, k: int, chunk: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k among each query's candidates (-1 = none), a few queries at a time."""
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        out = np.full((len(queries), k), -1, np.int64)
+        kk = min(k, cand.shape[1])
+        for s in range(0, len(queries), chunk):
+            c = cand[s : s + chunk]
+            valid = c >= 0
+            rows = self.rows(np.where(valid, c, self.ids[0] if len(self.ids) else 0))
+            vecs = np.asarray(self.vectors[rows.ravel()]).reshape(*c.shape, self.dim)
+            sc = np.matmul(vecs, queries[s : s + chunk, :, None])[..., 0]
+            sc[~valid] = -np.inf
+            top = np.argsort(-sc, axis=1, kind="stable")[:, :kk]
+            best = np.take_along_axis(sc, top, 1)
+            scores[s : s + chunk, :kk] = best
+            out[s : s + chunk, :kk] = np.where(np.isfinite(best), np.take_along_axis(c, top, 1), -1)
+        return scores, out
+
+    @staticmethod
+    def append(folder: Path, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Append rows: vectors first (past the committed length), then the ids file."""
+        ids_path = folder / VECTOR_IDS
+        old = np.load(ids_path) if ids_path.exists() else np.zeros(0, np.int64)
+        path = folder / VECTORS
+        with open(path, "r+b" if path.exists() else "wb") as fh:
+            fh.truncate(len(old) * vectors.shape[1] * 4)  # drop rows of a crashed append
+            fh.seek(0, os.SEEK_END)
+            fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        with atomic_path(ids_path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.concatenate([old, np.asarray(ids, np.int64)]))
+
+    @staticmethod
+    def reset(folder: Path) -> None:
+        (folder / VECTORS).unlink(missing_ok=True)
+        (folder / VECTOR_IDS).unlink(missing_ok=True)
+
+
+@dataclass
+class AnnIndex:
+    """An index with its search parameters and, for ivf_pq, the exact re-ranker."""
+
+    index: faiss.Index
+    kind: str = "flat"
+    params: dict[str, int] = field(default_factory=dict)
+    reranker: Reranker | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def set_params(self, params: dict[str, int]) -> None:
+        self.params = dict(params)
+        faiss_params = {k: v for k, v in params.items() if k in ("nprobe", "efSearch")}
+        if faiss_params:
+            spec = ",".join(f"{k}={v}" for k, v in faiss_params.items())
+            faiss.ParameterSpace().set_index_parameters(self.index, spec)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k results."""
+        q = normalize(queries)
+        k = max(1, min(k, max(self.index.ntotal, 1)))
+        if self.reranker is not None and self.params.get("rerank"):
+            cand = min(self.index.ntotal, k * int(self.params["rerank"]))
+            _, ids = self.index.search(q, max(cand, k))
+            return self.reranker.rerank(q, ids, k)
+        return self.index.search(q, k)
+
+    def range_search(self, queries: np.ndarray, threshold: float):
+        return self.index.range_search(normalize(queries), threshold)
+
+
 def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
     """Exact inner-product index on normalised vectors (= cosine similarity), keyed by `ids`."""
     index = empty_index(embeddings.shape[1])
@@ -24,9 +340,15 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
     return index
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The ids held by an IndexIDMap index, in insertion order."""
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+def empty_index(dim: int) -> faiss.Index:
+    """An empty exact cosine index to fill batch by batch with `add`."""
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def add(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
+    """Add normalised vectors under their Parquet ids."""
+    if len(ids):
+        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
@@ -41,18 +363,9 @@ def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:
     return faiss.read_index(str(path), flags)
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index | AnnIndex, queries: np.ndarray, k: int):
     """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k vectors exist."""
+    if isinstance(index, AnnIndex):
+        return index.search(queries, k)
     k = max(1, min(k, index.ntotal))
     return index.search(normalize(queries), k)
-
-
-def empty_index(dim: int) -> faiss.Index:
-    """An empty exact cosine index to fill batch by batch with `add`."""
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def add(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
-    """Add normalised vectors under their Parquet ids."""
-    if len(ids):
-        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))

@@ -23,7 +23,12 @@ On-disk layout (the one place it is documented; the README points here):
       staging/             part-NNNNNN.parquet rows embedded by an update that has not committed
                            yet, same schema, split null unless given; staging.json its backbone.
                            A re-run after a crash reuses them; removed after the commit.
-      index.faiss          IndexIDMap2(IndexFlatIP) on L2-normalised embeddings; ids == `id`
+      index.faiss          FAISS index on L2-normalised embeddings, ids == `id`; its kind (flat,
+                           hnsw, ivf_flat, ivf_pq), why it was chosen, the tuned search
+                           parameters and the recall curve are the manifest's "index" entry
+                           (extractors/indexing.py)
+      vectors.f32          ivf_pq only: normalised float32 rows for exact re-ranking, read
+      vector_ids.npy       memory-mapped; the ids file says which id each row holds
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
       .lock                held while a writer updates the store
 
@@ -58,17 +63,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from extractors import index as faiss_index
+from extractors import indexing
 from extractors.atomic import atomic_path, write_bytes_atomic
 from extractors.backbones import Backbone
 from extractors.embed import EmbeddedBatch, EmbedStats, embed_files
 from extractors.images import file_sha256
+from extractors.indexing import IndexSettings
 from extractors.sources import Source, stratified_split
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.parquet"
 FAILURES = "failures.parquet"
-INDEX = "index.faiss"
+INDEX = faiss_index.INDEX_FILE
 STAGING = "staging"
 CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash
 ROW_GROUP = 4096  # rows per Parquet row group in embeddings.parquet
@@ -199,24 +206,32 @@ class Store:
             table = table.filter(pc.is_valid(table["label"]))
         return embedding_matrix(table, feature), table.drop_columns([feature])
 
-    def index(self, mmap: bool = False):
-        """The FAISS index (read once), rebuilt first if it does not match the Parquet ids."""
+    def index(self, mmap: bool = False) -> faiss_index.AnnIndex:
+        """The FAISS index with its tuned search parameters, rebuilt first if it does not
+        match the Parquet ids. `mmap=True` maps it read-only, shared between processes."""
         idx = self.index_if_consistent(mmap=mmap)
         if idx is None:
             self.ensure_index()
-            idx = faiss_index.read_index(self.path / INDEX, mmap=mmap)
+            idx = indexing.open_index(self.path, self.manifest().get("index"), mmap=mmap)
         return idx
 
-    def index_if_consistent(self, mmap: bool = False):
-        """The index on disk when its ids equal the Parquet ids, in order; else None."""
-        path = self.path / INDEX
-        if not path.exists():
+    def index_if_consistent(self, mmap: bool = False) -> faiss_index.AnnIndex | None:
+        """The index on disk when it holds exactly the Parquet ids; else None."""
+        if not (self.path / INDEX).exists():
             return None
         ids = self.table(["id"])["id"].to_numpy()
-        idx = faiss_index.read_index(path, mmap=mmap)
-        if idx.ntotal == len(ids) and np.array_equal(faiss_index.index_ids(idx), ids):
-            return idx
-        return None
+        entry = self.manifest().get("index") if self.exists else None
+        idx = indexing.open_index(self.path, entry, mmap=mmap)
+        return idx if indexing.consistent(idx, ids) else None
+
+    def batches(self, rows: int = ROW_GROUP) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(embeddings, ids) of every row, one batch at a time (memory: one batch)."""
+        path = self.path / EMBEDDINGS
+        if not path.exists():
+            return
+        for rb in pq.ParquetFile(path).iter_batches(rows, columns=["id", "embedding"]):
+            t = pa.Table.from_batches([rb])
+            yield embedding_matrix(t), t["id"].to_numpy()
 
     def verify(self) -> list[str]:
         """Problems found on disk (empty when sound): unreadable files, duplicate ids or paths,
@@ -286,12 +301,36 @@ class Store:
         """Rebuild index.faiss when it is missing or its ids differ from the Parquet ids."""
         if self.index_if_consistent() is not None:
             return False
-        self._write_index(self.table())
+        self.reindex(rebuild=True)
         return True
 
-    def _write_index(self, table: pa.Table) -> None:
-        index = faiss_index.build_index(embedding_matrix(table), table["id"].to_numpy())
-        faiss_index.write_index(index, self.path / INDEX)
+    def reindex(
+        self, settings: dict[str, Any] | None = None, rebuild: bool = False
+    ) -> dict[str, Any]:
+        """Refresh the index (choice, training, recall tuning) and record it in the manifest.
+
+        `settings` overrides the store's saved index settings: max_memory, recall, kind."""
+        m = self.manifest()
+        entry = self._refresh_index(m, settings, rebuild)
+        text = json.dumps(m | {"index": entry}, indent=2)
+        write_bytes_atomic(self.path / MANIFEST, text.encode())
+        return entry
+
+    def _refresh_index(
+        self, manifest: dict[str, Any], settings: dict[str, Any] | None, rebuild: bool = False
+    ) -> dict[str, Any]:
+        previous = manifest.get("index")
+        ids = self.table(["id"])["id"].to_numpy()
+        return indexing.refresh(
+            self.path,
+            self.batches,
+            ids,
+            manifest["dim"],
+            previous=previous,
+            settings=IndexSettings.of(previous, **(settings or {})),
+            rebuild=rebuild,
+            seed=manifest.get("split_seed", 0),
+        )
 
     def update(
         self,
@@ -303,6 +342,7 @@ class Store:
         progress: bool = True,
         fast_decode: bool = True,
         checkpoint_rows: int = CHECKPOINT_ROWS,
+        index_settings: dict[str, Any] | None = None,
     ) -> UpdateReport:
         """Bring the store in line with `source`: embed new or changed files, drop deleted ones.
 
@@ -328,6 +368,7 @@ class Store:
                     progress,
                     fast_decode,
                     checkpoint_rows,
+                    index_settings,
                 )
             except OSError as exc:
                 raise StoreError(
@@ -346,6 +387,7 @@ class Store:
         progress: bool,
         fast_decode: bool,
         checkpoint_rows: int,
+        index_settings: dict[str, Any] | None,
     ) -> UpdateReport:
         started = time.perf_counter()
         sch = schema(backbone.dim, backbone.layer_dims)
@@ -375,7 +417,7 @@ class Store:
         report.failures.sort()
         report.removed = plan.removed
         report.failed = len(report.failures)
-        self._commit(source, backbone, plan, staging, sch, seed, report)
+        self._commit(source, backbone, plan, staging, sch, seed, report, index_settings)
         stats.wall_s = time.perf_counter() - started
         report.stats = stats.metrics() | {"seconds": stats.wall_s}
         return report
@@ -396,8 +438,10 @@ class Store:
         sch: pa.Schema,
         seed: int,
         report: UpdateReport,
+        index_settings: dict[str, Any] | None,
     ) -> None:
-        """Merge kept and staged rows into new files, streaming, then drop the staging folder."""
+        """Merge kept and staged rows into new files, streaming, refresh the index (in place
+        where it can be: extractors/indexing.py), then drop the staging folder."""
         staged = staging.metadata()
         use = pc.is_in(staged["path"], value_set=pa.array(list(plan.staged), pa.string()))
         staged = staged.filter(use) if staged.num_rows else staged
@@ -417,7 +461,6 @@ class Store:
             splits.update({new_paths[i]: s for i, s in zip(auto, assigned, strict=True)})
 
         meta: dict[str, list] = {"sha256": [], "label": [], "split": []}
-        index = faiss_index.empty_index(backbone.dim)
         written: set[str] = set()
 
         def emit(writer: pq.ParquetWriter, table: pa.Table, labels, splits_) -> None:
@@ -437,7 +480,6 @@ class Store:
                 mtime_ns=pa.array([plan.stat[p][1] for p in paths], pa.int64()),
             )
             writer.write_table(table.select(sch.names).cast(sch), row_group_size=ROW_GROUP)
-            faiss_index.add(index, embedding_matrix(table), table["id"].to_numpy())
             written.update(paths)
             meta["sha256"] += table["sha256"].to_pylist()
             meta["label"] += labels
@@ -482,12 +524,21 @@ class Store:
             ),
             self.path / FAILURES,
         )
-        faiss_index.write_index(index, self.path / INDEX)
-        self._write_manifest(source, backbone, pa.table(meta), seed, report)
+        previous = self.manifest() if self.exists else {}
+        entry = self._refresh_index(
+            previous | {"dim": backbone.dim, "split_seed": seed}, index_settings
+        )
+        self._write_manifest(source, backbone, pa.table(meta), seed, report, entry)
         staging.remove()
 
     def _write_manifest(
-        self, source: Source, backbone: Backbone, table: pa.Table, seed: int, report: UpdateReport
+        self,
+        source: Source,
+        backbone: Backbone,
+        table: pa.Table,
+        seed: int,
+        report: UpdateReport,
+        index_entry: dict[str, Any],
     ) -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         created = self.manifest().get("created", now) if self.exists else now
@@ -511,7 +562,7 @@ class Store:
                 col: {"module": backbone.layers[col], "dim": d}
                 for col, d in backbone.layer_dims.items()
             },
-            "index": {"type": "IndexIDMap2(IndexFlatIP)", "metric": "cosine", "ntotal": len(table)},
+            "index": index_entry,
             "created": created,
             "updated": now,
         }

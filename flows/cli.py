@@ -91,6 +91,59 @@ LayersOpt = Annotated[
 ]
 
 # Fine-tuning settings, shared by `run`, `finetune` and `demo` (see heads/finetune.py).
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget of the search index, e.g. 512MB or 8GB (default: the store's, "
+        "else 4GB). It picks the index: exact below 20,000 images, HNSW when it fits, "
+        "else IVF, else IVF-PQ codes with exact re-ranking from disk."
+    ),
+]
+Recall = Annotated[
+    float | None,
+    typer.Option(
+        help="Recall@10 the index is tuned to, measured against exact search on held-out "
+        "queries (default: the store's, else 0.95)."
+    ),
+]
+IndexKind = Annotated[
+    str | None,
+    typer.Option(
+        "--index", help="Force an index kind: auto (default), flat, hnsw, ivf_flat or ivf_pq."
+    ),
+]
+
+
+def _index_settings(
+    max_memory: str | None, recall: float | None, kind: str | None
+) -> dict[str, Any] | None:
+    from extractors.index import KINDS, parse_bytes
+
+    if recall is not None and not 0 < recall <= 1:
+        raise typer.BadParameter(f"--recall must be in (0, 1], not {recall}")
+    if kind is not None and kind not in ("auto", *KINDS):
+        raise typer.BadParameter(f"--index must be auto or one of {', '.join(KINDS)}")
+    if max_memory is not None:
+        try:
+            parse_bytes(max_memory)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    given = {"max_memory": max_memory, "recall": recall, "kind": kind}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
+def _index_line(entry: dict[str, Any], prefix: str = "index ") -> str:
+    from extractors.index import human_bytes
+
+    t, choice = entry.get("tuning", {}), entry.get("choice", {})
+    params = ", ".join(f"{k}={v}" for k, v in t.get("params", {}).items()) or "exact"
+    miss = "" if t.get("reached", True) else f" [red](target {t.get('target')} not reached)[/]"
+    return (
+        f"{prefix}[bold]{entry.get('type')}[/] ({choice.get('reason', 'exact')}); {params}; "
+        f"recall@10 {t.get('recall', 1.0):.3f}{miss}; {human_bytes(entry.get('file_bytes', 0))}"
+    )
+
+
 Strategy = Annotated[
     str,
     typer.Option(
@@ -222,6 +275,9 @@ def _print_embed(report: dict[str, Any]) -> None:
             f"{stats['decode_ms_per_image']:.1f} (summed over threads), model "
             f"{stats['model_ms_per_image']:.1f}, write {stats['write_ms_per_image']:.1f}"
         )
+    if report.get("index"):
+        out.print("  " + _index_line(report["index"]), highlight=False)
+        out.print(f"  ({report['index']['history'][-1]['action']})", highlight=False)
     for path, reason in report["failures"][:10]:
         out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if report["failed"] > 10:
@@ -334,6 +390,8 @@ def demo(
     _print_pipeline(result, workspace)
     example = next(root.glob("3/*.png"))
     out.print(f"search by image: [bold]uv run headstart search {example} -k 5[/]")
+    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
+    out.print(f"or in the browser: [bold]uv run headstart ui{ws}[/] (gallery, map, JSON API)")
 
 
 @app.command()
@@ -364,6 +422,9 @@ def embed(
         ),
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the stratified train/val/test split.")] = 0,
+    max_memory: MaxMemory = None,
+    recall: Recall = None,
+    index: IndexKind = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new or changed images of SOURCE into the store and refresh its FAISS index.
@@ -389,6 +450,7 @@ def embed(
             progress=not as_json,
             layers=_layers(layers),
             fast_decode=fast_decode,
+            index_settings=_index_settings(max_memory, recall, index),
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -396,6 +458,48 @@ def embed(
         print(json.dumps(report, indent=2))
     else:
         _print_embed(report)
+
+
+@app.command(name="index")
+def index_cmd(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    max_memory: MaxMemory = None,
+    recall: Recall = None,
+    index: IndexKind = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="Retrain and re-tune from scratch instead of updating.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose, build and tune a store's search index (`embed` does this after each update).
+
+    Use it to change the memory budget or recall target of an existing store. The choice,
+    the reason, the tuned parameters and the recall/latency curve go to the manifest
+    (`headstart info`)."""
+    from flows import steps
+
+    try:
+        settings = _index_settings(max_memory, recall, index)
+        st = steps.resolve_store(store, workspace)
+        with st.lock():
+            entry = st.reindex(settings, rebuild=rebuild or settings is not None)
+    except Exception as exc:
+        _fail_or_raise(exc)
+    if as_json:
+        print(json.dumps(entry, indent=2))
+        return
+    out.print(_index_line(entry), highlight=False)
+    curve = Table(title="tuning on held-out queries (recall@10 vs exact search)")
+    keys = [k for k in entry["tuning"]["curve"][0] if k not in ("recall", "ms_per_query")]
+    for col in (*keys, "recall@10", "ms/query"):
+        curve.add_column(col, justify="right")
+    for row in entry["tuning"]["curve"]:
+        chosen = all(row.get(k) == v for k, v in entry["tuning"]["params"].items())
+        cells = [str(row[k]) for k in keys] + [f"{row['recall']:.3f}", f"{row['ms_per_query']:.3f}"]
+        curve.add_row(*cells, style="bold green" if chosen and keys else None)
+    if keys:
+        out.print(curve)
 
 
 @app.command()
@@ -459,6 +563,9 @@ def run(
     batch_size: int = 32,
     layers: LayersOpt = None,
     seed: int = 0,
+    max_memory: MaxMemory = None,
+    recall: Recall = None,
+    index: IndexKind = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
@@ -486,6 +593,7 @@ def run(
             seed=seed,
             progress=not as_json,
             layers=_layers(layers),
+            index_settings=_index_settings(max_memory, recall, index),
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -748,18 +856,78 @@ def info(
         "classes",
         "failures",
         "fingerprint",
-        "index",
         "index_consistent",
         "created",
         "updated",
     ):
         table.add_row(key, str(data.get(key)))
     table.add_row("source", f"{data['source']['root']} ({data['source']['kind']})")
+    if data.get("index"):
+        from rich.text import Text
+
+        table.add_row("index", Text.from_markup(_index_line(data["index"], "")))
+        table.add_row("index history", data["index"]["history"][-1]["action"])
     if "heads" in data:
         table.add_row("best head", f"{data['heads']['best']} ({data['heads']['best_path']})")
     out.print(table)
     for f in data["failures_table"][:20]:
         out.print(f"  [yellow]failed[/] {f['path']}: {f['reason']}", highlight=False)
+
+
+@app.command()
+def ui(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    mlflow_url: Annotated[
+        str | None, typer.Option(help="MLflow UI address, to link rows to their runs.")
+    ] = None,
+) -> None:
+    """Search a store in the browser: drop an image, see its neighbours; plus an embedding map
+    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes."""
+    import uvicorn
+
+    from flows import steps
+    from flows.webapp import create_app
+
+    try:
+        st = steps.resolve_store(store, workspace)
+        application = create_app(st.path, workspace, mlflow_url)
+    except Exception as exc:
+        _fail_or_raise(exc)
+    out.print(f"search page for [bold]{st.path}[/] on http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command(name="map")
+def map_cmd(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Where to write: NAME.png (plot) and NAME.html (interactive page)."
+        ),
+    ] = Path("embedding-map.png"),
+    points: Annotated[int, typer.Option(help="Rows to sample for the map.")] = 3000,
+    seed: int = 0,
+) -> None:
+    """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated
+    clusters mean the heads have an easy job; mixed ones show which classes get confused."""
+    from flows import steps
+    from flows.embedding_map import project, write_html, write_png
+
+    try:
+        st = steps.resolve_store(store, workspace)
+        data = project(st, max_points=points, seed=seed)
+        png = write_png(data, out_file.with_suffix(".png"))
+        html = write_html(data, out_file.with_suffix(".html"))
+    except Exception as exc:
+        _fail_or_raise(exc)
+    out.print(f"{data['method']} map of {len(data['points'])} rows: {png} and {html}")
 
 
 @app.command()

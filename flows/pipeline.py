@@ -28,9 +28,10 @@ def embed(
     progress: bool = True,
     layers: list[str] | None = None,
     fast_decode: bool = True,
+    index_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Extract embeddings of new or changed images into the store and refresh its index;
-    counts and per-stage throughput go to an MLflow run of their own."""
+    counts, per-stage throughput and the index's recall curve go to an MLflow run."""
     report = embed_task(
         source,
         store=store,
@@ -43,6 +44,7 @@ def embed(
         progress=progress,
         layers=layers,
         fast_decode=fast_decode,
+        index_settings=index_settings,
     )
     params = steps.run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
     run_id = tracking.start_parent_run(
@@ -50,6 +52,7 @@ def embed(
     )
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
+        tracking.log_index(run_id, workspace, report["index"])
     return report | {"run_id": run_id}
 
 
@@ -87,6 +90,7 @@ def pipeline(
     seed: int = 0,
     progress: bool = True,
     layers: list[str] | None = None,
+    index_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """embed -> heads -> escalate to fine-tuning when the best head is below `target` (or
     `finetune`), scored on the same test split; the decision and its reason go to MLflow."""
@@ -100,6 +104,7 @@ def pipeline(
         seed=seed,
         progress=progress,
         layers=layers,
+        index_settings=index_settings,
     )
     name = experiment or report["source_name"]
     run_id = tracking.start_parent_run(
@@ -107,6 +112,7 @@ def pipeline(
     )
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
+        tracking.log_index(run_id, workspace, report["index"])
         summary = train_task(
             report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
         )

@@ -105,8 +105,11 @@ def embed_source(
     progress: bool = True,
     layers: list[str] | None = None,
     fast_decode: bool = True,
+    index_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """read -> embed -> write -> index for one source; returns the update report as a dict.
+
+    `index_settings` (max_memory, recall, kind; None keeps the store's) steer the index.
 
     `layers` adds pooled features of more stages as columns (stage indices such as -2, -1 or
     module names); by default an existing store keeps its own.
@@ -128,9 +131,11 @@ def embed_source(
         num_workers=num_workers,
         progress=progress,
         fast_decode=fast_decode,
+        index_settings=index_settings,
     )
     out = report.as_dict()
     out.update(
+        index=st.manifest()["index"],
         source=src.root,
         source_kind=src.kind,
         source_name=src.name,

@@ -4,6 +4,7 @@ network, heads as MLflow models in the registry, and the comparison read back.""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -117,6 +118,82 @@ def log_to_run(
         client.set_tag(run_id, k, str(v))
     for path in artifacts or []:
         client.log_artifact(run_id, str(path))
+
+
+def log_index(run_id: str, workspace: str | Path, entry: dict[str, Any]) -> None:
+    """The store's index on the run: kind, why, tuned parameters, and the recall/latency/
+    memory trade-off of the tuning sweep as a table (index_curve.csv) and a plot."""
+    import csv
+
+    tuning = entry.get("tuning", {})
+    choice = entry.get("choice", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = [row | {"memory_bytes": entry.get("file_bytes")} for row in tuning.get("curve", [])]
+        files = []
+        if curve:
+            table = Path(tmp) / "index_curve.csv"
+            with open(table, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, list(dict.fromkeys(k for row in curve for k in row)))
+                writer.writeheader()
+                writer.writerows(curve)
+            files = [table, _index_curve_plot(entry, Path(tmp) / "index_curve.png")]
+        log_to_run(
+            run_id,
+            workspace,
+            params={
+                "index_type": entry.get("type"),
+                "index_params": json.dumps(tuning.get("params", {})),
+                "index_recall_target": tuning.get("target"),
+            },
+            metrics={
+                "index_recall_at_10": tuning.get("recall", 1.0),
+                "index_ms_per_query": tuning.get("ms_per_query", 0.0),
+                "index_memory_bytes": entry.get("file_bytes", 0),
+                "index_ntotal": entry.get("ntotal", 0),
+            },
+            tags={
+                "index_reason": choice.get("reason", ""),
+                "index_action": (entry.get("history") or [{}])[-1].get("action", ""),
+            },
+            artifacts=files,
+        )
+
+
+def _index_curve_plot(entry: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuning = entry["tuning"]
+    curve = tuning["curve"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list[dict]] = {}
+    for row in curve:
+        key = f"rerank x{row['rerank']}" if "rerank" in row else entry["type"]
+        groups.setdefault(key, []).append(row)
+    for key, rows in groups.items():
+        ax.plot([r["ms_per_query"] for r in rows], [r["recall"] for r in rows], "o-", label=key)
+        for r in rows:
+            knob = {k: v for k, v in r.items() if k in ("nprobe", "efSearch")}
+            if knob:
+                ax.annotate(
+                    ",".join(map(str, knob.values())),
+                    (r["ms_per_query"], r["recall"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.axhline(tuning.get("target", 0.95), color="grey", ls="--", lw=1, label="recall target")
+    ax.set_xlabel("ms per query (batched)")
+    ax.set_ylabel(f"recall@{tuning.get('k', 10)} on held-out queries")
+    size = entry.get("file_bytes", 0) / 2**20
+    ax.set_title(f"{entry['type']}: {entry['ntotal']:,} vectors, {size:.1f} MB", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def log_head_run(

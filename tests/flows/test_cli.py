@@ -28,7 +28,7 @@ def _ok(args: list[str]) -> str:
 def test_help_explains_every_command() -> None:
     out = _ok(["--help"])
     commands = ("demo", "embed", "train", "run", "finetune", "compare", "search", "predict")
-    for cmd in (*commands, "dedup", "info", "serve"):
+    for cmd in (*commands, "dedup", "info", "serve", "index", "ui", "map"):
         assert cmd in out
         assert len(_ok([cmd, "--help"])) > 200
 
@@ -208,3 +208,41 @@ def test_dedup_command(planted, tmp_path) -> None:
     assert {r["path"] for r in json.loads(res.stdout)} == set(copies) | set(copies.values())
     res = runner.invoke(app, ["dedup", "--store", str(tmp_path / "none")])
     assert res.exit_code == 2 and "holds no embeddings yet" in res.output
+
+
+def test_index_choice_tuning_and_map(prefect_server, mlflow_tmp, digits_dir, tmp_path) -> None:
+    import mlflow
+
+    ws, store = str(tmp_path / "ws"), str(tmp_path / "st")
+    args = ["embed", str(digits_dir), "--store", store, "--workspace", ws, "--json"]
+    report = json.loads(_ok([*args, "--index", "hnsw", "--recall", "0.9"]))
+    entry = report["index"]
+    assert entry["type"] == "IDMap2,HNSW32,Flat" and entry["choice"]["reason"] == "asked for hnsw"
+    assert entry["settings"]["recall"] == 0.9 and entry["tuning"]["queries"] == 10
+    client = mlflow.MlflowClient()
+    run = client.get_run(report["run_id"])
+    assert run.data.params["index_type"] == "IDMap2,HNSW32,Flat"
+    assert 0 < run.data.metrics["index_recall_at_10"] <= 1
+    names = {a.path for a in client.list_artifacts(report["run_id"])}
+    assert {"index_curve.csv", "index_curve.png"} <= names
+
+    # Switch the index of the existing store; info and search follow.
+    changed = json.loads(_ok(["index", "--store", store, "--index", "ivf_pq", "--json"]))
+    assert changed["choice"]["kind"] == "ivf_pq" and changed["settings"]["recall"] == 0.9
+    assert changed["history"][-1]["action"].startswith("built (asked to rebuild)")
+    text = _ok(["info", "--store", store, "--workspace", ws])
+    assert "IVF" in text and "asked for ivf_pq" in text
+    query = sorted((digits_dir / "3").iterdir())[1]
+    hits = json.loads(_ok(["search", str(query), "--store", store, "-k", "2", "--json"]))
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
+    auto = json.loads(_ok(["index", "--store", store, "--index", "auto", "--json"]))
+    assert auto["choice"]["kind"] == "flat"  # 100 rows: exact search
+    res = runner.invoke(app, ["index", "--store", store, "--max-memory", "lots"])
+    assert res.exit_code == 2 and "512MB" in res.output
+
+    out = _ok(["map", "--store", store, "--out", str(tmp_path / "digits-map.png")])
+    assert "tsne map of 100 rows" in out
+    assert (tmp_path / "digits-map.png").stat().st_size > 10_000
+    assert (
+        "MAP_DATA" not in (tmp_path / "digits-map.html").read_text().split("const INLINE")[1][:20]
+    )

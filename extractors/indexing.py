@@ -1,0 +1,333 @@
+"""Index lifecycle over a store's vectors: choose, build, tune, update incrementally, open.
+
+`refresh` brings `<folder>/index.faiss` in line with the rows given by `batches` (every
+(vectors, ids) batch of the store, streamed) and returns the manifest's `index` entry:
+
+- **fresh build** (no usable index, a different structure is chosen, or `rebuild`): train on a
+  sample, add every row except a held-out sample, tune the search parameters on the held-out
+  queries (they are not in the index yet), then add them;
+- **incremental update**: remove the ids that left the store, measure recall at the current
+  parameters with the *new* rows as queries before adding them, re-tune when it fell below the
+  target, rebuild when re-tuning cannot reach it; then add the new rows. HNSW cannot delete,
+  so a removal rebuilds it.
+
+Ids in the index always equal the Parquet ids (as a set; IVF keeps them list by list).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from extractors.atomic import atomic_path
+from extractors.index import (
+    INDEX_FILE,
+    VECTOR_IDS,
+    VECTORS,
+    AnnIndex,
+    IndexChoice,
+    Reranker,
+    choose,
+    index_ids,
+    kind_of,
+    new_index,
+    normalize,
+    read_index,
+    train_sample_size,
+    write_index,
+)
+from extractors.tuning import DEFAULT_RECALL, ExactTopK, K, Tuning, check, held_out, tune
+
+Batches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+MIN_CHECK_QUERIES = 20  # fewer new rows than this: too few to measure recall on
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What the user asked of the index; kept in the manifest so updates keep them."""
+
+    max_memory: int | str | None = None
+    recall: float = DEFAULT_RECALL
+    kind: str = "auto"
+
+    @classmethod
+    def of(cls, entry: dict[str, Any] | None, **overrides: Any) -> IndexSettings:
+        saved = (entry or {}).get("settings", {})
+        merged = {k: v for k, v in {**saved, **overrides}.items() if v is not None}
+        return cls(**{k: merged[k] for k in ("max_memory", "recall", "kind") if k in merged})
+
+
+def open_index(folder: Path, entry: dict[str, Any] | None, mmap: bool = False) -> AnnIndex:
+    """The index on disk with the tuned search parameters of its manifest entry."""
+    raw = read_index(Path(folder) / INDEX_FILE, mmap=mmap)
+    entry = entry or {}
+    kind = kind_of(raw)
+    reranker = Reranker(folder, raw.d) if kind == "ivf_pq" else None
+    ann = AnnIndex(raw, kind=kind, reranker=reranker)
+    ann.set_params(entry.get("tuning", {}).get("params", {}))
+    return ann
+
+
+def consistent(ann: AnnIndex, ids: np.ndarray) -> bool:
+    """The index holds exactly `ids`, and the re-rank file every one of them."""
+    have = index_ids(ann.index)
+    if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
+        return False
+    return ann.reranker is None or bool(np.isin(have, ann.reranker.ids).all())
+
+
+def refresh(
+    folder: Path,
+    batches: Batches,
+    ids: np.ndarray,
+    dim: int,
+    previous: dict[str, Any] | None = None,
+    settings: IndexSettings | None = None,
+    rebuild: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Make the index hold exactly `ids`; return its manifest entry (choice, tuning, history)."""
+    folder = Path(folder)
+    settings = settings or IndexSettings.of(previous)
+    choice = choose(len(ids), dim, settings.max_memory, settings.kind)
+    why = "asked to rebuild" if rebuild else _why_rebuild(folder, choice, previous)
+    if why is None:
+        entry = _update(folder, batches, ids, choice, previous or {}, settings)
+        if isinstance(entry, dict):
+            return entry
+        why = entry
+    return _build(folder, batches, ids, choice, settings, seed, why)
+
+
+def _why_rebuild(folder: Path, choice: IndexChoice, previous: dict | None) -> str | None:
+    if not (folder / INDEX_FILE).exists():
+        return "no index yet"
+    if not previous or "choice" not in previous:
+        return "the index has no recorded choice (made by an older headstart)"
+    if not choice.same_build(previous["choice"]):
+        old = previous["choice"]
+        return f"the store now calls for {choice.factory}, not {old.get('factory')}"
+    return None
+
+
+def _entry(
+    choice: IndexChoice,
+    settings: IndexSettings,
+    tuning: Tuning | dict,
+    action: str,
+    folder: Path,
+    history: list[dict] | None = None,
+) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    tuning = tuning.as_dict() if isinstance(tuning, Tuning) else tuning
+    size = (folder / INDEX_FILE).stat().st_size
+    event = {"at": now, "action": action, "ntotal": choice.n, "recall": tuning.get("recall")}
+    return {
+        "type": choice.factory,
+        "metric": "cosine",
+        "ntotal": choice.n,
+        "choice": choice.as_dict(),
+        "settings": {
+            "max_memory": settings.max_memory,
+            "recall": settings.recall,
+            "kind": settings.kind,
+        },
+        "tuning": tuning,
+        "file_bytes": size,
+        "history": [*(history or []), event][-20:],
+    }
+
+
+def _exact_tuning(n: int, k: int = K) -> Tuning:
+    return Tuning({}, 1.0, 0.0, 1.0, k, 0, True, [{"recall": 1.0, "ms_per_query": 0.0}])
+
+
+def _build(
+    folder: Path,
+    batches: Batches,
+    ids: np.ndarray,
+    choice: IndexChoice,
+    settings: IndexSettings,
+    seed: int,
+    why: str,
+) -> dict[str, Any]:
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    exact = choice.kind == "flat"
+    hold = np.zeros(0, np.int64) if exact or n < 50 else ids[held_out(n, seed)]
+    need = train_sample_size(choice)
+    pool = np.setdiff1d(ids, hold)
+    train_ids = (
+        pool if need >= len(pool) else rng.choice(pool, size=min(need, len(pool)), replace=False)
+    )
+    index = new_index(choice)
+    held_vecs: list[np.ndarray] = []
+    held_ids: list[np.ndarray] = []
+    if need or len(hold):
+        train: list[np.ndarray] = []
+        for vectors, b_ids in batches():
+            if need:
+                train.append(normalize(vectors[np.isin(b_ids, train_ids)]))
+            mask = np.isin(b_ids, hold)
+            held_vecs.append(normalize(vectors[mask]))
+            held_ids.append(b_ids[mask])
+        if need:
+            index.train(np.concatenate(train))
+            del train
+    queries = np.concatenate(held_vecs) if held_vecs else np.zeros((0, choice.dim), np.float32)
+    q_ids = np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64)
+    truth = ExactTopK(queries, K)
+    with _VectorFile(folder, fresh=True, enabled=choice.kind == "ivf_pq") as vf:
+        for vectors, b_ids in batches():
+            keep = ~np.isin(b_ids, q_ids)
+            v = normalize(vectors[keep])
+            index.add_with_ids(v, np.ascontiguousarray(b_ids[keep], np.int64))
+            vf.add(v, b_ids[keep])
+            truth.add(v, b_ids[keep])
+        ann = AnnIndex(index, kind=choice.kind)
+        if choice.kind == "ivf_pq":
+            vf.add(queries, q_ids)
+            vf.commit()
+            ann.reranker = Reranker(folder, choice.dim)
+    if exact or not len(queries):
+        tuning = _exact_tuning(n) if exact else tune(ann, queries, queries[:0], 0.0)
+    else:
+        tuning = tune(ann, queries, truth.result(), settings.recall, K, choice.nlist)
+    if len(q_ids):
+        index.add_with_ids(queries, q_ids)
+    write_index(index, folder / INDEX_FILE)
+    return _entry(choice, settings, tuning, f"built ({why})", folder)
+
+
+def _update(
+    folder: Path,
+    batches: Batches,
+    ids: np.ndarray,
+    choice: IndexChoice,
+    previous: dict[str, Any],
+    settings: IndexSettings,
+) -> dict[str, Any] | str:
+    """Remove and add in place; or why it has to be rebuilt instead."""
+    try:
+        ann = open_index(folder, previous)
+    except RuntimeError as exc:
+        return f"the index file is unreadable ({exc})"
+    have = index_ids(ann.index)
+    removed = np.setdiff1d(have, ids)
+    added = np.setdiff1d(ids, have)
+    if len(removed) and choice.kind == "hnsw":
+        return f"{len(removed)} rows left the store and HNSW cannot delete"
+    if len(removed):
+        ann.index.remove_ids(np.ascontiguousarray(removed, np.int64))
+    new_vecs, new_ids = [], []
+    check_ids = added[: max(MIN_CHECK_QUERIES, 500)] if choice.kind != "flat" else added[:0]
+    truth = ExactTopK(np.zeros((0, choice.dim), np.float32), K)
+    if len(added):
+        for vectors, b_ids in batches():
+            mask = np.isin(b_ids, added)
+            new_vecs.append(normalize(vectors[mask]))
+            new_ids.append(b_ids[mask])
+        queries = np.concatenate(new_vecs)
+        q_ids = np.concatenate(new_ids)
+        sel = np.isin(q_ids, check_ids)
+        if sel.sum() >= MIN_CHECK_QUERIES:
+            truth = ExactTopK(queries[sel], K)
+            for vectors, b_ids in batches():
+                keep = ~np.isin(b_ids, added)
+                truth.add(vectors[keep], b_ids[keep])
+    else:
+        queries, q_ids, sel = np.zeros((0, choice.dim), np.float32), added, np.zeros(0, bool)
+    tuning = dict(previous.get("tuning", {}))
+    action = f"updated in place (+{len(added)} -{len(removed)})"
+    if len(truth.q):
+        recall = check(ann, queries[sel], truth.result())
+        action += f", recall@{K} on {int(sel.sum())} new rows: {recall:.3f}"
+        if recall < settings.recall:
+            retuned = tune(ann, queries[sel], truth.result(), settings.recall, K, choice.nlist)
+            if not retuned.reached:
+                return (
+                    f"recall@{K} on new rows fell to {recall:.3f}, below {settings.recall}, "
+                    "and re-tuning could not restore it"
+                )
+            tuning = retuned.as_dict()
+            action += f", re-tuned to {retuned.params}"
+        else:
+            tuning["last_check"] = recall
+    with _VectorFile(folder, fresh=False, enabled=choice.kind == "ivf_pq") as vf:
+        if len(q_ids):
+            ann.index.add_with_ids(queries, np.ascontiguousarray(q_ids, np.int64))
+            vf.add(queries, q_ids)
+        vf.commit()
+    write_index(ann.index, folder / INDEX_FILE)
+    return _entry(choice, settings, tuning, action, folder, previous.get("history"))
+
+
+class _VectorFile:
+    """Float32 rows for exact re-ranking: a fresh file (renamed into place) or an append."""
+
+    def __init__(self, folder: Path, fresh: bool, enabled: bool):
+        self.folder, self.fresh, self.enabled = folder, fresh, enabled
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.fh = None
+        self.ids: list[np.ndarray] = []
+
+    def __enter__(self) -> _VectorFile:
+        if self.enabled and self.fresh:
+            self.tmp = self.folder / f".{VECTORS}.{os.getpid()}.tmp"
+            self.fh = open(self.tmp, "wb")
+        elif not self.enabled and self.fresh:
+            Reranker.reset(self.folder)
+        return self
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if not self.enabled or not len(ids):
+            return
+        if self.fh is not None:
+            self.fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+            self.ids.append(np.asarray(ids, np.int64))
+        else:
+            self.parts.append((vectors, ids))
+
+    def commit(self) -> None:
+        if not self.enabled:
+            return
+        if self.fh is not None:
+            # The old index refers to the old files: drop it first, so a crash from here on
+            # leaves no index (rebuilt on next use) rather than one that mismatches its vectors.
+            (self.folder / INDEX_FILE).unlink(missing_ok=True)
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            self.fh = None
+            all_ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+            os.replace(self.tmp, self.folder / VECTORS)
+            with atomic_path(self.folder / VECTOR_IDS) as tmp, open(tmp, "wb") as out:
+                np.save(out, all_ids)
+        elif self.parts:
+            Reranker.append(
+                self.folder,
+                np.concatenate([v for v, _ in self.parts]),
+                np.concatenate([i for _, i in self.parts]),
+            )
+            self.parts = []
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            Path(self.tmp).unlink(missing_ok=True)
+
+
+def flat_copy(batches: Batches, dim: int) -> faiss.Index:
+    """An exact in-memory index over every row (for range search, which HNSW lacks)."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    for vectors, ids in batches():
+        if len(ids):
+            index.add_with_ids(normalize(vectors), np.ascontiguousarray(ids, np.int64))
+    return index

@@ -1,0 +1,170 @@
+"""Index choice, recall tuning on held-out queries, incremental updates, re-rank files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extractors.index import (
+    VECTOR_IDS,
+    VECTORS,
+    Reranker,
+    choose,
+    index_ids,
+    parse_bytes,
+)
+from extractors.indexing import IndexSettings, consistent, open_index, refresh
+from extractors.tuning import exact_topk, recall_at_k
+
+DIM = 64
+CENTRES = np.random.default_rng(42).standard_normal((40, DIM)).astype(np.float32)
+
+
+def clustered(n: int, seed: int, centres: np.ndarray = CENTRES) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, len(centres), n)
+    return centres[lab] + 0.7 * rng.standard_normal((n, DIM)).astype(np.float32)
+
+
+def stream(x: np.ndarray, ids: np.ndarray, rows: int = 700):
+    def batches():
+        for i in range(0, len(x), rows):
+            yield x[i : i + rows], ids[i : i + rows]
+
+    return batches
+
+
+def test_choice_follows_size_and_budget():
+    assert choose(5_000, 1280).kind == "flat"
+    hnsw = choose(100_000, 1280, "2GB")
+    assert hnsw.kind == "hnsw" and "fits" in hnsw.reason
+    pq = choose(1_000_000, 1280, "2GB")
+    assert pq.kind == "ivf_pq" and 1280 % pq.m == 0 and pq.memory_bytes <= parse_bytes("2GB")
+    assert "exceed" in pq.reason and pq.disk_bytes == 1_000_000 * 1280 * 4
+    # Room for the vectors but not for the HNSW graph on top of them.
+    ivf = choose(1_000_000, 1280, 1_000_000 * (1280 * 4 + 100))
+    assert ivf.kind == "ivf_flat" and ivf.nlist == 2048
+    assert choose(5_000, 1280, kind="ivf_pq").reason == "asked for ivf_pq"
+    with pytest.raises(ValueError, match="unknown index kind"):
+        choose(10, 8, kind="annoy")
+
+
+def test_parse_bytes():
+    assert parse_bytes("512MB") == 512 * 2**20
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="512MB"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+def test_each_kind_is_tuned_on_held_out_queries_and_meets_recall(kind: str, tmp_path: Path):
+    x = clustered(4000, 0)
+    ids = np.arange(len(x), dtype=np.int64) * 5 + 11
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind=kind))
+    ann = open_index(tmp_path, entry)
+    assert entry["choice"]["kind"] == kind == ann.kind
+    assert consistent(ann, ids)  # held-out rows were added after tuning
+    tuning = entry["tuning"]
+    if kind == "flat":
+        assert tuning["recall"] == 1.0 and tuning["params"] == {}
+    else:
+        assert tuning["queries"] == 400 and tuning["reached"], tuning
+        assert tuning["recall"] >= 0.95 and tuning["curve"]
+    # Fresh queries from the same distribution: the tuned setting holds.
+    queries = clustered(200, 99)
+    truth = exact_topk(queries, stream(x, ids)(), 10)
+    _, found = ann.search(queries, 10)
+    assert recall_at_k(found, truth, 10) >= 0.93
+    # Reopened memory-mapped, as the search service does: same answers.
+    mapped = open_index(tmp_path, entry, mmap=True)
+    assert np.array_equal(mapped.search(queries[:20], 10)[1], found[:20])
+
+
+def test_incremental_add_and_remove_keep_ids_equal(tmp_path: Path):
+    x = clustered(3000, 0)
+    ids = np.arange(3000, dtype=np.int64)
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_flat"))
+    x2 = np.concatenate([x[200:], clustered(500, 1)])
+    ids2 = np.concatenate([ids[200:], 10_000 + np.arange(500)])
+    entry2 = refresh(tmp_path, stream(x2, ids2), ids2, DIM, previous=entry)
+    action = entry2["history"][-1]["action"]
+    assert (
+        action.startswith("updated in place (+500 -200)") and "recall@10 on 500 new rows" in action
+    )
+    assert consistent(open_index(tmp_path, entry2), ids2)
+    assert len(entry2["history"]) == 2
+
+
+def test_hnsw_rebuilds_on_removal_and_says_why(tmp_path: Path):
+    x = clustered(2000, 0)
+    ids = np.arange(2000, dtype=np.int64)
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="hnsw"))
+    entry2 = refresh(tmp_path, stream(x[10:], ids[10:]), ids[10:], DIM, previous=entry)
+    assert "HNSW cannot delete" in entry2["history"][-1]["action"]
+    assert consistent(open_index(tmp_path, entry2), ids[10:])
+
+
+def test_recall_drop_on_new_data_retunes(tmp_path: Path):
+    """New rows from clusters the IVF lists were not trained on: too few probes now miss
+    their neighbours, so the update re-tunes (or rebuilds) and the target holds again."""
+    x = clustered(3000, 0)
+    ids = np.arange(3000, dtype=np.int64)
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_flat"))
+    shifted = np.random.default_rng(7).standard_normal((40, DIM)).astype(np.float32) * 1.5
+    new = clustered(1500, 3, centres=shifted)
+    x2, ids2 = np.concatenate([x, new]), np.concatenate([ids, 50_000 + np.arange(1500)])
+    entry2 = refresh(tmp_path, stream(x2, ids2), ids2, DIM, previous=entry)
+    action = entry2["history"][-1]["action"]
+    assert "re-tuned" in action or action.startswith("built"), action
+    ann = open_index(tmp_path, entry2)
+    queries = clustered(200, 11, centres=shifted)
+    truth = exact_topk(queries, stream(x2, ids2)(), 10)
+    assert recall_at_k(ann.search(queries, 10)[1], truth, 10) >= 0.9
+
+
+def test_unreachable_target_is_recorded_not_hidden(tmp_path: Path):
+    x = clustered(2000, 0)
+    ids = np.arange(2000, dtype=np.int64)
+    settings = IndexSettings(kind="ivf_pq", recall=1.01)  # no setting can reach this
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=settings)
+    assert entry["tuning"]["reached"] is False
+    assert entry["tuning"]["recall"] == max(p["recall"] for p in entry["tuning"]["curve"])
+
+
+def test_rerank_file_survives_a_crashed_append(tmp_path: Path):
+    x = clustered(2000, 0)
+    ids = np.arange(2000, dtype=np.int64)
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_pq"))
+    # A crash after writing vectors but before the ids file: junk rows past the end.
+    with open(tmp_path / VECTORS, "ab") as fh:
+        fh.write(np.ones((5, DIM), np.float32).tobytes())
+    x2 = np.concatenate([x, clustered(100, 5)])
+    ids2 = np.concatenate([ids, 9000 + np.arange(100)])
+    entry2 = refresh(tmp_path, stream(x2, ids2), ids2, DIM, previous=entry)
+    rr = Reranker(tmp_path, DIM)
+    assert (tmp_path / VECTORS).stat().st_size == len(np.load(tmp_path / VECTOR_IDS)) * DIM * 4
+    rows = rr.rows(ids2[-100:])
+    assert np.allclose(rr.vectors[rows], x2[-100:] / np.linalg.norm(x2[-100:], axis=1)[:, None])
+    ann = open_index(tmp_path, entry2)
+    scores, found = ann.search(x2[-3:], 1)
+    assert np.array_equal(found[:, 0], ids2[-3:]) and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
+def test_store_reindex_records_choice_and_keeps_search_working(built_store):
+    m_before = built_store.manifest()["index"]
+    assert m_before["choice"]["kind"] == "flat" and "exact scan" in m_before["choice"]["reason"]
+    entry = built_store.reindex({"kind": "hnsw"}, rebuild=True)
+    try:
+        assert built_store.manifest()["index"]["type"] == entry["type"] == "IDMap2,HNSW32,Flat"
+        assert built_store.verify() == []
+        ann = built_store.index(mmap=True)
+        x, meta = built_store.arrays(where_labelled=False)
+        _, found = ann.search(x[:10], 1)
+        assert np.array_equal(found[:, 0], meta["id"].to_numpy()[:10])
+        assert set(index_ids(ann)) == set(meta["id"].to_numpy())
+    finally:
+        built_store.reindex({"kind": "auto"}, rebuild=True)
+    assert built_store.manifest()["index"]["choice"]["kind"] == "flat"
