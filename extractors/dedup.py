@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from extractors.atomic import atomic_path
-from extractors.index import normalize
-from extractors.indexing import flat_copy
+from extractors.index import flat_copy, normalize
 from extractors.store import EMBEDDINGS, Store, StoreError, embedding_matrix
 
 GROUP_SCHEMA = pa.schema(
@@ -54,7 +53,7 @@ def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
         raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
     ann = store.index()
     # Range search needs an exact index: the store's own when flat, else a copy in memory.
-    index = ann.index if ann.kind == "flat" else flat_copy(store.batches, ann.index.d)
+    index = ann.index if ann.kind == "flat" else flat_copy(store.batches(), ann.index.d)
     parent: dict[int, int] = {}
     reader = pq.ParquetFile(path)
     for batch in reader.iter_batches(columns=["id", "embedding"], batch_size=4096):

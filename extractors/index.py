@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,26 +330,19 @@ class AnnIndex:
             return self.reranker.rerank(q, ids, k)
         return self.index.search(q, k)
 
-    def range_search(self, queries: np.ndarray, threshold: float):
-        return self.index.range_search(normalize(queries), threshold)
-
 
 def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
     """Exact inner-product index on normalised vectors (= cosine similarity), keyed by `ids`."""
-    index = empty_index(embeddings.shape[1])
-    add(index, embeddings, ids)
+    return flat_copy([(embeddings, ids)], embeddings.shape[1])
+
+
+def flat_copy(batches: Iterable[tuple[np.ndarray, np.ndarray]], dim: int) -> faiss.Index:
+    """An exact in-memory index over (vectors, ids) batches (range search, which HNSW lacks)."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    for vectors, ids in batches:
+        if len(ids):
+            index.add_with_ids(normalize(vectors), np.ascontiguousarray(ids, np.int64))
     return index
-
-
-def empty_index(dim: int) -> faiss.Index:
-    """An empty exact cosine index to fill batch by batch with `add`."""
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def add(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
-    """Add normalised vectors under their Parquet ids."""
-    if len(ids):
-        index.add_with_ids(normalize(embeddings), np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:

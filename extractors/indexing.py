@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from extractors.atomic import atomic_path
@@ -322,12 +321,3 @@ class _VectorFile:
         if self.fh is not None:
             self.fh.close()
             Path(self.tmp).unlink(missing_ok=True)
-
-
-def flat_copy(batches: Batches, dim: int) -> faiss.Index:
-    """An exact in-memory index over every row (for range search, which HNSW lacks)."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    for vectors, ids in batches():
-        if len(ids):
-            index.add_with_ids(normalize(vectors), np.ascontiguousarray(ids, np.int64))
-    return index

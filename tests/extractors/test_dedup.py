@@ -34,3 +34,15 @@ def test_threshold_is_checked(planted) -> None:
     with pytest.raises(StoreError, match="cosine similarity"):
         near_duplicate_groups(store, threshold=1.5)
     assert near_duplicate_groups(store, threshold=1.0).num_rows == 0  # no exact duplicates
+
+
+def test_same_groups_when_the_store_index_is_hnsw(planted) -> None:
+    """HNSW has no range search: dedup then scans an exact copy, with the same result."""
+    store, _ = planted
+    before = near_duplicate_groups(store).to_pylist()
+    store.reindex({"kind": "hnsw"}, rebuild=True)
+    try:
+        assert store.index().kind == "hnsw"
+        assert near_duplicate_groups(store).to_pylist() == before
+    finally:
+        store.reindex({"kind": "auto"}, rebuild=True)
