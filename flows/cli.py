@@ -288,6 +288,8 @@ def _print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     from flows import tracking
 
     _print_embed(result["embed"])
+    if result.get("reused_from"):
+        out.print(f"[green]nothing new[/]: {result['retrain_reason']}")
     metric = result["heads"][0]["selection_metric"].replace("_", " ")
     rows = list(result["heads"]) + ([result["finetune"]] if result.get("finetune") else [])
     out.print(
@@ -566,6 +568,13 @@ def run(
     max_memory: MaxMemory = None,
     recall: Recall = None,
     index: IndexKind = None,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            help="Train the heads even when the data, heads and seed are those of the last "
+            "training (by default that training's heads are reused)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
@@ -594,6 +603,7 @@ def run(
             progress=not as_json,
             layers=_layers(layers),
             index_settings=_index_settings(max_memory, recall, index),
+            retrain=retrain,
         )
     except Exception as exc:
         _fail_or_raise(exc)

@@ -13,6 +13,7 @@ embed_task = task(steps.embed_source, name="embed-source", cache_policy=NO_CACHE
 train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE)
 decide_task = task(steps.escalation_decision, name="escalation-decision", cache_policy=NO_CACHE)
 finetune_task = task(steps.finetune_and_track, name="fine-tune", cache_policy=NO_CACHE)
+reuse_task = task(steps.reusable_training, name="reuse-check", cache_policy=NO_CACHE)
 
 
 @flow(name="embed")
@@ -91,9 +92,11 @@ def pipeline(
     progress: bool = True,
     layers: list[str] | None = None,
     index_settings: dict[str, Any] | None = None,
+    retrain: bool = False,
 ) -> dict[str, Any]:
-    """embed -> heads -> escalate to fine-tuning when the best head is below `target` (or
-    `finetune`), scored on the same test split; the decision and its reason go to MLflow."""
+    """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
+    fine-tuning when the best head is below `target` (or `finetune`), scored on the same test
+    split; the decisions and their reasons go to MLflow."""
     report = embed_task(
         source,
         store=store,
@@ -113,8 +116,17 @@ def pipeline(
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=steps.embed_metrics(report))
         tracking.log_index(run_id, workspace, report["index"])
-        summary = train_task(
-            report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
+        summary, why = reuse_task(report["store"], heads, seed)
+        if summary is None or retrain:
+            why = "asked to retrain (--retrain)" if summary is not None else why
+            summary = train_task(
+                report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
+            )
+        tracking.log_to_run(
+            run_id,
+            workspace,
+            params={"heads_retrained": "reused_from" not in summary},
+            tags={"retrain_reason": why},
         )
         decision = decide_task(summary, target, finetune)
         tracking.log_to_run(
@@ -132,6 +144,7 @@ def pipeline(
     return {
         "embed": report,
         **summary,
+        "retrain_reason": why,
         "decision": decision,
         "finetune": tuned,
         "run_id": run_id,

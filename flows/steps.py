@@ -21,7 +21,7 @@ from extractors.store import Store, StoreError, default_store_dir
 from flows import DEFAULT_WORKSPACE, tracking
 from heads.classical import class_scores
 from heads.evaluate import HeadResult
-from heads.persist import load_head
+from heads.persist import load_head, write_json_atomic
 from heads.plots import embedding_map_png
 from heads.train import TrainingDataError, load_splits, save_heads, train_heads
 
@@ -211,7 +211,7 @@ def train_and_track(
             },
             artifacts=[emap],
         )
-    return {
+    summary = {
         "store": str(st.path),
         "heads": table,
         "best": results[0].name,
@@ -219,6 +219,39 @@ def train_and_track(
         "imbalanced": trained.imbalanced,
         "registered": registered,
     }
+    write_json_atomic(
+        st.path / "heads" / LAST_TRAINING,
+        {
+            "run": parent_run_id,
+            "fingerprint": manifest["fingerprint"],
+            "heads": sorted(heads) if heads else None,
+            "seed": seed,
+            "summary": summary,
+        },
+    )
+    return summary
+
+
+LAST_TRAINING = "last_training.json"
+
+
+def reusable_training(
+    store: str | Path, heads: list[str] | None = None, seed: int = 0
+) -> tuple[dict[str, Any] | None, str]:
+    """The last training's summary when the store's data, the heads asked for and the seed
+    are all unchanged (then retraining would reproduce it), and why it is or is not reused."""
+    st = Store(store)
+    path = st.path / "heads" / LAST_TRAINING
+    if not path.exists():
+        return None, "first training of this store"
+    last = json.loads(path.read_text())
+    now = st.manifest()["fingerprint"]
+    if last["fingerprint"] != now:
+        return None, f"data changed (fingerprint {last['fingerprint']} -> {now})"
+    if last["heads"] != (sorted(heads) if heads else None) or last["seed"] != seed:
+        return None, "other heads or seed than the last training"
+    reason = f"data unchanged since run {last['run']} (fingerprint {now}): heads reused"
+    return last["summary"] | {"reused_from": last["run"]}, reason
 
 
 def _row(r: HeadResult, run_id: str, **extra: Any) -> dict[str, Any]:

@@ -246,3 +246,36 @@ def test_index_choice_tuning_and_map(prefect_server, mlflow_tmp, digits_dir, tmp
     assert (
         "MAP_DATA" not in (tmp_path / "digits-map.html").read_text().split("const INLINE")[1][:20]
     )
+
+
+def test_rerun_on_unchanged_data_reuses_heads_and_says_why(
+    prefect_server, mlflow_tmp, digits_dir, tmp_path
+) -> None:
+    import shutil
+
+    import mlflow
+
+    src = tmp_path / "digits"
+    shutil.copytree(digits_dir, src)
+    ws = str(tmp_path / "ws")
+    args = ["run", str(src), "--workspace", ws, "--target", "0", "--json"]
+    first = json.loads(_ok(args))
+    assert first["retrain_reason"] == "first training of this store"
+    second = json.loads(_ok(args))
+    assert second["reused_from"] == first["run_id"] and second["embed"]["embedded"] == 0
+    assert "data unchanged" in second["retrain_reason"]
+    assert [h["head"] for h in second["heads"]] == [h["head"] for h in first["heads"]]
+    run = mlflow.MlflowClient().get_run(second["run_id"])
+    assert run.data.params["heads_retrained"] == "False"
+    assert "data unchanged" in run.data.tags["retrain_reason"]
+    text = _ok(["run", str(src), "--workspace", ws, "--target", "0"])
+    assert "nothing new" in text
+
+    # A grown folder: the new image is embedded and the heads are trained again.
+    shutil.copy(sorted((src / "1").iterdir())[0], src / "1" / "extra.png")
+    Image.open(src / "1" / "extra.png").rotate(90).save(src / "1" / "extra.png")
+    third = json.loads(_ok(args))
+    assert third["embed"]["embedded"] == 1 and "reused_from" not in third
+    assert third["retrain_reason"].startswith("data changed")
+    forced = json.loads(_ok([*args, "--retrain"]))
+    assert forced["retrain_reason"] == "asked to retrain (--retrain)"
