@@ -79,10 +79,17 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     preds = mlflow.pyfunc.load_model(reg["uri"]).predict(X)
     assert set(preds) <= {"0", "1", "2", "3"}
 
-    # Scheduled re-runs over the same folder embed nothing new.
+    # Scheduled re-runs over the same folder embed nothing new and reuse the heads...
     again = pipeline(str(digits_dir), workspace=str(tmp_path), target=None, progress=False)
     assert again["embed"]["embedded"] == 0 and again["embed"]["kept"] == 100
     assert again["finetune"] is None and "no target" in again["decision"]["reason"]
+    assert again["reused_from"] == result["run_id"]
+    assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 1
+    # ...unless asked to retrain: then the best head is a new version under the alias.
+    forced = pipeline(
+        str(digits_dir), workspace=str(tmp_path), target=None, progress=False, retrain=True
+    )
+    assert "reused_from" not in forced
     assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 2
 
 
