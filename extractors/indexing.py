@@ -42,7 +42,16 @@ from extractors.index import (
     train_sample_size,
     write_index,
 )
-from extractors.tuning import DEFAULT_RECALL, ExactTopK, K, Tuning, check, held_out, tune
+from extractors.tuning import (
+    DEFAULT_RECALL,
+    TUNE_QUERIES,
+    ExactTopK,
+    K,
+    Tuning,
+    check,
+    held_out,
+    tune,
+)
 
 Batches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 MIN_CHECK_QUERIES = 20  # fewer new rows than this: too few to measure recall on
@@ -144,7 +153,7 @@ def _entry(
     }
 
 
-def _exact_tuning(n: int, k: int = K) -> Tuning:
+def _exact_tuning(k: int = K) -> Tuning:
     return Tuning({}, 1.0, 0.0, 1.0, k, 0, True, [{"recall": 1.0, "ms_per_query": 0.0}])
 
 
@@ -196,7 +205,7 @@ def _build(
             vf.commit()
             ann.reranker = Reranker(folder, choice.dim)
     if exact or not len(queries):
-        tuning = _exact_tuning(n) if exact else tune(ann, queries, queries[:0], 0.0)
+        tuning = _exact_tuning() if exact else tune(ann, queries, queries[:0], 0.0)
     else:
         tuning = tune(ann, queries, truth.result(), settings.recall, K, choice.nlist)
     if len(q_ids):
@@ -226,7 +235,7 @@ def _update(
     if len(removed):
         ann.index.remove_ids(np.ascontiguousarray(removed, np.int64))
     new_vecs, new_ids = [], []
-    check_ids = added[: max(MIN_CHECK_QUERIES, 500)] if choice.kind != "flat" else added[:0]
+    check_ids = added[:TUNE_QUERIES] if choice.kind != "flat" else added[:0]
     truth = ExactTopK(np.zeros((0, choice.dim), np.float32), K)
     if len(added):
         for vectors, b_ids in batches():

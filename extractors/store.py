@@ -211,7 +211,7 @@ class Store:
         match the Parquet ids. `mmap=True` maps it read-only, shared between processes."""
         idx = self.index_if_consistent(mmap=mmap)
         if idx is None:
-            self.ensure_index()
+            self.reindex(rebuild=True)
             idx = indexing.open_index(self.path, self.manifest().get("index"), mmap=mmap)
         return idx
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from extractors.atomic import atomic_path, write_bytes_atomic
+from extractors.atomic import write_bytes_atomic
 from extractors.store import Store, StoreError
 
 MAX_POINTS = 3000
@@ -48,36 +48,12 @@ def project(store: Store, max_points: int = MAX_POINTS, seed: int = 0) -> dict[s
 
 def write_png(data: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """The map as a scatter plot, one colour per label (grey for unlabelled)."""
-    import matplotlib
+    from heads.plots import label_scatter_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    labels = sorted({p["label"] for p in data["points"] if p["label"] is not None})
-    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
-    for i, label in enumerate([*labels, None]):
-        pts = [p for p in data["points"] if p["label"] == label]
-        if pts:
-            ax.scatter(
-                [p["x"] for p in pts],
-                [p["y"] for p in pts],
-                s=10,
-                color="lightgrey" if label is None else cmap(i % cmap.N),
-                label="unlabelled" if label is None else label,
-            )
-    ax.set_xticks([])
-    ax.set_yticks([])
+    pts = np.array([[p["x"], p["y"]] for p in data["points"]])
     n, shown = data["rows"], len(data["points"])
-    ax.set_title(title or f"{data['method']} map of {shown:,} of {n:,} embeddings")
-    if len(labels) <= 30:
-        ax.legend(fontsize=7, markerscale=1.5, loc="best", frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    title = title or f"{data['method']} map of {shown:,} of {n:,} embeddings"
+    return label_scatter_png(pts, [p["label"] for p in data["points"]], title, path)
 
 
 def write_html(data: dict[str, Any], path: str | Path) -> Path:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from extractors.atomic import atomic_path
+
 
 def confusion_matrix_png(
     cm: np.ndarray, classes: Sequence[str], title: str, path: str | Path
@@ -53,17 +55,37 @@ def embedding_map_png(
     from sklearn.decomposition import PCA
 
     pts = PCA(n_components=2, random_state=seed).fit_transform(X) if len(X) > 2 else X[:, :2]
+    return label_scatter_png(pts, labels, title, path, ("PC 1", "PC 2"))
+
+
+def label_scatter_png(
+    pts: np.ndarray,
+    labels: Sequence[str | None],
+    title: str,
+    path: str | Path,
+    axes: tuple[str, str] | None = None,
+) -> Path:
+    """2-D points, one colour per label (unlabelled in grey), written atomically."""
     labels = np.asarray(labels, dtype=object)
+    names = sorted({lab for lab in labels if lab is not None})
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab20")
-    for i, lab in enumerate(sorted(set(labels))):
-        m = labels == lab
-        ax.scatter(pts[m, 0], pts[m, 1], s=10, color=cmap(i % 20), label=str(lab), alpha=0.8)
-    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
-    if len(set(labels)) <= 20:
+    for i, lab in enumerate([*names, None]):
+        m = labels == lab if lab is not None else np.array([x is None for x in labels], bool)
+        if m.any():
+            color = "lightgrey" if lab is None else cmap(i % 20)
+            name = "unlabelled" if lab is None else str(lab)
+            ax.scatter(pts[m, 0], pts[m, 1], s=10, color=color, label=name, alpha=0.8)
+    ax.set_title(title)
+    if axes:
+        ax.set(xlabel=axes[0], ylabel=axes[1])
+    else:
+        ax.set(xticks=[], yticks=[])
+    if len(names) <= 20:
         ax.legend(markerscale=2, fontsize=8, loc="best", frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)
 
