@@ -52,7 +52,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,87 @@ class UpdateReport:
         d = dict(self.__dict__)
         d["failures"] = [list(f) for f in self.failures]
         return d
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One file an update has to embed, with what the plan already knows of it."""
+
+    path: str
+    sha256: str
+    label: str | None
+    split: str | None
+    bytes: int
+    mtime_ns: int
+
+
+# An engine embeds an update's pending files into staging parts (files in the staging folder,
+# each renamed into place whole) and returns the (path, reason) failures. The local one is
+# `LocalEngine`; flows/engine.py shards the files over a Dask cluster with `write_shard`.
+Engine = Callable[[Path, Backbone, list[Pending], EmbedStats], list[tuple[str, str]]]
+
+
+@dataclass
+class LocalEngine:
+    """Embed in this process: decode threads feed the model, a background thread writes parts
+    of `checkpoint_rows` rows (so a killed run redoes at most that much)."""
+
+    batch_size: int = 32
+    num_workers: int | None = None
+    progress: bool = True
+    fast_decode: bool = True
+    checkpoint_rows: int = CHECKPOINT_ROWS
+
+    def __call__(
+        self, staging_dir: Path, backbone: Backbone, pending: list[Pending], stats: EmbedStats
+    ) -> list[tuple[str, str]]:
+        sch = schema(backbone.dim, backbone.layer_dims)
+        failures: list[tuple[str, str]] = []
+        paths = [p.path for p in pending]
+        with _StagingWriter(staging_dir, sch, self.checkpoint_rows, stats) as writer:
+            for batch in embed_files(
+                backbone,
+                paths,
+                self.batch_size,
+                self.num_workers,
+                self.progress,
+                stats=stats,
+                fast_decode=self.fast_decode,
+            ):
+                failures.extend((paths[i], reason) for i, reason in batch.failures)
+                if len(batch.indices):
+                    writer.put(_batch_table(batch, pending, sch))
+        return failures
+
+
+def write_shard(
+    staging_dir: str | Path,
+    backbone: Backbone,
+    pending: list[Pending],
+    batch_size: int = 32,
+    num_workers: int | None = 0,
+    fast_decode: bool = True,
+    stats: EmbedStats | None = None,
+) -> list[tuple[str, str]]:
+    """Embed one shard of an update into one staging part and return its failures.
+
+    The part is named after the shard's content hashes and renamed into place whole, so a
+    shard that runs twice (its worker died after writing) replaces the part with the same
+    rows, and a shard whose worker died before writing leaves nothing behind."""
+    sch = schema(backbone.dim, backbone.layer_dims)
+    key = hashlib.sha256("".join(sorted(p.sha256 for p in pending)).encode()).hexdigest()[:20]
+    paths = [p.path for p in pending]
+    tables, failures = [], []
+    for batch in embed_files(
+        backbone, paths, batch_size, num_workers, False, stats=stats, fast_decode=fast_decode
+    ):
+        failures.extend((paths[i], reason) for i, reason in batch.failures)
+        if len(batch.indices):
+            tables.append(_batch_table(batch, pending, sch))
+    if tables:
+        with atomic_path(Path(staging_dir) / f"shard-{key}.parquet") as tmp:
+            pq.write_table(pa.concat_tables(tables), tmp, compression="zstd")
+    return failures
 
 
 class Store:
@@ -343,6 +424,7 @@ class Store:
         fast_decode: bool = True,
         checkpoint_rows: int = CHECKPOINT_ROWS,
         index_settings: dict[str, Any] | None = None,
+        engine: Engine | None = None,
     ) -> UpdateReport:
         """Bring the store in line with `source`: embed new or changed files, drop deleted ones.
 
@@ -354,22 +436,18 @@ class Store:
         without a given split get a seeded stratified split. The Parquet, the failures
         table, the index and the manifest are replaced atomically, in that order; the staging
         folder is removed last. Disk errors leave the previous store as it was.
+
+        `engine` embeds the new files (default: `LocalEngine` with the arguments above); any
+        engine's staged parts go through the same commit, so exactly-once holds for all.
         """
+        engine = engine or LocalEngine(
+            batch_size, num_workers, progress, fast_decode, checkpoint_rows
+        )
         with self.lock():
             self.check_backbone(backbone.name, backbone.weights)
             self.check_layers(backbone.layer_dims)
             try:
-                return self._update(
-                    source,
-                    backbone,
-                    seed,
-                    batch_size,
-                    num_workers,
-                    progress,
-                    fast_decode,
-                    checkpoint_rows,
-                    index_settings,
-                )
+                return self._update(source, backbone, seed, engine, index_settings)
             except OSError as exc:
                 raise StoreError(
                     f"cannot write to store {self.path}: {exc.strerror or exc}. The store is "
@@ -382,11 +460,7 @@ class Store:
         source: Source,
         backbone: Backbone,
         seed: int,
-        batch_size: int,
-        num_workers: int | None,
-        progress: bool,
-        fast_decode: bool,
-        checkpoint_rows: int,
+        engine: Engine,
         index_settings: dict[str, Any] | None,
     ) -> UpdateReport:
         started = time.perf_counter()
@@ -400,20 +474,8 @@ class Store:
         report.resumed = len(plan.staged) - len(plan.to_embed)
 
         stats = EmbedStats()
-        paths = [r.path for r in plan.to_embed]
-        with _StagingWriter(staging, checkpoint_rows, stats) as writer:
-            for batch in embed_files(
-                backbone,
-                paths,
-                batch_size,
-                num_workers,
-                progress,
-                stats=stats,
-                fast_decode=fast_decode,
-            ):
-                report.failures.extend((paths[i], reason) for i, reason in batch.failures)
-                if len(batch.indices):
-                    writer.put(_batch_table(batch, plan, sch))
+        if plan.to_embed:
+            report.failures.extend(engine(staging.folder, backbone, plan.pending(), stats))
         report.failures.sort()
         report.removed = plan.removed
         report.failed = len(report.failures)
@@ -606,19 +668,19 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-def _batch_table(batch: EmbeddedBatch, plan: _Plan, sch: pa.Schema) -> pa.Table:
+def _batch_table(batch: EmbeddedBatch, pending: list[Pending], sch: pa.Schema) -> pa.Table:
     """The rows of one embedded batch, in the store schema (split null unless given)."""
-    recs = [plan.to_embed[i] for i in batch.indices]
+    recs = [pending[i] for i in batch.indices]
     cols: dict[str, Any] = {
-        "id": [content_id(plan.sha[r.path]) for r in recs],
+        "id": [content_id(r.sha256) for r in recs],
         "path": [r.path for r in recs],
-        "sha256": [plan.sha[r.path] for r in recs],
+        "sha256": [r.sha256 for r in recs],
         "label": [r.label for r in recs],
         "split": [r.split for r in recs],
         "width": batch.widths,
         "height": batch.heights,
-        "bytes": [plan.stat[r.path][0] for r in recs],
-        "mtime_ns": [plan.stat[r.path][1] for r in recs],
+        "bytes": [r.bytes for r in recs],
+        "mtime_ns": [r.mtime_ns for r in recs],
     }
     arrays = [pa.array(cols[f.name], f.type) for f in sch if f.name in cols]
     arrays.append(_fixed_list(batch.embeddings))
@@ -659,17 +721,15 @@ class _Staging:
             write_bytes_atomic(meta, json.dumps(self.tag).encode())
 
     def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
+        """Parts of the local engine (numbered) and shards of a distributed one (hashed)."""
+        return sorted(self.folder.glob("part-*.parquet")) + sorted(
+            self.folder.glob("shard-*.parquet")
+        )
 
     def metadata(self) -> pa.Table:
         tables = [pq.read_table(p, columns=META_COLUMNS) for p in self.parts()]
         empty = self.schema.empty_table().select(META_COLUMNS)
         return pa.concat_tables([empty, *tables]) if tables else empty
-
-    def next_part(self) -> Path:
-        parts = self.parts()
-        n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        return self.folder / f"part-{n:06d}.parquet"
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -683,8 +743,9 @@ class _StagingWriter:
     writer thread (disk full) is raised in the caller at its next `put` or at exit.
     """
 
-    def __init__(self, staging: _Staging, rows_per_part: int, stats: EmbedStats):
-        self.staging = staging
+    def __init__(self, folder: Path, sch: pa.Schema, rows_per_part: int, stats: EmbedStats):
+        self.folder = folder
+        self.schema = sch
         self.rows_per_part = max(1, rows_per_part)
         self.stats = stats
         self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=8)
@@ -714,9 +775,9 @@ class _StagingWriter:
             while (table := self.queue.get()) is not None:
                 t0 = time.perf_counter()
                 if writer is None:
-                    final = self.staging.next_part()
+                    final = _next_part(self.folder)
                     tmp = final.with_name(f".{final.name}.tmp")
-                    writer = pq.ParquetWriter(tmp, self.staging.schema, compression="zstd")
+                    writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
                 writer.write_table(table)
                 rows += table.num_rows
                 if rows >= self.rows_per_part:
@@ -744,6 +805,12 @@ class _StagingWriter:
         os.replace(tmp, final)
 
 
+def _next_part(folder: Path) -> Path:
+    numbered = sorted(folder.glob("part-*.parquet"))
+    n = int(numbered[-1].stem.split("-")[1]) + 1 if numbered else 0
+    return folder / f"part-{n:06d}.parquet"
+
+
 @dataclass
 class _Plan:
     to_embed: list = field(default_factory=list)
@@ -753,6 +820,12 @@ class _Plan:
     stat: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     removed: int = 0
+
+    def pending(self) -> list[Pending]:
+        return [
+            Pending(r.path, self.sha[r.path], r.label, r.split, *self.stat[r.path])
+            for r in self.to_embed
+        ]
 
 
 def _known_hashes(*tables: pa.Table | None) -> dict[str, tuple[str, int, int]]:

@@ -113,6 +113,26 @@ IndexKind = Annotated[
     ),
 ]
 
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="local (this process) or dask: shard the new images over a Dask cluster, a local "
+        "one of --engine-workers processes unless --address names a scheduler. Workers write "
+        "their own staging parts; the commit and the index are built here after."
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dask scheduler to join (tcp://host:8786) with --engine dask. Its workers must "
+        "see the images and the store at the same paths."
+    ),
+]
+EngineWorkers = Annotated[
+    int | None,
+    typer.Option(help="Worker processes of the local Dask cluster (default 2; one per GPU)."),
+]
+
 
 def _index_settings(
     max_memory: str | None, recall: float | None, kind: str | None
@@ -427,6 +447,9 @@ def embed(
     max_memory: MaxMemory = None,
     recall: Recall = None,
     index: IndexKind = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    engine_workers: EngineWorkers = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new or changed images of SOURCE into the store and refresh its FAISS index.
@@ -453,6 +476,9 @@ def embed(
             layers=_layers(layers),
             fast_decode=fast_decode,
             index_settings=_index_settings(max_memory, recall, index),
+            engine=engine,
+            address=address,
+            engine_workers=engine_workers,
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -575,6 +601,9 @@ def run(
             "training (by default that training's heads are reused)."
         ),
     ] = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    engine_workers: EngineWorkers = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
@@ -604,6 +633,9 @@ def run(
             layers=_layers(layers),
             index_settings=_index_settings(max_memory, recall, index),
             retrain=retrain,
+            engine=engine,
+            address=address,
+            engine_workers=engine_workers,
         )
     except Exception as exc:
         _fail_or_raise(exc)

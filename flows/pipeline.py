@@ -30,6 +30,9 @@ def embed(
     layers: list[str] | None = None,
     fast_decode: bool = True,
     index_settings: dict[str, Any] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    engine_workers: int | None = None,
 ) -> dict[str, Any]:
     """Extract embeddings of new or changed images into the store and refresh its index;
     counts, per-stage throughput and the index's recall curve go to an MLflow run."""
@@ -46,6 +49,9 @@ def embed(
         layers=layers,
         fast_decode=fast_decode,
         index_settings=index_settings,
+        engine=engine,
+        address=address,
+        workers=engine_workers,
     )
     params = steps.run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
     run_id = tracking.start_parent_run(
@@ -93,6 +99,9 @@ def pipeline(
     layers: list[str] | None = None,
     index_settings: dict[str, Any] | None = None,
     retrain: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    engine_workers: int | None = None,
 ) -> dict[str, Any]:
     """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
     fine-tuning when the best head is below `target` (or `finetune`), scored on the same test
@@ -108,6 +117,9 @@ def pipeline(
         progress=progress,
         layers=layers,
         index_settings=index_settings,
+        engine=engine,
+        address=address,
+        workers=engine_workers,
     )
     name = experiment or report["source_name"]
     run_id = tracking.start_parent_run(

@@ -19,6 +19,7 @@ from extractors.index import search
 from extractors.sources import read_source
 from extractors.store import Store, StoreError, default_store_dir
 from flows import DEFAULT_WORKSPACE, tracking
+from flows.engine import make_engine
 from heads.classical import class_scores
 from heads.evaluate import HeadResult
 from heads.persist import load_head, write_json_atomic
@@ -106,10 +107,16 @@ def embed_source(
     layers: list[str] | None = None,
     fast_decode: bool = True,
     index_settings: dict[str, Any] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """read -> embed -> write -> index for one source; returns the update report as a dict.
 
     `index_settings` (max_memory, recall, kind; None keeps the store's) steer the index.
+
+    `engine="dask"` shards the new files over a local Dask cluster of `workers` processes,
+    or the one at `address` (flows/engine.py); the commit and the index stay here.
 
     `layers` adds pooled features of more stages as columns (stage indices such as -2, -1 or
     module names); by default an existing store keeps its own.
@@ -123,6 +130,9 @@ def embed_source(
     if layers is None and st.exists:
         layers = [v["module"] for v in st.manifest().get("layers", {}).values()]
     bb.set_layers(layers or [])
+    runner = make_engine(
+        engine, address, workers, batch_size, progress, weights_file(backbone, workspace, weights)
+    )
     report = st.update(
         src,
         bb,
@@ -132,12 +142,14 @@ def embed_source(
         progress=progress,
         fast_decode=fast_decode,
         index_settings=index_settings,
+        engine=runner,
     )
     out = report.as_dict()
     out.update(
         index=st.manifest()["index"],
         source=src.root,
         source_kind=src.kind,
+        engine=engine,
         source_name=src.name,
         backbone=bb.name,
         weights=bb.weights,
@@ -362,9 +374,16 @@ def backbone_for(
     device: str = "auto",
 ):
     """create_backbone, with `finetuned:<id>` found in the workspace's finetuned/ folder."""
+    return create_backbone(name, weights=weights_file(name, workspace, weights), device=device)
+
+
+def weights_file(
+    name: str, workspace: str | Path = DEFAULT_WORKSPACE, weights: str | Path | None = None
+) -> str | None:
+    """The weights file a backbone loads: `weights`, or a fine-tuned one's in the workspace."""
     if name.startswith("finetuned:") and weights is None:
         weights = Path(workspace) / "finetuned" / name.partition(":")[2]
-    return create_backbone(name, weights=weights, device=device)
+    return None if weights is None else str(weights)
 
 
 def compare(
@@ -497,6 +516,7 @@ def run_params(report: dict[str, Any], seed: int, target: float | None) -> dict[
         "dim": report["dim"],
         "store": report["store"],
         "fingerprint": report["fingerprint"],
+        "engine": report.get("engine", "local"),
         "seed": seed,
         "target": target,
     }

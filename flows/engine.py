@@ -1,0 +1,184 @@
+"""Scale-out engine: an update's new files sharded over a Dask cluster (`--engine dask`).
+
+Each shard is embedded on a worker and written as one staging part named after its content
+(`extractors.store.write_shard`); the store's usual commit then merges the parts and builds
+the index in the calling process. Dask re-runs the shards of a worker that dies, and a shard
+that runs twice writes the same part again, so every image lands exactly once. Workers must
+see the store and the images at the same paths (one machine, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extractors.backbones import Backbone
+from extractors.embed import EmbedStats
+from extractors.store import Pending, write_shard
+
+ENGINES = ("local", "dask")
+MAX_SHARD = 1024  # images per shard: the most work a dying worker can cost
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a worker needs to build the same backbone as the caller."""
+
+    name: str
+    weights: str | None  # a file, or None for the backbone's own weights
+    layers: tuple[str, ...]
+
+
+_BACKBONES: dict[tuple[BackboneSpec, str], Backbone] = {}
+
+
+def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
+    """One backbone per worker process and spec, built on the first shard it runs."""
+    from extractors.backbones import create_backbone
+
+    key = (spec, device)
+    if key not in _BACKBONES:
+        bb = create_backbone(spec.name, weights=spec.weights, device=device)
+        bb.set_layers(list(spec.layers))
+        _BACKBONES[key] = bb
+    return _BACKBONES[key]
+
+
+def _worker_device() -> str:
+    """With several GPUs, worker N uses GPU N mod count (LocalCluster names workers 0..n-1)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else abs(hash(name))
+    except (ImportError, ValueError):
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def embed_shard(
+    staging_dir: str,
+    spec: BackboneSpec,
+    pending: list[Pending],
+    batch_size: int,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Runs on a worker: embed one shard into a staging part; failures and stage seconds back."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    stats = EmbedStats()
+    failures = write_shard(
+        staging_dir,
+        _worker_backbone(spec, _worker_device()),
+        pending,
+        batch_size=batch_size,
+        num_workers=threads or None,
+        stats=stats,
+    )
+    return {"failures": failures, "stats": stats.__dict__, "worker": os.getpid()}
+
+
+@dataclass
+class DaskEngine:
+    """Shard the files over a Dask cluster: a local one of `workers` processes, or the
+    scheduler at `address`. Each local worker gets an equal share of the cores."""
+
+    address: str | None = None
+    workers: int = 2
+    batch_size: int = 32
+    progress: bool = True
+    weights: str | None = None  # a file (given, or a fine-tuned backbone's); None: its own
+    shard_size: int | None = None
+
+    def shards(self, pending: list[Pending]) -> list[list[Pending]]:
+        """About four shards per worker (so a slow or dead one costs little), at most 1024."""
+        size = self.shard_size or min(
+            MAX_SHARD, max(self.batch_size, math.ceil(len(pending) / (4 * self.workers)))
+        )
+        return [pending[i : i + size] for i in range(0, len(pending), size)]
+
+    def __call__(
+        self, staging_dir: Path, backbone: Backbone, pending: list[Pending], stats: EmbedStats
+    ) -> list[tuple[str, str]]:
+        from distributed import Client, LocalCluster, as_completed
+
+        spec = BackboneSpec(backbone.name, self.weights, tuple(backbone.layers.values()))
+        shards = self.shards(pending)
+        if self.address:
+            cluster, threads = None, None
+            client = Client(self.address)
+        else:
+            threads = max(1, (os.cpu_count() or 2) // self.workers)
+            cluster = LocalCluster(
+                n_workers=self.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+            )
+            client = Client(cluster)
+        bar = _progress(len(pending)) if self.progress else None
+        failures: list[tuple[str, str]] = []
+        try:
+            futures = client.map(
+                embed_shard,
+                [str(staging_dir)] * len(shards),
+                [spec] * len(shards),
+                shards,
+                [self.batch_size] * len(shards),
+                [threads] * len(shards),
+                pure=False,
+            )
+            sizes = {f.key: len(s) for f, s in zip(futures, shards, strict=True)}
+            for fut in as_completed(futures):
+                result = fut.result()
+                failures.extend(tuple(f) for f in result["failures"])
+                for k in ("images", "decode_s", "model_s", "write_s"):
+                    setattr(stats, k, getattr(stats, k) + result["stats"][k])
+                if bar is not None:
+                    bar.update(sizes[fut.key])
+        finally:
+            if bar is not None:
+                bar.close()
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return failures
+
+
+def make_engine(
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    weights: str | None = None,
+) -> DaskEngine | None:
+    """None for the local engine (the store's default); a DaskEngine for `dask`."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "local":
+        if address:
+            raise ValueError("--address joins a Dask cluster; add --engine dask")
+        return None
+    return DaskEngine(
+        address=address,
+        workers=workers or 2,
+        batch_size=batch_size,
+        progress=progress,
+        weights=weights,
+    )
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="embedding (dask)", unit="img", dynamic_ncols=True)

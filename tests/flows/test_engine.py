@@ -1,0 +1,103 @@
+"""The Dask engine on a real local cluster of 2 worker processes: same store as the local
+engine, and every image exactly once when a worker is SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from extractors.sources import read_source
+from extractors.store import Store
+from flows.cli import app
+from flows.engine import DaskEngine, make_engine
+
+
+def _same_store(a: Store, b: Store) -> None:
+    """Same ids, same rows, embeddings equal within float tolerance."""
+    ta, tb = a.table().sort_by("id"), b.table().sort_by("id")
+    assert ta.num_rows == tb.num_rows
+    assert len(set(tb["id"].to_pylist())) == tb.num_rows, "duplicate rows"
+    meta = ["id", "path", "sha256", "label", "split", "width", "height"]
+    assert ta.select(meta).equals(tb.select(meta))
+    ea = np.stack(ta["embedding"].to_numpy(zero_copy_only=False))
+    eb = np.stack(tb["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(ea, eb, atol=1e-4)
+    assert b.verify() == []
+
+
+def test_make_engine_rejects_unknown_names_and_a_stray_address() -> None:
+    assert make_engine("local") is None
+    with pytest.raises(ValueError, match="choose one of local, dask"):
+        make_engine("ray")
+    with pytest.raises(ValueError, match="--engine dask"):
+        make_engine("local", address="tcp://127.0.0.1:8786")
+    shards = DaskEngine(workers=2, batch_size=8).shards(list(range(100)))
+    assert sum(map(len, shards)) == 100 and len(shards) == 8
+
+
+def test_embed_on_a_local_dask_cluster_equals_the_local_engine(
+    prefect_server, mlflow_tmp, digits_dir, built_store, tmp_path
+) -> None:
+    store = tmp_path / "dask-store"
+    args = ["embed", str(digits_dir), "--store", str(store), "--workspace", str(tmp_path)]
+    res = CliRunner().invoke(app, [*args, "--engine", "dask", "--engine-workers", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") :])
+    assert report["engine"] == "dask" and report["embedded"] == 100
+    _same_store(built_store, Store(store))
+    assert not (store / "staging").exists()
+
+    import mlflow
+
+    run = mlflow.get_run(report["run_id"])
+    assert run.data.params["engine"] == "dask"
+
+
+def test_killing_a_worker_mid_run_still_embeds_every_image_once(
+    backbone, digits_dir, built_store, tmp_path
+) -> None:
+    from distributed import Client, LocalCluster
+
+    store = Store(tmp_path / "store")
+    staging = store.path / "staging"
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        pids = sorted(client.run(os.getpid).values())
+        killed: dict[str, int] = {}
+
+        def kill_after_first_shard() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                done = list(staging.glob("shard-*.parquet")) if staging.exists() else []
+                if done:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed["shards_done"] = len(done)
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_after_first_shard, daemon=True)
+        watcher.start()
+        engine = DaskEngine(
+            address=cluster.scheduler_address, batch_size=8, shard_size=10, progress=False
+        )
+        report = store.update(read_source(digits_dir), backbone, engine=engine)
+        watcher.join(timeout=5)
+        assert killed, "the worker was not killed during the run"
+        assert killed["shards_done"] < 10, "the kill came after the last shard"
+        assert pids[0] not in client.run(os.getpid).values()  # really dead, since restarted
+    assert report.rows == report.embedded == 100 and report.failed == 0
+    _same_store(built_store, store)
+    ids = pa.compute.unique(store.table(["id"])["id"])
+    assert len(ids) == 100
