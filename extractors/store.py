@@ -85,6 +85,10 @@ class StoreError(ValueError):
     """A store that cannot be used as asked; the message says what to do."""
 
 
+class StoreBusy(StoreError):
+    """Another process holds the store's writer lock: try again when it is done."""
+
+
 def schema(dim: int, layers: dict[str, int] | None = None) -> pa.Schema:
     """The Parquet schema of the embeddings table; `layers` adds {column: dim} feature columns."""
     extra = [(col, pa.list_(pa.float32(), d)) for col, d in (layers or {}).items()]
@@ -370,7 +374,7 @@ class Store:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(
+                raise StoreBusy(
                     f"another headstart process is writing to {self.path}; wait for it to "
                     "finish, or use another --store"
                 ) from None

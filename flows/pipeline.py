@@ -1,19 +1,76 @@
-"""Prefect flows: `embed`, `train_heads` and `pipeline`, thin orchestration over flows.steps."""
+"""Prefect flows: `embed`, `train_heads` and `pipeline`, thin orchestration over flows.steps.
+
+Tasks retry transient failures (a store another run is writing, a locked or unreachable
+database) with exponential backoff; the embed step is cached on the source's content, the
+backbone and the store's state (flows.steps.embed_cache_key), its result persisted as JSON:
+reports and paths pass between tasks, never arrays.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import DEFAULT_WORKSPACE, steps, tracking
 
-embed_task = task(steps.embed_source, name="embed-source", cache_policy=NO_CACHE)
-train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE)
+RETRIES = 3
+RETRY_DELAY_S = 10.0  # then 20, 40 (with jitter)
+
+
+def _transient(task, task_run, state) -> bool:
+    return steps.is_transient(state.data)
+
+
+def _embed_key(context, parameters: dict[str, Any]) -> str | None:
+    return steps.embed_cache_key(**parameters)
+
+
+def _backoff(first: float) -> list[float]:
+    return [first * 2**i for i in range(RETRIES)]
+
+
+retrying: dict[str, Any] = {
+    "retries": RETRIES,
+    "retry_delay_seconds": _backoff(RETRY_DELAY_S),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": _transient,
+}
+embed_task = task(
+    steps.embed_source,
+    name="embed-source",
+    cache_key_fn=_embed_key,
+    persist_result=True,
+    result_serializer="json",
+    **retrying,
+)
+train_task = task(steps.train_and_track, name="train-heads", cache_policy=NO_CACHE, **retrying)
 decide_task = task(steps.escalation_decision, name="escalation-decision", cache_policy=NO_CACHE)
 finetune_task = task(steps.finetune_and_track, name="fine-tune", cache_policy=NO_CACHE)
 reuse_task = task(steps.reusable_training, name="reuse-check", cache_policy=NO_CACHE)
+
+
+def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
+    """The embed task; a cache hit reads as "nothing new" for this run."""
+    t = embed_task.with_options(retry_delay_seconds=_backoff(retry_delay_s))
+    state = t(**kwargs, return_state=True)
+    report = state.result()
+    return steps.from_cache(report) if state.name == "Cached" else report
+
+
+def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None) -> None:
+    """Prefect artifacts of the run: its heads table and a link to its MLflow run."""
+    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
+    url = tracking.run_url(run_id, workspace)
+    create_table_artifact(
+        steps.heads_table(summary, tuned),
+        key=f"heads-{key}",
+        description=f"Heads of {name}, best first: {summary['best']}. MLflow run: {url}",
+    )
+    create_link_artifact(url, link_text=f"MLflow run {run_id}", key=f"mlflow-{key}")
 
 
 @flow(name="embed")
@@ -33,11 +90,13 @@ def embed(
     engine: str = "local",
     address: str | None = None,
     engine_workers: int | None = None,
+    retry_delay_s: float = RETRY_DELAY_S,
 ) -> dict[str, Any]:
     """Extract embeddings of new or changed images into the store and refresh its index;
     counts, per-stage throughput and the index's recall curve go to an MLflow run."""
-    report = embed_task(
-        source,
+    report = _embed(
+        retry_delay_s,
+        source=source,
         store=store,
         backbone=backbone,
         weights=weights,
@@ -102,12 +161,15 @@ def pipeline(
     engine: str = "local",
     address: str | None = None,
     engine_workers: int | None = None,
+    retry_delay_s: float = RETRY_DELAY_S,
 ) -> dict[str, Any]:
     """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
     fine-tuning when the best head is below `target` (or `finetune`), scored on the same test
-    split; the decisions and their reasons go to MLflow."""
-    report = embed_task(
-        source,
+    split; the decisions and their reasons go to MLflow, the heads table to a Prefect
+    artifact."""
+    report = _embed(
+        retry_delay_s,
+        source=source,
         store=store,
         backbone=backbone,
         weights=weights,
@@ -153,6 +215,7 @@ def pipeline(
             tuned = finetune_task(
                 report["store"], run_id, workspace, finetune_settings, best, progress=progress
             )
+    _publish(name, run_id, workspace, summary, tuned)
     return {
         "embed": report,
         **summary,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import tempfile
 from collections import Counter
 from dataclasses import asdict
@@ -17,7 +19,7 @@ from extractors.backbones import check_name, create_backbone
 from extractors.images import ImageError, load_rgb
 from extractors.index import search
 from extractors.sources import read_source
-from extractors.store import Store, StoreError, default_store_dir
+from extractors.store import Store, StoreBusy, StoreError, default_store_dir
 from flows import DEFAULT_WORKSPACE, tracking
 from flows.engine import make_engine
 from heads.classical import class_scores
@@ -527,6 +529,80 @@ def embed_metrics(report: dict[str, Any]) -> dict[str, float]:
     keys = ("scanned", "embedded", "kept", "removed", "failed", "rows", "resumed")
     counts = {f"images_{k}": float(report[k]) for k in keys}
     return counts | {f"embed_{k}": float(v) for k, v in report.get("stats", {}).items()}
+
+
+def heads_table(summary: dict[str, Any], finetuned: dict[str, Any] | None = None) -> list[dict]:
+    """The heads of a run as flat rows (best first) for a Prefect table artifact."""
+    rows = [*summary["heads"], *([finetuned] if finetuned else [])]
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
+    return [
+        {
+            "head": r["head"],
+            "chosen": ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()),
+            "val": round(r["val_score"], 4),
+            **{k: round(r[k], 4) for k in keys if r.get(k) is not None},
+            "mlflow_run": r["run_id"],
+        }
+        for r in rows
+    ]
+
+
+def from_cache(report: dict[str, Any]) -> dict[str, Any]:
+    """A cached embed report as this run's: nothing embedded, removed or resumed."""
+    return report | {
+        "embedded": 0,
+        "kept": report["rows"],
+        "removed": 0,
+        "resumed": 0,
+        "stats": {},
+        "cached": True,
+    }
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures worth retrying with backoff: a store another run is writing, a tracking or
+    orchestration database that is locked or unreachable, a dropped connection."""
+    if isinstance(exc, StoreBusy | ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__ == "OperationalError" or any(
+        s in text for s in ("database is locked", "Connection refused", "API request to")
+    )
+
+
+def embed_cache_key(
+    source: str | Path,
+    store: str | Path | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    seed: int = 0,
+    layers: list[str] | None = None,
+    index_settings: dict[str, Any] | None = None,
+    **_: Any,
+) -> str | None:
+    """Cache key of an embed step: the source's content (every file's path, label, split,
+    size and mtime), the backbone and its weights, and what the store holds (fingerprint,
+    rows, failures; not its timestamps, which every update rewrites). None
+    (no caching) when the store does not exist yet or the source cannot be read."""
+    try:
+        src = read_source(source)
+        st = resolve_store(store, workspace, source=src.root, backbone=backbone)
+        if not st.exists:
+            return None
+        m = st.manifest()
+        h = hashlib.sha256()
+        stored = [m["fingerprint"], m["backbone"], m["weights"], m["rows"], m["failures"]]
+        h.update(json.dumps([str(st.path), stored, backbone, weights, seed, layers]).encode())
+        h.update(json.dumps(index_settings, sort_keys=True, default=str).encode())
+        for r in sorted(src.records, key=lambda r: r.path):
+            stat = os.stat(r.path)
+            h.update(
+                f"{r.path}\0{r.label}\0{r.split}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+            )
+        return f"embed-{h.hexdigest()}"
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def run_name(prefix: str) -> str:

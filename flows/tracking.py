@@ -61,13 +61,28 @@ def artifact_location(experiment: str, workspace: str | Path) -> str | None:
 
     MLflow's own default for a database store is `./mlruns` under whatever folder the command
     runs in, which scatters artifacts (and once filled a git checkout); a tracking server
-    (http/https URIs) decides for itself, so None there.
+    (http/https URIs) decides for itself, so None there. Another database (PostgreSQL,
+    MySQL) keeps them in $HEADSTART_ARTIFACTS, else in the workspace's `mlartifacts/`.
     """
     uri = tracking_uri(workspace)
-    if not uri.startswith("sqlite:///"):
+    if uri.startswith(("http://", "https://", "databricks")):
         return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
-    return (db.parent / "mlartifacts" / experiment).as_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    root = os.environ.get("HEADSTART_ARTIFACTS") or Path(workspace).resolve() / "mlartifacts"
+    return (Path(root).resolve() / experiment).as_uri()
+
+
+def run_url(run_id: str, workspace: str | Path, ui_url: str | None = None) -> str:
+    """Link to a run in the MLflow UI at `ui_url` ($MLFLOW_UI_URL, else the tracking server
+    itself, else http://127.0.0.1:5000 where `headstart`'s `mlflow ui` command serves)."""
+    uri = tracking_uri(workspace)
+    default = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = (ui_url or os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
+    mlflow.set_tracking_uri(uri)
+    exp = MlflowClient().get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{exp}/runs/{run_id}"
 
 
 def start_parent_run(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+import time
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -57,6 +62,13 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
             history = client.get_metric_history(child.info.run_id, "val_accuracy")
             assert sorted(m.step for m in history) == [0, 1]
     assert "embedding_map.png" in {a.path for a in client.list_artifacts(result["run_id"])}
+    # The run's Prefect artifacts: its heads table and a link to its MLflow run.
+    table, link = _artifacts("heads-digits"), _artifacts("mlflow-digits")
+    heads_rows = json.loads(table[-1].data)
+    assert [r["head"] for r in heads_rows][-1] == "finetune:full"
+    assert {r["head"] for r in heads_rows} == set(kinds)
+    assert heads_rows[0]["mlflow_run"] in {c.info.run_id for c in children}
+    assert f"/#/experiments/{exp.experiment_id}/runs/{result['run_id']}" in link[-1].data
     # Each head is an MLflow model (MLflow 3 keeps them as logged models of their run).
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     head_runs = {c.info.run_id for c in children if c.data.tags["headstart.kind"] == "head"}
@@ -91,6 +103,63 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     )
     assert "reused_from" not in forced
     assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 2
+    # The third run over unchanged content is a cache hit of the embed step (keyed on the
+    # files, the backbone and the store, not on the flow run): nothing embedded.
+    assert forced["embed"]["cached"] is True and forced["embed"]["embedded"] == 0
+
+
+def _artifacts(key: str) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    found = sorted(asyncio.run(read()), key=lambda a: a.created)
+    assert found, f"no Prefect artifact {key!r}"
+    return found
+
+
+def test_a_busy_store_is_retried_with_backoff(
+    prefect_server, digits_dir, mlflow_tmp, tmp_path
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from extractors.store import Store, StoreBusy, StoreError
+    from flows.pipeline import embed
+    from flows.steps import is_transient
+
+    first = embed(str(digits_dir), workspace=str(tmp_path), progress=False)
+    store = Store(first["store"])
+    held = threading.Event()
+
+    def hold_lock() -> None:  # another writer, for 2 s
+        with store.lock():
+            held.set()
+            time.sleep(2)
+
+    writer = threading.Thread(target=hold_lock)
+    writer.start()
+    held.wait()
+    state = embed(
+        str(digits_dir), workspace=str(tmp_path), progress=False, retry_delay_s=1, return_state=True
+    )
+    writer.join()
+    assert state.is_completed() and state.result()["embedded"] == 0
+
+    async def task_runs():
+        async with get_client() as client:
+            ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
+
+    (run,) = [t for t in asyncio.run(task_runs()) if t.name.startswith("embed-source")]
+    assert run.run_count >= 2  # failed on the lock, retried after the backoff
+    assert is_transient(StoreBusy("busy")) and not is_transient(StoreError("bad backbone"))
+    assert is_transient(ConnectionRefusedError()) and not is_transient(ValueError("bad input"))
 
 
 def test_prefect_server_records_flow_runs(prefect_server) -> None:
