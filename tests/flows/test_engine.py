@@ -50,7 +50,7 @@ def test_embed_on_a_local_dask_cluster_equals_the_local_engine(
     args = ["embed", str(digits_dir), "--store", str(store), "--workspace", str(tmp_path)]
     res = CliRunner().invoke(app, [*args, "--engine", "dask", "--engine-workers", "2", "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output[res.output.index("{") :])
+    report = json.loads(res.stdout)  # logs, and any logging errors, go to stderr
     assert report["engine"] == "dask" and report["embedded"] == 100
     _same_store(built_store, Store(store))
     assert not (store / "staging").exists()
