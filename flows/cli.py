@@ -24,6 +24,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from extractors.images import ImageError
     from extractors.sources import SourceError
     from extractors.store import StoreError
+    from flows.deployments import DeploymentError
+    from flows.engine import EngineError
     from flows.tracking import ExperimentNotFound
     from heads.finetune import FineTuneError
     from heads.persist import HeadFileError
@@ -38,6 +40,8 @@ def user_errors() -> tuple[type[Exception], ...]:
         ImageError,
         FineTuneError,
         ExperimentNotFound,
+        DeploymentError,
+        EngineError,
     )
 
 
@@ -48,6 +52,7 @@ app = typer.Typer(
         "orchestrated by Prefect. Start with `headstart demo`."
     ),
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal's width
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -72,8 +77,8 @@ StoreOpt = Annotated[
 BackboneOpt = Annotated[
     str | None,
     typer.Option(
-        help=f"Backbone: {DEFAULT_BACKBONE} (offline default), torchvision:<model> "
-        "(e.g. torchvision:resnet50) or timm:<model> (e.g. timm:convnext_tiny.fb_in1k)."
+        help=f"Backbone: {DEFAULT_BACKBONE} (offline default), `torchvision:<model>` "
+        "(e.g. torchvision:resnet50) or `timm:<model>` (e.g. timm:convnext_tiny.fb_in1k)."
     ),
 ]
 WeightsOpt = Annotated[
@@ -130,7 +135,7 @@ AddressOpt = Annotated[
 ]
 EngineWorkers = Annotated[
     int | None,
-    typer.Option(help="Worker processes of the local Dask cluster (default 2; one per GPU)."),
+    typer.Option(help="Worker processes of the local Dask cluster (default: one per GPU, else 2)."),
 ]
 
 
@@ -666,7 +671,7 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a store's backbone on its labelled images (its train/val/test splits).
 
-    The result is a backbone of its own, finetuned:<id>, usable with `embed --backbone` and
+    The result is a backbone of its own, `finetuned:<id>`, usable with `embed --backbone` and
     `predict --model`. Interrupted runs resume from their last epoch; an identical finished run
     is reused, not retrained.
     """
@@ -791,7 +796,7 @@ def predict(
     model: Annotated[
         str | None,
         typer.Option(
-            help="A fine-tuned network, finetuned:<id>, instead of a head (its own classifier)."
+            help="A fine-tuned network, `finetuned:<id>`, instead of a head (its own classifier)."
         ),
     ] = None,
     store: StoreOpt = None,
@@ -974,38 +979,92 @@ def map_cmd(
 
 @app.command()
 def serve(
-    source: Annotated[Path, typer.Argument(help="Folder or manifest to re-process.")],
-    cron: Annotated[str, typer.Option(help="Cron schedule (default: hourly).")] = "0 * * * *",
-    name: Annotated[str | None, typer.Option(help="Deployment name.")] = None,
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="Folder or manifest to re-process; omit to serve --file."),
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule for SOURCE (default: hourly).")
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="Run SOURCE every this many seconds instead of cron.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name for SOURCE.")] = None,
+    file: Annotated[
+        Path,
+        typer.Option(
+            help="Deployments to serve when no SOURCE is given: one `deployment` table per "
+            "source with name, source, cron or interval, and any pipeline parameter (target, "
+            "experiment, engine, ...)."
+        ),
+    ] = Path("deployments.toml"),
+    limit: Annotated[
+        int, typer.Option(help="Flow runs at once; a due run waits while one is running.")
+    ] = 1,
     store: StoreOpt = None,
     backbone: BackboneOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment.")] = None,
     target: float = 0.9,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    engine_workers: EngineWorkers = None,
 ) -> None:
-    """Serve the pipeline as a Prefect deployment on a cron schedule (only new images embed)."""
+    """Serve the pipeline as scheduled Prefect deployments until Ctrl-C.
+
+    Each due run embeds only new or changed images, updates the index, retrains the heads only
+    when the data changed, and publishes its heads table as a Prefect artifact. Runs go to the
+    Prefect API in PREFECT_API_URL (a standing `prefect server start`, see the README) and
+    MLflow in MLFLOW_TRACKING_URI.
+    """
     from prefect import serve as prefect_serve
 
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
-    from flows.pipeline import pipeline
+    from flows import deployments, steps
 
     try:
-        steps.preflight(source, store, backbone, workspace, need_labels=True)
+        if source is None:
+            if cron or interval or name:
+                raise deployments.DeploymentError(
+                    "--cron, --interval and --name apply to a SOURCE; with --file each "
+                    "deployment sets its own"
+                )
+            specs = deployments.read_file(file)
+        else:
+            params = {
+                "store": _s(store and store.resolve()),
+                "backbone": backbone,
+                "experiment": experiment,
+                "target": target,
+                "workspace": str(workspace.resolve()),
+                "engine": engine,
+                "address": address,
+                "engine_workers": engine_workers,
+            }
+            specs = [
+                deployments.DeploymentSpec(
+                    name or f"pipeline-{source.resolve().name}",
+                    str(source.resolve()),
+                    cron or (None if interval else "0 * * * *"),  # both given: an error
+                    interval,
+                    {k: v for k, v in params.items() if v is not None},
+                )
+            ]
+        for spec in specs:
+            p = spec.parameters
+            steps.preflight(
+                Path(spec.source),
+                p.get("store") and Path(p["store"]),
+                p.get("backbone"),
+                Path(p.get("workspace", DEFAULT_WORKSPACE)),
+                need_labels=True,
+            )
+        built = deployments.build(specs)
     except Exception as exc:
         _fail_or_raise(exc)
-    params = {
-        "source": str(source.resolve()),
-        "store": _s(store and store.resolve()),
-        "backbone": backbone,
-        "experiment": experiment,
-        "target": target,
-        "workspace": str(workspace.resolve()),
-        "progress": False,
-    }
-    dep_name = name or f"pipeline-{source.resolve().name}"
-    deployment = pipeline.to_deployment(name=dep_name, cron=cron, parameters=params)
-    out.print(f"serving deployment [bold]pipeline/{dep_name}[/] on '{cron}'; Ctrl-C stops it")
-    prefect_serve(deployment)
+    for spec in specs:
+        out.print(f"serving [bold]pipeline/{spec.name}[/] over {spec.source}, {spec.schedule}")
+    out.print(f"at most {limit} run(s) at once; Ctrl-C stops")
+    prefect_serve(*built, limit=limit, print_starting_message=False)
 
 
 def _s(p: Path | None) -> str | None:

@@ -23,6 +23,10 @@ ENGINES = ("local", "dask")
 MAX_SHARD = 1024  # images per shard: the most work a dying worker can cost
 
 
+class EngineError(ValueError):
+    """An engine setting that cannot work; the message says what to use instead."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """What a worker needs to build the same backbone as the caller."""
@@ -99,10 +103,11 @@ class DaskEngine:
     weights: str | None = None  # a file (given, or a fine-tuned backbone's); None: its own
     shard_size: int | None = None
 
-    def shards(self, pending: list[Pending]) -> list[list[Pending]]:
+    def shards(self, pending: list[Pending], workers: int | None = None) -> list[list[Pending]]:
         """About four shards per worker (so a slow or dead one costs little), at most 1024."""
+        per = 4 * (workers or self.workers)
         size = self.shard_size or min(
-            MAX_SHARD, max(self.batch_size, math.ceil(len(pending) / (4 * self.workers)))
+            MAX_SHARD, max(self.batch_size, math.ceil(len(pending) / per))
         )
         return [pending[i : i + size] for i in range(0, len(pending), size)]
 
@@ -112,7 +117,6 @@ class DaskEngine:
         from distributed import Client, LocalCluster, as_completed
 
         spec = BackboneSpec(backbone.name, self.weights, tuple(backbone.layers.values()))
-        shards = self.shards(pending)
         if self.address:
             cluster, threads = None, None
             client = Client(self.address)
@@ -122,9 +126,11 @@ class DaskEngine:
                 n_workers=self.workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # a free port: never clash with another cluster
             )
             client = Client(cluster)
+        # A joined cluster has as many workers as it has; shard for all of them.
+        shards = self.shards(pending, len(client.scheduler_info()["workers"]))
         bar = _progress(len(pending)) if self.progress else None
         failures: list[tuple[str, str]] = []
         try:
@@ -164,18 +170,25 @@ def make_engine(
 ) -> DaskEngine | None:
     """None for the local engine (the store's default); a DaskEngine for `dask`."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise EngineError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "local":
         if address:
-            raise ValueError("--address joins a Dask cluster; add --engine dask")
+            raise EngineError("--address joins a Dask cluster; add --engine dask")
         return None
     return DaskEngine(
         address=address,
-        workers=workers or 2,
+        workers=workers or default_workers(),
         batch_size=batch_size,
         progress=progress,
         weights=weights,
     )
+
+
+def default_workers() -> int:
+    """One worker per GPU; 2 without one (each gets half the cores)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
 def _progress(total: int):

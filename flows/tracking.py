@@ -62,7 +62,8 @@ def artifact_location(experiment: str, workspace: str | Path) -> str | None:
     MLflow's own default for a database store is `./mlruns` under whatever folder the command
     runs in, which scatters artifacts (and once filled a git checkout); a tracking server
     (http/https URIs) decides for itself, so None there. Another database (PostgreSQL,
-    MySQL) keeps them in $HEADSTART_ARTIFACTS, else in the workspace's `mlartifacts/`.
+    MySQL) keeps them in $HEADSTART_ARTIFACTS (a folder or a URI such as s3://bucket/mlflow),
+    else in the workspace's `mlartifacts/`.
     """
     uri = tracking_uri(workspace)
     if uri.startswith(("http://", "https://", "databricks")):
@@ -70,7 +71,9 @@ def artifact_location(experiment: str, workspace: str | Path) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs or sqlite:///rel
         return (db.parent / "mlartifacts" / experiment).as_uri()
-    root = os.environ.get("HEADSTART_ARTIFACTS") or Path(workspace).resolve() / "mlartifacts"
+    root = os.environ.get("HEADSTART_ARTIFACTS") or str(Path(workspace) / "mlartifacts")
+    if "://" in root:  # shared storage a team can reach: s3://bucket/mlflow, ...
+        return f"{root.rstrip('/')}/{experiment}"
     return (Path(root).resolve() / experiment).as_uri()
 
 

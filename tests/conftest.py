@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Persisted task results (the embed step's cache) stay out of the user's ~/.prefect/storage.
+os.environ.setdefault(
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="headstart-prefect-results-")
+)
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ def test_make_engine_rejects_unknown_names_and_a_stray_address() -> None:
         make_engine("local", address="tcp://127.0.0.1:8786")
     shards = DaskEngine(workers=2, batch_size=8).shards(list(range(100)))
     assert sum(map(len, shards)) == 100 and len(shards) == 8
+    joined = DaskEngine(batch_size=8).shards(list(range(400)), workers=5)  # a bigger cluster
+    assert sum(map(len, joined)) == 400 and len(joined) == 20
 
 
 def test_embed_on_a_local_dask_cluster_equals_the_local_engine(
