@@ -2,6 +2,7 @@
 
     uv run python bench/extract.py                      # 400 photo-sized JPEGs, default backbone
     uv run python bench/extract.py --images 200 --memory-images 200 --backbone torchvision:resnet50
+    uv run python bench/extract.py --compile --skip-memory   # + ours and bare with torch.compile
 
 (1) ours:  Store.update, files -> Parquet + index, end to end (hashing, decode workers,
            model, background Parquet writer, merge, index, manifest);
@@ -74,6 +75,7 @@ def run_ours(folder: Path, args: argparse.Namespace) -> dict:
     from extractors.store import Store
 
     bb = create_backbone(args.backbone, device=args.device)
+    compile_s = _compile(bb, args)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store")
         t0 = time.perf_counter()
@@ -93,7 +95,22 @@ def run_ours(folder: Path, args: argparse.Namespace) -> dict:
         "images_per_s": report.rows / seconds,
         "stages": report.stats,
         "peak_rss_mb": peak_rss_mb(),
+        "compile_s": compile_s,
     }
+
+
+def _compile(bb, args: argparse.Namespace) -> float | None:
+    """With --compile: compile the backbone and run one full batch; the seconds it took."""
+    if not args.compile:
+        return None
+    import torch
+
+    size = bb.preprocessing.get("input_size") or [3, 224, 224]
+    t0 = time.perf_counter()
+    bb.compile().embed(torch.zeros(args.batch_size, *size))
+    bb.embed(torch.zeros(args.batch_size, *size))  # a guard may recompile once
+    assert bb.compiled, "torch.compile failed (see the warning above)"
+    return time.perf_counter() - t0
 
 
 def run_bare(n: int, args: argparse.Namespace) -> dict:
@@ -102,6 +119,7 @@ def run_bare(n: int, args: argparse.Namespace) -> dict:
     from extractors.backbones import create_backbone
 
     bb = create_backbone(args.backbone, device=args.device)
+    _compile(bb, args)
     size = bb.preprocessing.get("input_size") or [3, 224, 224]
     batch = torch.randn(args.batch_size, *size)
     bb.embed(batch)  # warm-up
@@ -139,9 +157,11 @@ def run_naive(paths: list[str], args: argparse.Namespace) -> dict:
     return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
-def child(mode: str, folder: str, args: argparse.Namespace) -> dict:
+def child(mode: str, folder: str, args: argparse.Namespace, compile: bool = False) -> dict:
     """Run one measurement in a fresh interpreter, so peak RSS belongs to it alone."""
     cmd = [sys.executable, __file__, "--child", mode, "--child-folder", folder]
+    if compile:
+        cmd.append("--compile")
     for key in ("backbone", "batch_size", "workers", "device"):
         value = getattr(args, key)
         if value is not None:
@@ -163,6 +183,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-fast-decode", action="store_true", help="decode JPEGs at full size")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run ours with torch.compile (embed --compile), timed after its compile, "
+        "against the bare model eager (the target) and compiled",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -188,13 +214,30 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backbone {args.backbone}")
+    with_compile, args.compile = args.compile, False  # the first three runs: eager
     results = {m: child(m, str(speed_dir), args) for m in ("bare", "ours", "naive")}
-    print(f"\n{'path':<8}{'images/s':>10}{'seconds':>10}")
+    if with_compile:
+        results["ours-compiled"] = child("ours", str(speed_dir), args, compile=True)
+        results["bare-compiled"] = child("bare", str(speed_dir), args, compile=True)
+    print(f"\n{'path':<15}{'images/s':>10}{'seconds':>10}")
     for mode, r in results.items():
-        print(f"{mode:<8}{r['images_per_s']:>10.1f}{r['seconds']:>10.1f}")
+        print(f"{mode:<15}{r['images_per_s']:>10.1f}{r['seconds']:>10.1f}")
     ours, bare, naive = (results[m]["images_per_s"] for m in ("ours", "bare", "naive"))
     print(f"\nours / bare  = {ours / bare:.2f}   (target >= 0.85 on CPU, >= 0.7 on GPU)")
     print(f"ours / naive = {ours / naive:.2f}   (target >= 3)")
+    if with_compile:
+        oc, bc = results["ours-compiled"], results["bare-compiled"]["images_per_s"]
+        print(
+            f"ours --compile / bare = {oc['images_per_s'] / bare:.2f}, / naive = "
+            f"{oc['images_per_s'] / naive:.2f}, / bare compiled = {oc['images_per_s'] / bc:.2f}"
+            f"  (compiling took {oc['compile_s']:.0f} s before the clock started)"
+        )
+        saved = 1 / ours - 1 / oc["images_per_s"]  # seconds per image
+        total = oc["images"] / (oc["seconds"] + oc["compile_s"])
+        print(
+            f"with the compile counted: {total:.1f} images/s on these {oc['images']} images; "
+            + (f"--compile pays from {oc['compile_s'] / saved:.0f} images" if saved > 0 else "")
+        )
     stages = results["ours"]["stages"]
     print(
         "ours per stage (ms/image): "

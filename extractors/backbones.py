@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import socket
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -64,6 +65,8 @@ class Backbone:
     classifier: nn.Module | None = None  # fine-tuned networks: their own trained classifier
     classes: list[str] | None = None
     temperature: float = 1.0
+    _compiled: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
+    _compiled_batch: int | None = field(default=None, repr=False)
 
     def to(self, device: str | torch.device) -> Backbone:
         self.device = torch.device(device)
@@ -86,12 +89,21 @@ class Backbone:
         """Pooled penultimate features (float32, on CPU) of a preprocessed batch."""
         return self.embed_all(batch)[0]
 
-    @torch.inference_mode()
-    def embed_all(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(penultimate features, {layer column: pooled features}), float32 on CPU."""
-        batch = batch.to(self.device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last
-        )
+    def compile(self) -> Backbone:
+        """Run the forward through torch.compile (inductor) with the weights frozen, so
+        BatchNorm folds into the convolutions and element-wise ops fuse: about 1.5x the eager
+        model on CPU for EfficientNet-Lite0. The first batch compiles (10-30 s; cached on disk
+        for later processes); smaller batches are padded to its size so nothing recompiles.
+        Where compiling fails (no C++ compiler, an unsupported op) it warns and runs eagerly."""
+        self._compiled = torch.compile(self._forward, options={"freezing": True})
+        self._compiled_batch = None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._captured.clear()
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -99,7 +111,35 @@ class Backbone:
                 out = self._features(self.model, batch)
         else:
             out = self._features(self.model, batch)
-        extra = {col: self._captured.pop(col).float().cpu() for col in self.layers}
+        return out, {col: self._captured.pop(col) for col in self.layers}
+
+    @torch.inference_mode()
+    def embed_all(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(penultimate features, {layer column: pooled features}), float32 on CPU."""
+        batch = batch.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        n = len(batch)
+        if self._compiled is None:
+            out, extra = self._forward(batch)
+        else:
+            size = self._compiled_batch = self._compiled_batch or n
+            if n < size:  # the last batch: pad rather than compile a second graph
+                pad = batch.new_zeros((size - n, *batch.shape[1:]))
+                batch = torch.cat([batch, pad]).contiguous(memory_format=torch.channels_last)
+            try:
+                out, extra = self._compiled(batch)
+            except Exception as exc:  # eager is always right; say why it is used
+                warnings.warn(
+                    f"torch.compile failed, embedding without it ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled = None
+                out, extra = self._forward(batch)
+            out, extra = out[:n], {col: t[:n] for col, t in extra.items()}
+        extra = {col: t.float().cpu() for col, t in extra.items()}
         return out.float().flatten(1).cpu(), extra
 
     @torch.inference_mode()
@@ -152,10 +192,14 @@ class Backbone:
             column = "emb_" + re.sub(r"[^A-Za-z0-9]+", "_", module_name)
             self.layers[column] = module_name
             self._hooks.append(modules[module_name].register_forward_hook(self._capture(column)))
-        if self.layers:  # one dry run to learn each layer's width
+        if self.layers:  # one dry run (eager) to learn each layer's width
             size = self.preprocessing.get("input_size") or [3, 224, 224]
-            _, extra = self.embed_all(torch.zeros(1, *size))
+            with torch.inference_mode():
+                x = torch.zeros(1, *size, device=self.device)
+                _, extra = self._forward(x.contiguous(memory_format=torch.channels_last))
             self.layer_dims = {col: int(t.shape[1]) for col, t in extra.items()}
+        if self._compiled is not None:  # the hooks changed: compile again
+            self.compile()
         return dict(self.layers)
 
     def _capture(self, column: str) -> Callable[..., None]:

@@ -133,6 +133,15 @@ AddressOpt = Annotated[
         "see the images and the store at the same paths."
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Run the network through torch.compile with frozen weights (about 1.5x the model "
+        "on CPU). Compiling takes 10-30 s at the first batch, so it pays from one or two "
+        "thousand images; needs a C++ compiler on CPU, else it warns and runs as usual.",
+    ),
+]
 EngineWorkers = Annotated[
     int | None,
     typer.Option(help="Worker processes of the local Dask cluster (default: one per GPU, else 2)."),
@@ -455,6 +464,7 @@ def embed(
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     engine_workers: EngineWorkers = None,
+    compile_model: CompileOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new or changed images of SOURCE into the store and refresh its FAISS index.
@@ -484,6 +494,7 @@ def embed(
             engine=engine,
             address=address,
             engine_workers=engine_workers,
+            compile_model=compile_model,
         )
     except Exception as exc:
         _fail_or_raise(exc)
@@ -609,6 +620,7 @@ def run(
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     engine_workers: EngineWorkers = None,
+    compile_model: CompileOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
@@ -641,6 +653,7 @@ def run(
             engine=engine,
             address=address,
             engine_workers=engine_workers,
+            compile_model=compile_model,
         )
     except Exception as exc:
         _fail_or_raise(exc)

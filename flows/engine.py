@@ -34,6 +34,7 @@ class BackboneSpec:
     name: str
     weights: str | None  # a file, or None for the backbone's own weights
     layers: tuple[str, ...]
+    compile: bool = False
 
 
 _BACKBONES: dict[tuple[BackboneSpec, str], Backbone] = {}
@@ -47,6 +48,8 @@ def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
     if key not in _BACKBONES:
         bb = create_backbone(spec.name, weights=spec.weights, device=device)
         bb.set_layers(list(spec.layers))
+        if spec.compile:
+            bb.compile()
         _BACKBONES[key] = bb
     return _BACKBONES[key]
 
@@ -102,6 +105,7 @@ class DaskEngine:
     progress: bool = True
     weights: str | None = None  # a file (given, or a fine-tuned backbone's); None: its own
     shard_size: int | None = None
+    compile_model: bool = False
 
     def shards(self, pending: list[Pending], workers: int | None = None) -> list[list[Pending]]:
         """About four shards per worker (so a slow or dead one costs little), at most 1024."""
@@ -116,7 +120,8 @@ class DaskEngine:
     ) -> list[tuple[str, str]]:
         from distributed import Client, LocalCluster, as_completed
 
-        spec = BackboneSpec(backbone.name, self.weights, tuple(backbone.layers.values()))
+        layers = tuple(backbone.layers.values())
+        spec = BackboneSpec(backbone.name, self.weights, layers, self.compile_model)
         if self.address:
             cluster, threads = None, None
             client = Client(self.address)
@@ -167,6 +172,7 @@ def make_engine(
     batch_size: int = 32,
     progress: bool = True,
     weights: str | None = None,
+    compile_model: bool = False,
 ) -> DaskEngine | None:
     """None for the local engine (the store's default); a DaskEngine for `dask`."""
     if engine not in ENGINES:
@@ -181,6 +187,7 @@ def make_engine(
         batch_size=batch_size,
         progress=progress,
         weights=weights,
+        compile_model=compile_model,
     )
 
 

@@ -90,6 +90,7 @@ def embed(
     engine: str = "local",
     address: str | None = None,
     engine_workers: int | None = None,
+    compile_model: bool = False,
     retry_delay_s: float = RETRY_DELAY_S,
 ) -> dict[str, Any]:
     """Extract embeddings of new or changed images into the store and refresh its index;
@@ -111,6 +112,7 @@ def embed(
         engine=engine,
         address=address,
         workers=engine_workers,
+        compile_model=compile_model,
     )
     params = steps.run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
     run_id = tracking.start_parent_run(
@@ -161,6 +163,7 @@ def pipeline(
     engine: str = "local",
     address: str | None = None,
     engine_workers: int | None = None,
+    compile_model: bool = False,
     retry_delay_s: float = RETRY_DELAY_S,
 ) -> dict[str, Any]:
     """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
@@ -182,6 +185,7 @@ def pipeline(
         engine=engine,
         address=address,
         workers=engine_workers,
+        compile_model=compile_model,
     )
     name = experiment or report["source_name"]
     run_id = tracking.start_parent_run(

@@ -120,3 +120,25 @@ def test_cuda_autocast_matches_cpu(backbone) -> None:
     gpu = create_backbone("efficientnet_lite0", device="cuda").embed(x)
     cos = torch.nn.functional.cosine_similarity(cpu, gpu).item()
     assert cos > 0.99
+
+
+@pytest.mark.slow
+def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
+    """torch.compile (frozen weights) gives the same features, extra layers included, for a
+    full batch and a short last batch (padded, not recompiled)."""
+    compiled = create_backbone("efficientnet_lite0", device="cpu")
+    compiled.set_layers(["-2"])
+    compiled.compile()
+    eager = create_backbone("efficientnet_lite0", device="cpu")
+    eager.set_layers(["-2"])
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    x = torch.stack([backbone.transform(Image.fromarray(p)) for p in photos * 2])  # 8 images
+    for batch in (x, x[:3]):
+        want, want_extra = eager.embed_all(batch)
+        got, got_extra = compiled.embed_all(batch)
+        assert compiled.compiled and got.shape == want.shape == (len(batch), 1280)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got_extra["emb_blocks_4"], want_extra["emb_blocks_4"], atol=1e-4, rtol=1e-4
+        )
+    assert compiled._compiled_batch == 8

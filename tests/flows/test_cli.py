@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from extractors.store import Store
 from flows.cli import app
 
 pytestmark = pytest.mark.slow
@@ -279,3 +280,19 @@ def test_rerun_on_unchanged_data_reuses_heads_and_says_why(
     assert third["retrain_reason"].startswith("data changed")
     forced = json.loads(_ok([*args, "--retrain"]))
     assert forced["retrain_reason"] == "asked to retrain (--retrain)"
+
+
+def test_embed_compile_gives_the_eager_store(
+    prefect_server, mlflow_tmp, digits_dir, built_store, tmp_path
+) -> None:
+    """`embed --compile` runs the compiled network and lands the same rows as the eager one."""
+    import numpy as np
+
+    store = tmp_path / "compiled"
+    args = ["embed", str(digits_dir), "--store", str(store), "--workspace", str(tmp_path)]
+    report = json.loads(_ok([*args, "--compile", "--json"]))
+    assert report["compiled"] is True and report["embedded"] == 100
+    want, got = built_store.table().sort_by("id"), Store(store).table().sort_by("id")
+    assert got["id"].equals(want["id"]) and Store(store).verify() == []
+    emb = [np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in (want, got)]
+    np.testing.assert_allclose(emb[1], emb[0], atol=1e-4)
