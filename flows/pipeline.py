@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -114,6 +114,7 @@ def embed(
         workers=engine_workers,
         compile_model=compile_model,
     )
+    get_run_logger().info(steps.embed_summary(report))
     params = steps.run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
     run_id = tracking.start_parent_run(
         report["source_name"], workspace, steps.run_name("embed"), params
@@ -187,6 +188,8 @@ def pipeline(
         workers=engine_workers,
         compile_model=compile_model,
     )
+    log = get_run_logger()
+    log.info(steps.embed_summary(report))
     name = experiment or report["source_name"]
     run_id = tracking.start_parent_run(
         name, workspace, steps.run_name("pipeline"), steps.run_params(report, seed, target)
@@ -206,6 +209,7 @@ def pipeline(
             params={"heads_retrained": "reused_from" not in summary},
             tags={"retrain_reason": why},
         )
+        log.info(f"heads: {why}")
         decision = decide_task(summary, target, finetune)
         tracking.log_to_run(
             run_id,

@@ -573,6 +573,18 @@ def from_cache(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def embed_summary(report: dict[str, Any]) -> str:
+    """One line for a run's log: "nothing new" or what changed in the store."""
+    if not (report["embedded"] or report["removed"]):
+        how = " (cached)" if report.get("cached") else ""
+        return f"nothing new{how}: {report['rows']} images unchanged in {report['store']}"
+    return (
+        f"{report['embedded']} images embedded, {report['removed']} removed, "
+        f"{report['kept']} unchanged, {report['failed']} failed: {report['rows']} rows in "
+        f"{report['store']}"
+    )
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Failures worth retrying with backoff: a store another run is writing, a tracking or
     orchestration database that is locked or unreachable, a dropped connection."""

@@ -91,8 +91,15 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     preds = mlflow.pyfunc.load_model(reg["uri"]).predict(X)
     assert set(preds) <= {"0", "1", "2", "3"}
 
-    # Scheduled re-runs over the same folder embed nothing new and reuse the heads...
-    again = pipeline(str(digits_dir), workspace=str(tmp_path), target=None, progress=False)
+    # Scheduled re-runs over the same folder embed nothing new and reuse the heads, and
+    # say so in the run's log...
+    state = pipeline(
+        str(digits_dir), workspace=str(tmp_path), target=None, progress=False, return_state=True
+    )
+    again = state.result()
+    log = _flow_run_log(state.state_details.flow_run_id)
+    assert "nothing new: 100 images unchanged" in log
+    assert f"heads: data unchanged since run {result['run_id']}" in log
     assert again["embed"]["embedded"] == 0 and again["embed"]["kept"] == 100
     assert again["finetune"] is None and "no target" in again["decision"]["reason"]
     assert again["reused_from"] == result["run_id"]
@@ -106,6 +113,18 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     # The third run over unchanged content is a cache hit of the embed step (keyed on the
     # files, the backbone and the store, not on the flow run): nothing embedded.
     assert forced["embed"]["cached"] is True and forced["embed"]["embedded"] == 0
+
+
+def _flow_run_log(flow_run_id) -> str:
+    """The run's log as the Prefect server holds it (what the UI shows)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs go to the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(entry.message for entry in logs)
 
 
 def _artifacts(key: str) -> list:
