@@ -157,10 +157,10 @@ def run_naive(paths: list[str], args: argparse.Namespace) -> dict:
     return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
-def child(mode: str, folder: str, args: argparse.Namespace, compile: bool = False) -> dict:
+def child(mode: str, folder: str, args: argparse.Namespace, compiled: bool = False) -> dict:
     """Run one measurement in a fresh interpreter, so peak RSS belongs to it alone."""
     cmd = [sys.executable, __file__, "--child", mode, "--child-folder", folder]
-    if compile:
+    if compiled:
         cmd.append("--compile")
     for key in ("backbone", "batch_size", "workers", "device"):
         value = getattr(args, key)
@@ -217,8 +217,8 @@ def main() -> None:
     with_compile, args.compile = args.compile, False  # the first three runs: eager
     results = {m: child(m, str(speed_dir), args) for m in ("bare", "ours", "naive")}
     if with_compile:
-        results["ours-compiled"] = child("ours", str(speed_dir), args, compile=True)
-        results["bare-compiled"] = child("bare", str(speed_dir), args, compile=True)
+        results["ours-compiled"] = child("ours", str(speed_dir), args, compiled=True)
+        results["bare-compiled"] = child("bare", str(speed_dir), args, compiled=True)
     print(f"\n{'path':<15}{'images/s':>10}{'seconds':>10}")
     for mode, r in results.items():
         print(f"{mode:<15}{r['images_per_s']:>10.1f}{r['seconds']:>10.1f}")
