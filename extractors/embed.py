@@ -44,6 +44,7 @@ class EmbedStats:
     model_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
+    path: str = ""  # how the network ran (compiled or eager, and why): set by the engine
 
     def metrics(self) -> dict[str, float]:
         """images/s end to end and milliseconds per image for each stage."""

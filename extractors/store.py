@@ -62,8 +62,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from extractors import compiled, indexing
 from extractors import index as faiss_index
-from extractors import indexing
 from extractors.atomic import atomic_path, write_bytes_atomic
 from extractors.backbones import Backbone
 from extractors.embed import EmbeddedBatch, EmbedStats, embed_files
@@ -149,6 +149,7 @@ class UpdateReport:
     failed: int = 0
     rows: int = 0
     resumed: int = 0  # rows reused from the staging/ parts of an interrupted run
+    model_path: str = ""  # how the network ran: compiled or eager, and why
     failures: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)  # images/s and ms per image per stage
 
@@ -186,10 +187,15 @@ class LocalEngine:
     progress: bool = True
     fast_decode: bool = True
     checkpoint_rows: int = CHECKPOINT_ROWS
+    compile_model: bool | None = None  # None: extractors.compiled.decide from the job's size
 
     def __call__(
         self, staging_dir: Path, backbone: Backbone, pending: list[Pending], stats: EmbedStats
     ) -> list[tuple[str, str]]:
+        use, why = compiled.decide(backbone, self.batch_size, len(pending), self.compile_model)
+        if use and not backbone.compiled:
+            backbone.compile(self.batch_size)
+        stats.path = why if backbone.compiled or not use else "eager (compiling failed)"
         sch = schema(backbone.dim, backbone.layer_dims)
         failures: list[tuple[str, str]] = []
         paths = [p.path for p in pending]
@@ -364,6 +370,47 @@ class Store:
                 "use another --store for a different set of layers."
             )
 
+    def unchanged(self, source: Source, backbone: str, layers: Sequence[str] | None = None) -> bool:
+        """True when an update from `source` would leave the store exactly as it is: built
+        with `backbone` (and `layers`, None = the store's own), from the same source, every
+        file of it already a row with the same size, modification time, label and given
+        split, no row left over, no failed file to retry, nothing staged, the index in line.
+        Reads only, and needs no model: an unchanged scheduled run costs a listing and a few
+        `stat` calls."""
+        if not self.exists or (self.path / STAGING).exists():
+            return False
+        m = self.manifest()
+        own_layers = [v["module"] for v in m.get("layers", {}).values()]
+        src = {"root": source.root, "kind": source.kind, "name": source.name}
+        if (
+            m["backbone"] != backbone
+            or (layers is not None and list(layers) != own_layers)
+            or m.get("source") != src
+            or m.get("failures")
+            or m.get("rows") != len(source.records)
+            or len({r.path for r in source.records}) != len(source.records)
+        ):
+            return False
+        old = self._metadata()
+        if old is None:
+            return not source.records
+        cols = [old[c].to_pylist() for c in ("path", "label", "split", "bytes", "mtime_ns")]
+        rows = {p: (lab, s, b, t) for p, lab, s, b, t in zip(*cols, strict=True)}
+        for rec in source.records:
+            row = rows.get(rec.path)
+            if row is None or row[0] != rec.label or rec.split not in (None, row[1]):
+                return False
+            try:
+                st = os.stat(rec.path)
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != row[2:]:
+                return False
+        try:
+            return self.index_if_consistent(mmap=True) is not None
+        except RuntimeError:  # an unreadable index: the update rebuilds it
+            return False
+
     # --- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -486,6 +533,7 @@ class Store:
         self._commit(source, backbone, plan, staging, sch, seed, report, index_settings)
         stats.wall_s = time.perf_counter() - started
         report.stats = stats.metrics() | {"seconds": stats.wall_s}
+        report.model_path = stats.path
         return report
 
     def _metadata(self) -> pa.Table | None:

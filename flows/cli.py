@@ -26,6 +26,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from extractors.store import StoreError
     from flows.deployments import DeploymentError
     from flows.engine import EngineError
+    from flows.runs import OrchestrationError
     from flows.tracking import ExperimentNotFound
     from heads.finetune import FineTuneError
     from heads.persist import HeadFileError
@@ -42,6 +43,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ExperimentNotFound,
         DeploymentError,
         EngineError,
+        OrchestrationError,
     )
 
 
@@ -134,12 +136,14 @@ AddressOpt = Annotated[
     ),
 ]
 CompileOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--compile",
-        help="Run the network through torch.compile with frozen weights (about 1.5x the model "
-        "on CPU). Compiling takes 10-30 s at the first batch, so it pays from one or two "
-        "thousand images; needs a C++ compiler on CPU, else it warns and runs as usual.",
+        "--compile/--no-compile",
+        help="Run the network as an ahead-of-time compiled package (weights frozen, ops "
+        "fused: about 1.5x the model on CPU). By default it is used when an earlier run built "
+        "it, and built when the job is large enough to repay the ~30 s it takes (3,000 "
+        "images on CPU); --compile builds it now, --no-compile never uses it. Needs a C++ "
+        "compiler; where compiling fails the run warns and goes on as usual.",
     ),
 ]
 EngineWorkers = Annotated[
@@ -231,6 +235,20 @@ def _ft_settings(
     }
 
 
+def _flow(name: str) -> Any:
+    """The run `name` of flows/runs.py: as a Prefect flow when a Prefect server is set up
+    (PREFECT_API_URL or the Prefect profile; its UI then shows the run), else in this process,
+    without Prefect. Either way the same steps, and MLflow records the run."""
+    from flows import runs
+
+    if not runs.using_prefect():
+        return getattr(runs, name)
+    runs.check_prefect_server()
+    from flows import pipeline
+
+    return getattr(pipeline, name)
+
+
 def _fail_or_raise(exc: Exception) -> None:
     """Bad input: one red line and exit code 2. Anything else is a bug: re-raise it."""
     if not isinstance(exc, user_errors()):
@@ -309,9 +327,13 @@ def _print_embed(report: dict[str, Any]) -> None:
             f"{stats['decode_ms_per_image']:.1f} (summed over threads), model "
             f"{stats['model_ms_per_image']:.1f}, write {stats['write_ms_per_image']:.1f}"
         )
+    if report["embedded"] and report.get("model_path"):
+        out.print(f"  network: {report['model_path']}", highlight=False)
     if report.get("index"):
         out.print("  " + _index_line(report["index"]), highlight=False)
-        out.print(f"  ({report['index']['history'][-1]['action']})", highlight=False)
+        changed = report["embedded"] or report["removed"]
+        action = report["index"]["history"][-1]["action"] if changed else "unchanged"
+        out.print(f"  ({action})", highlight=False)
     for path, reason in report["failures"][:10]:
         out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if report["failed"] > 10:
@@ -351,6 +373,14 @@ def _print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     )
     out.print(f"open the MLflow UI: [bold]{tracking.ui_command(workspace)}[/]")
     out.print(f"compare runs: [bold]uv run headstart compare --workspace {workspace}[/]")
+    from flows import runs
+
+    if not runs.using_prefect():
+        out.print(
+            "ran in this process, without Prefect; to see runs in Prefect's UI, start `uv run "
+            "prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            highlight=False,
+        )
 
 
 def _print_finetune(ft: dict[str, Any], workspace: Path) -> None:
@@ -401,7 +431,6 @@ def demo(
     embed, frozen heads, then fine-tuning where the heads fall short, on the same test split."""
     import torch
 
-    from flows.pipeline import pipeline
     from flows.sample_data import materialise_digits
 
     if image_size is None and not torch.cuda.is_available():
@@ -414,7 +443,7 @@ def demo(
     try:
         root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
         out.print(f"sample data: {root} (10 classes x {per_class} images)")
-        result = pipeline(
+        result = _flow("pipeline")(
             str(root),
             backbone=backbone,
             workspace=str(workspace),
@@ -464,7 +493,7 @@ def embed(
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     engine_workers: EngineWorkers = None,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new or changed images of SOURCE into the store and refresh its FAISS index.
@@ -473,12 +502,11 @@ def embed(
     continues from them. Files that cannot be embedded are listed in failures.parquet with a
     reason (`headstart info`). Counts and images/s per stage go to an MLflow run.
     """
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
-    from flows.pipeline import embed as embed_flow
+    from flows.steps.embedding import preflight
 
     try:
-        steps.preflight(source, store, backbone, workspace, need_labels=False)
-        report = embed_flow(
+        preflight(source, store, backbone, workspace, need_labels=False)
+        report = _flow("embed")(
             str(source),
             store=_s(store),
             backbone=backbone,
@@ -521,11 +549,11 @@ def index_cmd(
     Use it to change the memory budget or recall target of an existing store. The choice,
     the reason, the tuned parameters and the recall/latency curve go to the manifest
     (`headstart info`)."""
-    from flows import steps
+    from flows.workspace import resolve_store
 
     try:
         settings = _index_settings(max_memory, recall, index)
-        st = steps.resolve_store(store, workspace)
+        st = resolve_store(store, workspace)
         with st.lock():
             entry = st.reindex(settings, rebuild=rebuild or settings is not None)
     except Exception as exc:
@@ -561,13 +589,14 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train logistic-regression, SVM and k-NN heads on a store, tracked in MLflow."""
-    from flows import steps, tracking
-    from flows.pipeline import train_heads
+    from flows import tracking
+    from flows.steps.training import check_trainable
+    from flows.workspace import resolve_store
 
     try:
-        st = steps.resolve_store(store, workspace)
-        steps.check_trainable(st)
-        result = train_heads(
+        st = resolve_store(store, workspace)
+        check_trainable(st)
+        result = _flow("train_heads")(
             str(st.path), experiment=experiment, heads=heads, workspace=str(workspace), seed=seed
         )
     except Exception as exc:
@@ -620,21 +649,20 @@ def run(
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     engine_workers: EngineWorkers = None,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
     best head's validation score is below --target (or with --finetune); all in MLflow."""
-    from flows import steps
-    from flows.pipeline import pipeline
+    from flows.steps.embedding import preflight
 
     settings = _ft_settings(
         strategy, blocks, epochs, image_size, backbone_lr, head_lr, bn, gradual, flip, seed
     )
     try:
-        steps.preflight(source, store, backbone, workspace, need_labels=True)
+        preflight(source, store, backbone, workspace, need_labels=True)
         _check_settings(settings)
-        result = pipeline(
+        result = _flow("pipeline")(
             str(source),
             store=_s(store),
             backbone=backbone,
@@ -688,17 +716,17 @@ def finetune_cmd(
     `predict --model`. Interrupted runs resume from their last epoch; an identical finished run
     is reused, not retrained.
     """
-    from flows import steps
-    from flows.pipeline import finetune
+    from flows.steps.training import check_trainable
+    from flows.workspace import resolve_store
 
     settings = _ft_settings(
         strategy, blocks, epochs, image_size, backbone_lr, head_lr, bn, gradual, flip, seed
     )
     try:
-        st = steps.resolve_store(store, workspace)
-        steps.check_trainable(st)
+        st = resolve_store(store, workspace)
+        check_trainable(st)
         _check_settings(settings)
-        result = finetune(
+        result = _flow("finetune")(
             str(st.path),
             experiment=experiment,
             settings=settings,
@@ -728,10 +756,10 @@ def compare(
 ) -> None:
     """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
     (newest first), best validation score first, the same metrics as the MLflow UI."""
-    from flows import steps
+    from flows.steps.training import compare as compare_runs
 
     try:
-        rows = steps.compare(workspace, experiment=experiment, last=last)
+        rows = compare_runs(workspace, experiment=experiment, last=last)
     except Exception as exc:
         _fail_or_raise(exc)
     if as_json:
@@ -778,10 +806,10 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Find the images in a store most similar to IMAGE (cosine similarity of embeddings)."""
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
+    from flows.steps.inference import search_image
 
     try:
-        hits = steps.search_image(image, store=store, k=k, workspace=workspace)
+        hits = search_image(image, store=store, k=k, workspace=workspace)
     except Exception as exc:
         _fail_or_raise(exc)
     if as_json:
@@ -818,10 +846,10 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Label new images with a trained head or a fine-tuned network, with probabilities."""
-    from flows import steps
+    from flows.steps.inference import predict_images
 
     try:
-        preds = steps.predict_images(
+        preds = predict_images(
             images, head=head, store=store, workspace=workspace, top=top, model=model
         )
     except Exception as exc:
@@ -862,10 +890,10 @@ def dedup(
     """Find groups of near-duplicate images in a store (before training: duplicates leak
     between train and test splits). Exact duplicates are already in `headstart info`."""
     from extractors.dedup import near_duplicate_groups, write_groups
-    from flows import steps
+    from flows.workspace import resolve_store
 
     try:
-        st = steps.resolve_store(store, workspace)
+        st = resolve_store(store, workspace)
         groups = near_duplicate_groups(st, threshold=threshold)
         written = write_groups(groups, out_file) if out_file is not None else None
     except Exception as exc:
@@ -896,10 +924,10 @@ def info(
     store: StoreOpt = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: JsonOpt = False
 ) -> None:
     """Show what a store holds: backbone, rows, splits, classes, failures, index, heads."""
-    from flows import steps, tracking  # noqa: F401  (lazy: heavy imports)
+    from flows.steps.inference import store_info
 
     try:
-        data = steps.store_info(store, workspace)
+        data = store_info(store, workspace)
     except Exception as exc:
         _fail_or_raise(exc)
     if as_json:
@@ -950,11 +978,11 @@ def ui(
     and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes."""
     import uvicorn
 
-    from flows import steps
     from flows.webapp import create_app
+    from flows.workspace import resolve_store
 
     try:
-        st = steps.resolve_store(store, workspace)
+        st = resolve_store(store, workspace)
         application = create_app(st.path, workspace, mlflow_url)
     except Exception as exc:
         _fail_or_raise(exc)
@@ -977,11 +1005,11 @@ def map_cmd(
 ) -> None:
     """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated
     clusters mean the heads have an easy job; mixed ones show which classes get confused."""
-    from flows import steps
     from flows.embedding_map import project, write_html, write_png
+    from flows.workspace import resolve_store
 
     try:
-        st = steps.resolve_store(store, workspace)
+        st = resolve_store(store, workspace)
         data = project(st, max_points=points, seed=seed)
         png = write_png(data, out_file.with_suffix(".png"))
         html = write_html(data, out_file.with_suffix(".html"))
@@ -1030,9 +1058,8 @@ def serve(
     Prefect API in PREFECT_API_URL (a standing `prefect server start`, see the README) and
     MLflow in MLFLOW_TRACKING_URI.
     """
-    from prefect import serve as prefect_serve
-
-    from flows import deployments, steps
+    from flows import deployments, runs
+    from flows.steps.embedding import preflight
 
     try:
         if source is None:
@@ -1064,20 +1091,45 @@ def serve(
             ]
         for spec in specs:
             p = spec.parameters
-            steps.preflight(
+            preflight(
                 Path(spec.source),
                 p.get("store") and Path(p["store"]),
                 p.get("backbone"),
                 Path(p.get("workspace", DEFAULT_WORKSPACE)),
                 need_labels=True,
             )
+        if runs.using_prefect():
+            runs.check_prefect_server()
+        else:
+            # Prefect's own 20 s is too short for a first start on a small, busy machine.
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+            err.print(
+                "no Prefect server set up (PREFECT_API_URL): starting a temporary one, which "
+                "can take a minute the first time; its runs vanish when serve stops. To keep "
+                "them, run `uv run prefect server start` and export "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+                highlight=False,
+            )
         built = deployments.build(specs)
     except Exception as exc:
         _fail_or_raise(exc)
+    from prefect import serve as prefect_serve
+
     for spec in specs:
         out.print(f"serving [bold]pipeline/{spec.name}[/] over {spec.source}, {spec.schedule}")
     out.print(f"at most {limit} run(s) at once; Ctrl-C stops")
-    prefect_serve(*built, limit=limit, print_starting_message=False)
+    try:
+        prefect_serve(*built, limit=limit, print_starting_message=False)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        _fail_or_raise(
+            runs.OrchestrationError(
+                "the temporary Prefect server did not start in time; start one with `uv run "
+                "prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and "
+                "run serve again"
+            )
+        )
 
 
 def _s(p: Path | None) -> str | None:

@@ -77,7 +77,7 @@ class SearchService:
     def backbone(self):
         with self._lock:
             if self._backbone is None:
-                from flows.steps import backbone_for
+                from flows.workspace import backbone_for
 
                 bb = backbone_for(self.manifest["backbone"], self.workspace, device="cpu")
                 if bb.weights != self.manifest["weights"]:

@@ -13,6 +13,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault(
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="headstart-prefect-results-")
 )
+# Compiled network packages the tests build stay out of the user's ~/.cache/headstart.
+os.environ.setdefault("HEADSTART_COMPILE_CACHE", tempfile.mkdtemp(prefix="headstart-compiled-"))
 
 
 @pytest.fixture(scope="session")

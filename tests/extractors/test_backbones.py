@@ -124,16 +124,22 @@ def test_cuda_autocast_matches_cpu(backbone) -> None:
 
 @pytest.mark.slow
 def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
-    """torch.compile (frozen weights) gives the same features, extra layers included, for a
-    full batch and a short last batch (padded, not recompiled)."""
+    """The compiled package (frozen weights) gives the same features, extra layers included,
+    for a full batch, a short last batch (padded) and a longer one (split); a second backbone
+    loads the package the first one built instead of building it again."""
+    from extractors import compiled as aot
+
     compiled = create_backbone("efficientnet_lite0", device="cpu")
     compiled.set_layers(["-2"])
-    compiled.compile()
+    compiled.compile(batch_size=8)
+    package = aot.package_path(compiled, 8)
+    assert package.is_file()
+    built = package.stat().st_mtime_ns
     eager = create_backbone("efficientnet_lite0", device="cpu")
     eager.set_layers(["-2"])
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     x = torch.stack([backbone.transform(Image.fromarray(p)) for p in photos * 2])  # 8 images
-    for batch in (x, x[:3]):
+    for batch in (x, x[:3], torch.cat([x, x[:2]])):
         want, want_extra = eager.embed_all(batch)
         got, got_extra = compiled.embed_all(batch)
         assert compiled.compiled and got.shape == want.shape == (len(batch), 1280)
@@ -142,3 +148,12 @@ def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
             got_extra["emb_blocks_4"], want_extra["emb_blocks_4"], atol=1e-4, rtol=1e-4
         )
     assert compiled._compiled_batch == 8
+    again = create_backbone("efficientnet_lite0", device="cpu")
+    again.set_layers(["-2"])
+    assert aot.decide(again, 8, 8, None) == (True, "compiled (package built by an earlier run)")
+    torch.testing.assert_close(again.compile(8).embed(x), eager.embed(x), atol=1e-4, rtol=1e-4)
+    assert package.stat().st_mtime_ns == built  # loaded, not rebuilt
+    small = aot.decide(eager, 32, 100, None)
+    assert small[0] is False and "do not repay" in small[1]
+    assert aot.decide(eager, 32, aot.AUTO_MIN_IMAGES, None)[0] is True
+    assert aot.decide(eager, 32, 10**6, False) == (False, "eager (--no-compile)")

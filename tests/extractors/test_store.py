@@ -152,3 +152,31 @@ def test_unknown_layer_is_a_clear_error(backbone) -> None:
         bb.set_layers(["-9"])
     with pytest.raises(BackboneError, match="no layer 'nope'"):
         bb.set_layers(["nope"])
+
+
+def test_unchanged_is_read_only_and_sees_every_change(digits_dir, backbone, tmp_path) -> None:
+    """`unchanged` (the fast path of a re-run) holds only when an update would change nothing,
+    writes nothing, and turns false for a new, touched, relabelled or deleted file."""
+    import os
+
+    src = tmp_path / "digits"
+    shutil.copytree(digits_dir, src)
+    store = Store(tmp_path / "store")
+    store.update(read_source(src), backbone, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()}
+    assert store.unchanged(read_source(src), "efficientnet_lite0")
+    assert {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()} == before
+    assert not store.unchanged(read_source(src), "timm:resnet50")
+    assert not store.unchanged(read_source(src), "efficientnet_lite0", layers=["-2"])
+
+    one = sorted((src / "1").iterdir())[0]
+    os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 10**9))
+    assert not store.unchanged(read_source(src), "efficientnet_lite0")  # touched: re-hash
+    store.update(read_source(src), backbone, progress=False)
+    assert store.unchanged(read_source(src), "efficientnet_lite0")
+    shutil.move(one, src / "2" / one.name)  # relabelled
+    assert not store.unchanged(read_source(src), "efficientnet_lite0")
+    (src / "2" / one.name).unlink()  # deleted
+    assert not store.unchanged(read_source(src), "efficientnet_lite0")
+    Image.new("RGB", (9, 9)).save(src / "3" / "new.png")  # new (and one fewer)
+    assert not store.unchanged(read_source(src), "efficientnet_lite0")

@@ -292,7 +292,34 @@ def test_embed_compile_gives_the_eager_store(
     args = ["embed", str(digits_dir), "--store", str(store), "--workspace", str(tmp_path)]
     report = json.loads(_ok([*args, "--compile", "--json"]))
     assert report["compiled"] is True and report["embedded"] == 100
+    assert report["model_path"] == "compiled (--compile)"
     want, got = built_store.table().sort_by("id"), Store(store).table().sort_by("id")
     assert got["id"].equals(want["id"]) and Store(store).verify() == []
     emb = [np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in (want, got)]
     np.testing.assert_allclose(emb[1], emb[0], atol=1e-4)
+
+
+def test_cli_runs_are_prefect_flow_runs_when_a_server_is_set(
+    prefect_server, mlflow_tmp, digits_dir, tmp_path, monkeypatch
+) -> None:
+    """Without PREFECT_API_URL the CLI runs in-process (the other tests); with it, the same
+    run is a Prefect flow run on that server, visible in its UI."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    ws = tmp_path / "ws"
+    report = json.loads(_ok(["embed", str(digits_dir), "--workspace", str(ws), "--json"]))
+    assert report["embedded"] == 100 and report["run_id"]
+
+    async def flow_runs():
+        async with get_client() as client:
+            top = FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True))
+            return await client.read_flow_runs(flow_run_filter=top)
+
+    ours = [r for r in asyncio.run(flow_runs()) if r.parameters.get("workspace") == str(ws)]
+    assert len(ours) == 1 and ours[0].state.is_completed()
+    assert ours[0].parameters["source"] == str(digits_dir)

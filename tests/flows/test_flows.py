@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from heads.evaluate import METRICS
 
@@ -150,10 +152,14 @@ def test_a_busy_store_is_retried_with_backoff(
 
     from extractors.store import Store, StoreBusy, StoreError
     from flows.pipeline import embed
-    from flows.steps import is_transient
+    from flows.steps.embedding import is_transient
 
-    first = embed(str(digits_dir), workspace=str(tmp_path), progress=False)
+    src = tmp_path / "digits"
+    shutil.copytree(digits_dir, src)
+    first = embed(str(src), workspace=str(tmp_path), progress=False)
     store = Store(first["store"])
+    # One new image, so the second run has to write (an unchanged store needs no lock).
+    Image.open(next((src / "1").iterdir())).rotate(90).save(src / "1" / "new.png")
     held = threading.Event()
 
     def hold_lock() -> None:  # another writer, for 2 s
@@ -165,10 +171,10 @@ def test_a_busy_store_is_retried_with_backoff(
     writer.start()
     held.wait()
     state = embed(
-        str(digits_dir), workspace=str(tmp_path), progress=False, retry_delay_s=1, return_state=True
+        str(src), workspace=str(tmp_path), progress=False, retry_delay_s=1, return_state=True
     )
     writer.join()
-    assert state.is_completed() and state.result()["embedded"] == 0
+    assert state.is_completed() and state.result()["embedded"] == 1
 
     async def task_runs():
         async with get_client() as client:

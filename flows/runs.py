@@ -1,0 +1,311 @@
+"""The runs behind the commands, `embed`, `train-heads`, `pipeline` and `finetune`: each one
+short sequence of steps, run by a `Runner`.
+
+`LOCAL` calls the steps in this process: what the CLI does when no Prefect server is set up
+(nothing to start, nothing imported). flows/pipeline.py wraps the same functions as Prefect
+flows whose steps are Prefect tasks (retries, the embed cache, artifacts): what `serve`, the
+schedules and the CLI with `PREFECT_API_URL` set run. `using_prefect` says which applies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import os
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows import DEFAULT_WORKSPACE
+
+RETRY_DELAY_S = 10.0  # Prefect only: the first retry of a transient failure (then 20, 40)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a run's steps execute. Each step takes the arguments of its function in
+    flows.steps; `embed` also takes the first retry delay, which only Prefect uses."""
+
+    embed: Callable[..., dict[str, Any]]
+    train: Callable[..., dict[str, Any]]
+    reuse: Callable[..., tuple[dict[str, Any] | None, str]]
+    decide: Callable[..., dict[str, Any]]
+    finetune: Callable[..., dict[str, Any]]
+    log: Callable[[str], None]
+    publish: Callable[[str, str, str, dict, dict | None], None]  # name, run, workspace, ...
+
+
+def _step(module: str, name: str) -> Callable[..., Any]:
+    """A function of flows.steps.<module>, imported at its first call: a command imports only
+    the stages it runs."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"flows.steps.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
+def _local_embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
+    return _step("embedding", "embed_source")(**kwargs)  # no retries here: the user sees it
+
+
+LOCAL = Runner(
+    embed=_local_embed,
+    train=_step("training", "train_and_track"),
+    reuse=_step("training", "reusable_training"),
+    decide=_step("training", "escalation_decision"),
+    finetune=_step("finetuning", "finetune_and_track"),
+    log=logging.getLogger("headstart").info,
+    publish=lambda *args: None,  # Prefect artifacts need a Prefect server
+)
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API runs report to: `PREFECT_API_URL`, else the active Prefect profile's
+    (`prefect config set PREFECT_API_URL=...`); None when neither names one. Read without
+    importing Prefect."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return str(url) if url else None
+
+
+def using_prefect() -> bool:
+    """Run the CLI's commands as Prefect flows: when a Prefect server is set up for them."""
+    return prefect_api_url() is not None
+
+
+class OrchestrationError(RuntimeError):
+    """The Prefect server that runs should report to is not there."""
+
+
+def check_prefect_server(timeout_s: float = 5.0) -> str:
+    """The configured Prefect API's URL, once it answers its health check; else a clear
+    error (not Prefect's traceback after its own time-out)."""
+    url = prefect_api_url()
+    if url is None:
+        raise OrchestrationError("no Prefect server is set up (PREFECT_API_URL is not set)")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return url
+    except (OSError, ValueError):
+        pass
+    raise OrchestrationError(
+        f"no Prefect server answers at {url} (PREFECT_API_URL): start it with "
+        "`uv run prefect server start`, or unset PREFECT_API_URL to run without Prefect"
+    )
+
+
+def run_name(prefix: str) -> str:
+    return f"{prefix}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def nothing_new(report: dict[str, Any]) -> bool:
+    """An embed report of a store that the update left exactly as it was."""
+    return not (report["embedded"] or report["removed"])
+
+
+def embed(
+    source: str,
+    store: str | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    layers: list[str] | None = None,
+    fast_decode: bool = True,
+    index_settings: dict[str, Any] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    engine_workers: int | None = None,
+    compile_model: bool | None = None,
+    retry_delay_s: float = RETRY_DELAY_S,
+    runner: Runner = LOCAL,
+) -> dict[str, Any]:
+    """Extract embeddings of new or changed images into the store and refresh its index;
+    counts, per-stage throughput and the index's recall curve go to an MLflow run (none when
+    nothing changed: there is nothing to record, and the command stays fast)."""
+    report = runner.embed(
+        retry_delay_s,
+        source=source,
+        store=store,
+        backbone=backbone,
+        weights=weights,
+        workspace=workspace,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        progress=progress,
+        layers=layers,
+        fast_decode=fast_decode,
+        index_settings=index_settings,
+        engine=engine,
+        address=address,
+        workers=engine_workers,
+        compile_model=compile_model,
+    )
+    from flows.steps.embedding import embed_metrics, embed_summary, run_params
+
+    runner.log(embed_summary(report))
+    if nothing_new(report):
+        return report | {"run_id": None}
+    from flows import tracking
+
+    params = run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
+    run_id = tracking.start_parent_run(report["source_name"], workspace, run_name("embed"), params)
+    with tracking.closing_run(run_id, workspace):
+        tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
+        tracking.log_index(run_id, workspace, report["index"])
+    return report | {"run_id": run_id}
+
+
+def train_heads(
+    store: str,
+    experiment: str | None = None,
+    heads: list[str] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    seed: int = 0,
+    runner: Runner = LOCAL,
+) -> dict[str, Any]:
+    """Train the heads on a store under one MLflow parent run."""
+    from extractors.store import Store
+    from flows import tracking
+
+    name = experiment or Store(store).manifest()["source"]["name"]
+    run_id = tracking.start_parent_run(
+        name, workspace, run_name("train"), {"store": store, "seed": seed}
+    )
+    with tracking.closing_run(run_id, workspace):
+        summary = runner.train(store, run_id, workspace=workspace, heads=heads, seed=seed)
+    return {**summary, "run_id": run_id, "experiment": name}
+
+
+def pipeline(
+    source: str,
+    store: str | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    experiment: str | None = None,
+    target: float | None = 0.9,
+    finetune: bool = False,
+    finetune_settings: dict[str, Any] | None = None,
+    heads: list[str] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    layers: list[str] | None = None,
+    index_settings: dict[str, Any] | None = None,
+    retrain: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    engine_workers: int | None = None,
+    compile_model: bool | None = None,
+    retry_delay_s: float = RETRY_DELAY_S,
+    runner: Runner = LOCAL,
+) -> dict[str, Any]:
+    """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
+    fine-tuning when the best head is below `target` (or `finetune`), scored on the same test
+    split; the decisions and their reasons go to MLflow, the heads table to a Prefect
+    artifact."""
+    report = runner.embed(
+        retry_delay_s,
+        source=source,
+        store=store,
+        backbone=backbone,
+        weights=weights,
+        workspace=workspace,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        layers=layers,
+        index_settings=index_settings,
+        engine=engine,
+        address=address,
+        workers=engine_workers,
+        compile_model=compile_model,
+    )
+    from flows import tracking
+    from flows.steps.embedding import embed_metrics, embed_summary, run_params
+
+    runner.log(embed_summary(report))
+    name = experiment or report["source_name"]
+    run_id = tracking.start_parent_run(
+        name, workspace, run_name("pipeline"), run_params(report, seed, target)
+    )
+    with tracking.closing_run(run_id, workspace):
+        tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
+        tracking.log_index(run_id, workspace, report["index"])
+        summary, why = runner.reuse(report["store"], heads, seed)
+        if summary is None or retrain:
+            why = "asked to retrain (--retrain)" if summary is not None else why
+            summary = runner.train(
+                report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
+            )
+        tracking.log_to_run(
+            run_id,
+            workspace,
+            params={"heads_retrained": "reused_from" not in summary},
+            tags={"retrain_reason": why},
+        )
+        runner.log(f"heads: {why}")
+        decision = runner.decide(summary, target, finetune)
+        tracking.log_to_run(
+            run_id,
+            workspace,
+            params={"escalate": decision["escalate"]},
+            tags={"escalation_reason": decision["reason"]},
+        )
+        tuned = None
+        if decision["escalate"]:
+            best = next(h for h in summary["heads"] if h["head"] == summary["best"])
+            tuned = runner.finetune(
+                report["store"], run_id, workspace, finetune_settings, best, progress=progress
+            )
+    runner.publish(name, run_id, workspace, summary, tuned)
+    return {
+        "embed": report,
+        **summary,
+        "retrain_reason": why,
+        "decision": decision,
+        "finetune": tuned,
+        "run_id": run_id,
+        "experiment": name,
+    }
+
+
+def finetune(
+    store: str,
+    experiment: str | None = None,
+    settings: dict[str, Any] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    progress: bool = True,
+    runner: Runner = LOCAL,
+) -> dict[str, Any]:
+    """Fine-tune a store's backbone on its labelled images under an MLflow parent run of its
+    own (scored on the store's test split, like the heads)."""
+    from extractors.store import Store
+    from flows import tracking
+
+    manifest = Store(store).manifest()
+    name = experiment or manifest["source"]["name"]
+    params = {"store": store, "backbone": manifest["backbone"], "settings": settings or {}}
+    run_id = tracking.start_parent_run(name, workspace, run_name("finetune"), params)
+    with tracking.closing_run(run_id, workspace):
+        row = runner.finetune(store, run_id, workspace, settings, progress=progress)
+    return {"finetune": row, "run_id": run_id, "experiment": name}

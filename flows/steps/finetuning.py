@@ -1,0 +1,78 @@
+"""Fine-tuning stage: a store's backbone fine-tuned on its labelled rows, tracked in MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extractors.store import Store
+from flows import DEFAULT_WORKSPACE, tracking
+from flows.steps.training import _row
+from flows.workspace import backbone_for
+
+
+def finetune_and_track(
+    store: str | Path,
+    parent_run_id: str,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    settings: dict[str, Any] | None = None,
+    best_head: dict[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the store's backbone on its labelled rows (same splits as the heads), log a
+    nested MLflow run, and return its table row plus the `finetuned:<id>` backbone name."""
+    from heads.finetune import FineTuneConfig, finetune, run_key
+
+    st = Store(store)
+    manifest = st.manifest()
+    cfg = FineTuneConfig(**(settings or {}))
+    meta = st.table(["path", "label", "split"])
+    labels = np.asarray(meta["label"].to_pylist(), dtype=object)
+    split = np.asarray(meta["split"].to_pylist(), dtype=object)
+    paths = np.asarray(meta["path"].to_pylist(), dtype=object)
+    labelled = np.array([lab is not None for lab in labels])
+    data = {
+        s: (list(paths[labelled & (split == s)]), labels[labelled & (split == s)].astype(str))
+        for s in ("train", "val", "test")
+    }
+    classes = sorted({str(c) for c in labels[labelled]})
+    bb = backbone_for(manifest["backbone"], workspace, device=device)
+    key = run_key(cfg, bb, manifest["fingerprint"], classes)
+    workdir = Path(workspace) / "finetuned" / key
+    out = finetune(bb, data, classes, cfg, workdir, progress=progress)
+    result = out.result
+    result.extra["backbone"] = f"finetuned:{key}"
+    params = {
+        "base_backbone": manifest["backbone"],
+        "store": str(st.path),
+        "fingerprint": manifest["fingerprint"],
+        **{f"finetune.{k}": v for k, v in asdict(cfg).items()},
+        "image_size": result.extra["image_size"],
+        "device": result.extra["device"],
+    }
+    run_id = tracking.log_finetune_run(
+        parent_run_id, workspace, result, out.history, params, out.workdir
+    )
+    row = _row(result, run_id, backbone=f"finetuned:{key}", path=str(out.workdir))
+    row |= {
+        "image_size": result.extra["image_size"],
+        "epochs_run": len(out.history),
+        "best_epoch": result.extra["best_epoch"],
+        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in out.history])),
+        "reused": out.resumed_from_epoch == -1,
+        "resumed_from_epoch": max(0, out.resumed_from_epoch),
+    }
+    if best_head is not None:
+        gain = result.metrics["accuracy"] - best_head["accuracy"]
+        row["vs_best_head"] = {"head": best_head["head"], "test_accuracy_gain": gain}
+        tracking.log_to_run(
+            parent_run_id,
+            workspace,
+            metrics={"finetune_test_accuracy": result.metrics["accuracy"], "finetune_gain": gain},
+            tags={"finetuned_backbone": f"finetuned:{key}"},
+        )
+    return row

@@ -1,0 +1,192 @@
+"""Training stage: heads fitted on a store and tracked in MLflow, reused when nothing changed,
+and the decision to escalate to fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extractors.store import Store
+from flows import DEFAULT_WORKSPACE, tracking
+from heads.evaluate import HeadResult
+from heads.persist import write_json_atomic
+from heads.plots import embedding_map_png
+from heads.train import load_splits, save_heads, train_heads
+
+
+def check_trainable(store: Store) -> None:
+    """Raise TrainingDataError when the store cannot support training heads."""
+    load_splits(store)
+
+
+def train_and_track(
+    store: str | Path,
+    parent_run_id: str,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    heads: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
+    and register the best head as a new version of `<experiment>-head`."""
+    st = Store(store)
+    trained = train_heads(st, heads=heads, seed=seed, progress=progress)
+    results, splits = trained.results, trained.splits
+    saved = save_heads(st, results, run_tag=parent_run_id, extra={"mlflow_run_id": parent_run_id})
+    manifest = st.manifest()
+    context = {
+        "backbone": manifest["backbone"],
+        "store": str(st.path),
+        "fingerprint": manifest["fingerprint"],
+    }
+    table, model_uris = [], {}
+    examples = {"embedding": splits.X_train[:5]}  # real rows for the models' signatures
+    for r in results:
+        feature = r.params.get("feature", "embedding")
+        if feature not in examples:  # a --layers column: read once
+            examples[feature] = st.arrays(where_labelled=True, feature=feature)[0][:5]
+        run_id, model_uris[r.name] = tracking.log_head_run(
+            parent_run_id, workspace, r, saved[r.name], context, examples[feature]
+        )
+        table.append(_row(r, run_id, path=str(saved[r.name])))
+    experiment = tracking.experiment_of(parent_run_id, workspace)
+    registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
+    with tempfile.TemporaryDirectory() as tmp:
+        X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
+        y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
+        emap = embedding_map_png(
+            X,
+            y,
+            f"{manifest['source']['name']} ({manifest['backbone']})",
+            Path(tmp) / "embedding_map.png",
+            seed=seed,
+        )
+        tracking.log_to_run(
+            parent_run_id,
+            workspace,
+            params={
+                "imbalanced": trained.imbalanced,
+                "selection_metric": results[0].selection_metric,
+            },
+            metrics={
+                "n_train": len(splits.y_train),
+                "n_val": len(splits.y_val),
+                "n_test": len(splits.y_test),
+                "n_classes": len(splits.classes),
+                "best_val_score": results[0].val_score,
+                "best_test_accuracy": results[0].metrics["accuracy"],
+            },
+            tags={
+                "best_head": results[0].name,
+                "skipped_heads": "; ".join(trained.skipped.values()) or "none",
+                "registered_model": registered["uri"],
+            },
+            artifacts=[emap],
+        )
+    summary = {
+        "store": str(st.path),
+        "heads": table,
+        "best": results[0].name,
+        "skipped": trained.skipped,
+        "imbalanced": trained.imbalanced,
+        "registered": registered,
+    }
+    write_json_atomic(
+        st.path / "heads" / LAST_TRAINING,
+        {
+            "run": parent_run_id,
+            "fingerprint": manifest["fingerprint"],
+            "heads": sorted(heads) if heads else None,
+            "seed": seed,
+            "summary": summary,
+        },
+    )
+    return summary
+
+
+LAST_TRAINING = "last_training.json"
+
+
+def reusable_training(
+    store: str | Path, heads: list[str] | None = None, seed: int = 0
+) -> tuple[dict[str, Any] | None, str]:
+    """The last training's summary when the store's data, the heads asked for and the seed
+    are all unchanged (then retraining would reproduce it), and why it is or is not reused."""
+    st = Store(store)
+    path = st.path / "heads" / LAST_TRAINING
+    if not path.exists():
+        return None, "first training of this store"
+    last = json.loads(path.read_text())
+    now = st.manifest()["fingerprint"]
+    if last["fingerprint"] != now:
+        return None, f"data changed (fingerprint {last['fingerprint']} -> {now})"
+    if last["heads"] != (sorted(heads) if heads else None) or last["seed"] != seed:
+        return None, "other heads or seed than the last training"
+    reason = f"data unchanged since run {last['run']} (fingerprint {now}): heads reused"
+    return last["summary"] | {"reused_from": last["run"]}, reason
+
+
+def _row(r: HeadResult, run_id: str, **extra: Any) -> dict[str, Any]:
+    """One line of the heads table (CLI, JSON and Prefect artifact alike)."""
+    return {
+        "head": r.name,
+        "params": {k: v for k, v in r.params.items() if k != "feature" or v != "embedding"},
+        "val_score": r.val_score,
+        "selection_metric": r.selection_metric,
+        **r.metrics,
+        "run_id": run_id,
+        **extra,
+    }
+
+
+def escalation_decision(
+    summary: dict[str, Any], target: float | None, finetune: bool = False
+) -> dict[str, Any]:
+    """Escalate to fine-tuning when asked, or when the best head's val score is below target."""
+    best = next(h for h in summary["heads"] if h["head"] == summary["best"])
+    score, metric = best["val_score"], best["selection_metric"].replace("_", " ")
+    if finetune:
+        escalate, reason = True, "fine-tuning requested (--finetune)"
+    elif target is not None and score < target:
+        escalate = True
+        reason = f"best head {best['head']} val {metric} {score:.3f} < target {target:.3f}"
+    elif target is not None:
+        escalate = False
+        reason = f"best head {best['head']} val {metric} {score:.3f} >= target {target:.3f}"
+    else:
+        escalate, reason = False, "no target set"
+    return {
+        "escalate": escalate,
+        "reason": reason,
+        "best_head": best["head"],
+        "best_val_score": score,
+    }
+
+
+def compare(
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    experiment: str | None = None,
+    last: int | None = None,
+) -> list[dict[str, Any]]:
+    """Heads and fine-tuned networks side by side, as logged in MLflow."""
+    return tracking.compare_runs(workspace, experiment=experiment, last=last)
+
+
+def heads_table(summary: dict[str, Any], finetuned: dict[str, Any] | None = None) -> list[dict]:
+    """The heads of a run as flat rows (best first) for a Prefect table artifact."""
+    rows = [*summary["heads"], *([finetuned] if finetuned else [])]
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")
+    return [
+        {
+            "head": r["head"],
+            "chosen": ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()),
+            "val": round(r["val_score"], 4),
+            **{k: round(r[k], 4) for k in keys if r.get(k) is not None},
+            "mlflow_run": r["run_id"],
+        }
+        for r in rows
+    ]

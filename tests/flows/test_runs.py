@@ -1,0 +1,50 @@
+"""Which way the CLI runs: in-process, or as Prefect flows when a Prefect server is set up."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import runs
+
+
+@pytest.fixture
+def no_prefect_env(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    return tmp_path / "prefect"
+
+
+def test_no_server_set_up_means_in_process(no_prefect_env) -> None:
+    assert runs.prefect_api_url() is None and not runs.using_prefect()
+    with pytest.raises(runs.OrchestrationError, match="not set"):
+        runs.check_prefect_server()
+
+
+def test_the_environment_or_the_active_profile_names_the_server(
+    no_prefect_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_prefect_env.mkdir()
+    (no_prefect_env / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://team-server:4200/api"\n'
+        '[profiles.other]\nPREFECT_API_URL = "http://other:4200/api"\n'
+    )
+    assert runs.prefect_api_url() == "http://team-server:4200/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "other")
+    assert runs.prefect_api_url() == "http://other:4200/api"
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert runs.prefect_api_url() == "http://127.0.0.1:9/api" and runs.using_prefect()
+    with pytest.raises(runs.OrchestrationError, match="no Prefect server answers"):
+        runs.check_prefect_server(timeout_s=1)
+
+
+def test_a_broken_profiles_file_is_no_server(no_prefect_env) -> None:
+    no_prefect_env.mkdir()
+    (no_prefect_env / "profiles.toml").write_text("this is [not toml")
+    assert runs.prefect_api_url() is None
+
+
+def test_nothing_new_means_no_change_at_all() -> None:
+    assert runs.nothing_new({"embedded": 0, "removed": 0})
+    assert not runs.nothing_new({"embedded": 1, "removed": 0})
+    assert not runs.nothing_new({"embedded": 0, "removed": 2})
