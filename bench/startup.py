@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def imported(cmd: list[str], env: dict[str, str]) -> list[str]:
     return [h for h in HEAVY if h in names]
 
 
+def _uv_cache() -> str:
+    res = subprocess.run(["uv", "cache", "dir"], capture_output=True, text=True)
+    return res.stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=200, help="demo digits in the folder (x10)")
@@ -82,6 +88,9 @@ def main() -> None:
     report = json.loads(out)
     work = report["stats"]["seconds"]
     timed([*cli, "run", str(folder), "--workspace", ws, "--target", "0", "--json"], env)
+    other = materialise_digits(tmp / "digits-2", per_class=max(3, args.images // 10))
+    second, out = timed([*cli, "embed", str(other), "--workspace", ws, "--json"], env)
+    work2 = json.loads(out)["stats"]["seconds"]
 
     rows = {
         "embed, unchanged folder": [*cli, "embed", str(folder), "--workspace", ws],
@@ -111,6 +120,19 @@ def main() -> None:
         f"{first / floor:>9.2f}          embedding work {work:.2f} s, start-up and the rest "
         f"{first - work:.2f} s = {(first - work) / floor:.2f}x floor"
     )
+    print(
+        f"{'same, MLflow store already there':<34}{second:>9.2f}{second / floor:>9.2f}"
+        f"          embedding work {work2:.2f} s, start-up and the rest "
+        f"{second - work2:.2f} s = {(second - work2) / floor:.2f}x floor"
+    )
+    uv = shutil.which("uv")
+    if uv:
+        sync, _ = timed([uv, "run", "true"], env | {"UV_CACHE_DIR": _uv_cache()}, args.repeats)
+        bare, _ = timed([uv, "run", "--no-sync", "true"], env, args.repeats)
+        print(
+            f"\n`uv run` itself: {sync:.2f} s ({sync / floor:.2f}x floor; it re-checks the "
+            f"compiled bytecode of the whole environment, uv issue #12202), --no-sync {bare:.2f} s"
+        )
     print(
         f"\nMLflow first use (create + migrate mlflow.db): {mlflow_first:.2f} s; "
         f"a later use {mlflow_again:.2f} s; only commands that log pay either"

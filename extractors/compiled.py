@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -104,6 +105,9 @@ def load_or_build(bb: Backbone, batch_size: int) -> Compiled:
     """The backbone's compiled forward: loaded from its package, built first if missing."""
     import torch._inductor
 
+    # Loading a package imports torch's C++ extension helper, which warns on every CPU-only
+    # machine that there is no CUDA runtime: true, and not news to anyone embedding on a CPU.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     path = package_path(bb, batch_size)
     if not path.is_file():
         build(bb, batch_size, path)

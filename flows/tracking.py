@@ -10,18 +10,26 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from heads.evaluate import METRICS, HeadResult
-from heads.plots import confusion_matrix_png, curves_png, sweep_png
+if TYPE_CHECKING:
+    from heads.evaluate import HeadResult
 
 
 class ExperimentNotFound(ValueError):
     """An experiment name that the tracking store does not hold."""
+
+
+def _metrics() -> tuple[str, ...]:
+    """The metric names every model row logs (heads/evaluate.py; imported when needed, so
+    an embed run does not load scikit-learn)."""
+    from heads.evaluate import METRICS
+
+    return tuple(METRICS)
 
 
 def tracking_uri(workspace: str | Path) -> str:
@@ -238,7 +246,7 @@ def log_head_run(
         mlflow.log_params({f"chosen.{k}": _short(v) for k, v in result.params.items()})
         mlflow.log_param("selection_metric", result.selection_metric)
         mlflow.log_metric("val_score", result.val_score)
-        mlflow.log_metrics({m: result.metrics[m] for m in METRICS if m in result.metrics})
+        mlflow.log_metrics({m: result.metrics[m] for m in _metrics() if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
         mlflow.log_metric("sweep_points", len(result.sweep))
         _log_result_files(result, sweep=True)
@@ -250,6 +258,8 @@ def log_head_run(
 
 def _log_result_files(result: HeadResult, sweep: bool) -> None:
     """Confusion matrix, classification report, per-class table and (heads) the sweep."""
+    from heads.plots import confusion_matrix_png, sweep_png
+
     mlflow.log_dict(result.per_class, "per_class.json")
     mlflow.log_text(result.report, "classification_report.txt")
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,6 +344,8 @@ def log_finetune_run(
 ) -> str:
     """A nested run for a fine-tuned network: per-epoch curves, the same test metrics as the
     heads (same test split), plots, and the network (state dicts + config) as artifacts."""
+    from heads.plots import curves_png
+
     mlflow.set_tracking_uri(tracking_uri(workspace))
     exp_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     with mlflow.start_run(
@@ -353,7 +365,7 @@ def log_finetune_run(
             step = int(row["epoch"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
         mlflow.log_metric("val_score", result.val_score)
-        mlflow.log_metrics({m: result.metrics[m] for m in METRICS if m in result.metrics})
+        mlflow.log_metrics({m: result.metrics[m] for m in _metrics() if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
         _log_result_files(result, sweep=False)
         with tempfile.TemporaryDirectory() as tmp:
@@ -422,7 +434,7 @@ def compare_runs(
                     },
                     "run_id": r.info.run_id,
                     "val_score": m.get("val_score"),
-                    **{k: m.get(k) for k in METRICS},
+                    **{k: m.get(k) for k in _metrics()},
                 }
             )
     return rows
