@@ -12,7 +12,7 @@ from typing import Any
 
 from extractors import DEFAULT_BACKBONE
 from extractors.backbones import check_name
-from extractors.sources import read_source
+from extractors.sources import Source, read_source
 from extractors.store import LocalEngine, Store, StoreBusy, UpdateReport
 from flows import DEFAULT_WORKSPACE
 from flows.engine import make_engine
@@ -98,7 +98,9 @@ def embed_source(
         backbone = st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE
     st.check_backbone(backbone)
     if weights is None and index_settings is None and st.unchanged(src, backbone, layers):
-        return _unchanged(st, src.kind, src.name, engine)  # no model built, nothing written
+        rows = st.manifest()["rows"]  # no model built, nothing written
+        unchanged = UpdateReport(str(st.path), scanned=rows, kept=rows, rows=rows)
+        return _report(st, unchanged, src, engine, compiled=False)
     bb = backbone_for(backbone, workspace, weights=weights, device=device)
     if layers is None and st.exists:
         layers = [v["module"] for v in st.manifest().get("layers", {}).values()]
@@ -123,33 +125,21 @@ def embed_source(
         index_settings=index_settings,
         engine=runner,
     )
-    out = report.as_dict()
-    out.update(
-        index=st.manifest()["index"],
-        source=src.root,
-        source_kind=src.kind,
-        engine=engine,
-        compiled=bb.compiled,  # False where compiling failed and it ran eagerly
-        source_name=src.name,
-        backbone=bb.name,
-        weights=bb.weights,
-        dim=bb.dim,
-        fingerprint=st.manifest()["fingerprint"],
-    )
-    return out
+    return _report(st, report, src, engine, compiled=bb.compiled)  # False where it fell back
 
 
-def _unchanged(st: Store, kind: str, name: str, engine: str) -> dict[str, Any]:
-    """The report of an update that found the store in line with its source."""
+def _report(
+    st: Store, report: UpdateReport, src: Source, engine: str, compiled: bool
+) -> dict[str, Any]:
+    """An update's report with what the store now holds (backbone, index, fingerprint)."""
     m = st.manifest()
-    report = UpdateReport(str(st.path), scanned=m["rows"], kept=m["rows"], rows=m["rows"])
     return report.as_dict() | {
         "index": m["index"],
-        "source": m["source"]["root"],
-        "source_kind": kind,
+        "source": src.root,
+        "source_kind": src.kind,
         "engine": engine,
-        "compiled": False,
-        "source_name": name,
+        "compiled": compiled,
+        "source_name": src.name,
         "backbone": m["backbone"],
         "weights": m["weights"],
         "dim": m["dim"],
