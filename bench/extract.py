@@ -76,6 +76,8 @@ def peak_rss_mb() -> float:
 
 def run_ours(folder: Path, args: argparse.Namespace) -> dict:
     from extractors.backbones import create_backbone
+    from extractors.engines import LocalEngine
+    from extractors.settings import EmbedSettings
     from extractors.sources import read_source
     from extractors.store import Store
 
@@ -84,14 +86,12 @@ def run_ours(folder: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store")
         t0 = time.perf_counter()
-        report = store.update(
-            read_source(folder),
-            bb,
+        settings = EmbedSettings(
             batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=False,
+            decode_threads=args.workers,
             fast_decode=not args.no_fast_decode,
         )
+        report = store.update(read_source(folder), bb, engine=LocalEngine(settings, False))
         seconds = time.perf_counter() - t0
         assert report.rows == report.scanned, report.failures[:3]
     return {

@@ -31,8 +31,8 @@ import sys
 from extractors.backbones import create_backbone
 from extractors.sources import read_source
 from extractors.store import Store
-Store(sys.argv[2]).update(read_source(sys.argv[1]), create_backbone(device="cpu"),
-    batch_size=8, num_workers=2, progress=False, checkpoint_rows=16)
+engine = LocalEngine(EmbedSettings(batch_size=8, decode_threads=2), False, checkpoint_rows=16)
+Store(sys.argv[2]).update(read_source(sys.argv[1]), create_backbone(device="cpu"), engine=engine)
 """
 
 
@@ -51,7 +51,8 @@ def run(src: Path, store: Path, kill_after: float | None = None) -> bool:
 
 
 def main() -> None:
-    from extractors.store import STAGING, Store, embedding_matrix
+    from extractors.layout import STAGING, embedding_matrix
+    from extractors.store import Store
     from flows.sample_data import materialise_digits
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

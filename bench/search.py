@@ -9,7 +9,7 @@ centre plus its own spread, lifted to 1,280-d through a ReLU, plus per-dimension
 Queries are 1,000 fresh draws from the same distribution, never in the index.
 
 For each size it builds, in one run: the chosen index through the same code as a store
-(`extractors.indexing.refresh`: choice from the memory budget, training, recall tuning on
+(`extractors.store_index.refresh`: choice from the memory budget, training, recall tuning on
 held-out queries) and an exact IDMap2(FlatIP). For both it prints build time, resident size,
 recall@10 against exact search, queries/s batched (all queries in one call) and one at a time
 with p50/p99 latency, and the ratio chosen/Flat. Memory is the index in RAM; ivf_pq also keeps
@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss
 
-from extractors.index import VECTORS, human_bytes, normalize
-from extractors.indexing import IndexSettings, open_index, refresh
-from extractors.tuning import exact_topk, recall_at_k
+from extractors.common import human_bytes, normalize
+from extractors.layout import VECTORS
+from extractors.recall import exact_topk, recall_at_k
+from extractors.store_index import IndexSettings, open_index, refresh
 
 DIM, LATENT, CLUSTERS, CHUNK = 1280, 64, 1000, 50_000
 

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from extractors import DEFAULT_BACKBONE
+from extractors.common import HeadstartError
 from extractors.images import file_sha256
 
 
-class BackboneError(ValueError):
+class BackboneError(HeadstartError, ValueError):
     """A backbone name or weights file that cannot be used; the message says what to do."""
 
 
@@ -243,11 +244,6 @@ def register(prefix: str) -> Callable[[Callable[..., Backbone]], Callable[..., B
         return fn
 
     return deco
-
-
-def list_backbones() -> list[str]:
-    """Registered names and families."""
-    return sorted(_REGISTRY)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

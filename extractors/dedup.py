@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extractors.atomic import atomic_path
-from extractors.index import flat_copy, normalize
-from extractors.store import EMBEDDINGS, Store, StoreError, embedding_matrix
+from extractors.ann import flat_copy
+from extractors.common import atomic_path, normalize
+from extractors.layout import EMBEDDINGS, embedding_matrix
+from extractors.store import Store, StoreError
 
 GROUP_SCHEMA = pa.schema(
     [

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from extractors.common import HeadstartError
+
 ORIENTATION = 0x0112  # EXIF tag
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 
-class ImageError(ValueError):
+class ImageError(HeadstartError, ValueError):
     """A file that cannot be turned into an RGB image; the message says why, for a person."""
 
 

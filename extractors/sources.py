@@ -11,12 +11,13 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from extractors.common import HeadstartError
 from extractors.images import IMAGE_EXTENSIONS, is_image_path
 
 SPLITS = ("train", "val", "test")
 
 
-class SourceError(ValueError):
+class SourceError(HeadstartError, ValueError):
     """The source cannot be read as an image set; the message says what to do."""
 
 

@@ -1,52 +1,111 @@
-"""Scheduled deployments of the pipeline, declared in deployments.toml and served by `serve`."""
+"""Scheduled deployments of the pipeline, declared in deployments.toml and served by `serve`.
+
+One `[[deployment]]` per source: `name`, `source`, `cron` or `interval` (seconds), optional
+`store`, `workspace` and `experiment`, the pipeline's own settings (`target`, `heads`,
+`always_finetune`, `retrain`) and one table per stage, each field as in flows/settings.py:
+
+    [[deployment]]
+    name = "photos-nightly"
+    source = "photos"
+    cron = "0 2 * * *"
+    target = 0.85
+    [deployment.embed]
+    backbone = "timm:convnext_tiny.fb_in1k"
+    batch_size = 64
+    [deployment.index]
+    max_memory = "2GB"
+    [deployment.engine]
+    kind = "dask"
+    [deployment.finetune]
+    strategy = "partial"
+
+Everything is checked when the file is read (types included), before anything is served.
+"""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_FILE = "deployments.toml"
+from extractors.common import HeadstartError
+from extractors.settings import SettingsError
+from flows.settings import STAGES, PipelineSettings
+
+LOCATIONS = ("store", "workspace", "experiment")  # where a run reads and records, not settings
 
 
-class DeploymentError(ValueError):
+class DeploymentError(HeadstartError, ValueError):
     """A deployments file or option that cannot be served; the message says what to fix."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeploymentSpec:
-    """One scheduled pipeline: a source, a cron or an interval (seconds), its parameters."""
+    """One scheduled pipeline: a source, a cron or an interval (seconds), where it records
+    (store, workspace, experiment) and its settings."""
 
     name: str
     source: str
     cron: str | None = None
     interval: float | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
+    settings: PipelineSettings = field(default_factory=PipelineSettings)
+    locations: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.interval is None):
             raise DeploymentError(f"deployment {self.name!r}: give either cron or interval")
-        if self.interval is not None and self.interval <= 0:
-            raise DeploymentError(f"deployment {self.name!r}: interval must be > 0 seconds")
-        allowed = set(pipeline_parameters()) - {"source", "progress"}
-        unknown = sorted(set(self.parameters) - allowed)
+        if self.cron is not None and not isinstance(self.cron, str):
+            raise DeploymentError(
+                f"deployment {self.name!r}: cron must be a string like '0 * * * *'"
+            )
+        if self.interval is not None:
+            if isinstance(self.interval, bool) or not isinstance(self.interval, int | float):
+                raise DeploymentError(
+                    f"deployment {self.name!r}: interval must be a number of seconds, not "
+                    f"{self.interval!r}"
+                )
+            if self.interval <= 0:
+                raise DeploymentError(f"deployment {self.name!r}: interval must be > 0 seconds")
+        unknown = sorted(set(self.locations) - set(LOCATIONS))
         if unknown:
             raise DeploymentError(
-                f"deployment {self.name!r}: unknown parameters {unknown}; "
-                f"the pipeline takes {sorted(allowed)}"
+                f"deployment {self.name!r}: unknown parameters {unknown}; the locations are "
+                f"{', '.join(LOCATIONS)}"
             )
 
     @property
     def schedule(self) -> str:
         return f"cron '{self.cron}'" if self.cron else f"every {self.interval:g} s"
 
+    def parameters(self) -> dict[str, Any]:
+        """The pipeline flow's parameters (JSON: Prefect stores them and validates them)."""
+        return {
+            "source": self.source,
+            "settings": self.settings.as_dict(),
+            "progress": False,
+            **self.locations,
+        }
 
-def pipeline_parameters() -> list[str]:
-    from flows.pipeline import pipeline
 
-    return list(inspect.signature(pipeline.fn).parameters)
+def settings_of(entry: dict[str, Any], where: str) -> PipelineSettings:
+    """A deployment's settings from its TOML keys, with a one-line error for a wrong one."""
+    sections = {cls.section: cls for cls in STAGES}
+    misplaced = {
+        k: cls.section
+        for k in entry
+        if k not in sections and k not in {f.name for f in dataclasses.fields(PipelineSettings)}
+        for cls in STAGES
+        if k in {f.name for f in dataclasses.fields(cls)}
+    }
+    if misplaced:
+        hints = ", ".join(f"{k} under [deployment.{s}]" for k, s in misplaced.items())
+        raise DeploymentError(f"{where}: stage settings go in their table: put {hints}")
+    try:
+        return PipelineSettings.from_dict(entry)
+    except SettingsError as exc:
+        raise DeploymentError(f"{where}: {exc}") from None
 
 
 def read_file(path: str | Path) -> list[DeploymentSpec]:
@@ -72,19 +131,27 @@ def read_file(path: str | Path) -> list[DeploymentSpec]:
         except KeyError as exc:
             raise DeploymentError(f"{path}: deployment #{i + 1} has no {exc.args[0]!r}") from None
         cron, interval = entry.pop("cron", None), entry.pop("interval", None)
-        for key in ("source", "store", "workspace", "weights"):
-            value = source if key == "source" else entry.get(key)
-            if value is not None and not Path(value).is_absolute():
-                value = str((path.parent / value).resolve())
-            if key == "source":
-                source = value
-            elif value is not None:
-                entry[key] = value
-        specs.append(DeploymentSpec(name, source, cron, interval, entry))
+        locations = {k: entry.pop(k) for k in LOCATIONS if k in entry}
+        for key in ("store", "workspace"):
+            if key in locations:
+                locations[key] = _resolve(path, locations[key])
+        embed = entry.get("embed")
+        if isinstance(embed, dict) and embed.get("weights"):
+            entry["embed"] = embed | {"weights": _resolve(path, embed["weights"])}
+        settings = settings_of(entry, f"{path}: deployment {name!r}")
+        specs.append(
+            DeploymentSpec(name, _resolve(path, source), cron, interval, settings, locations)
+        )
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise DeploymentError(f"{path}: deployment names must be unique, got {names}")
     return specs
+
+
+def _resolve(path: Path, value: Any) -> str:
+    if not isinstance(value, str):
+        raise DeploymentError(f"{path}: paths are strings, not {value!r}")
+    return value if Path(value).is_absolute() else str((path.parent / value).resolve())
 
 
 def build(specs: list[DeploymentSpec]) -> list[Any]:
@@ -96,7 +163,7 @@ def build(specs: list[DeploymentSpec]) -> list[Any]:
             name=s.name,
             cron=s.cron,
             interval=s.interval,
-            parameters={"source": s.source, "progress": False, **s.parameters},
+            parameters=s.parameters(),
             description=f"headstart pipeline over {s.source}, {s.schedule}",
             tags=["headstart"],
         )

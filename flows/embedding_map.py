@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from extractors.atomic import write_bytes_atomic
+from extractors.common import write_bytes_atomic
 from extractors.store import Store, StoreError
 
 MAX_POINTS = 3000

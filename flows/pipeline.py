@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -100,10 +101,16 @@ def _as_flow(run: Callable[..., dict[str, Any]]) -> Any:
     def body(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return run(*args, **kwargs, runner=PREFECT)
 
-    sig = inspect.signature(run)
+    sig, hints = inspect.signature(run), typing.get_type_hints(run)
     body.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=[p for p in sig.parameters.values() if p.name != "runner"]
+        parameters=[
+            p.replace(annotation=hints[p.name])
+            for p in sig.parameters.values()
+            if p.name != "runner"
+        ],
+        return_annotation=hints["return"],
     )
+    body.__annotations__ = {k: v for k, v in hints.items() if k != "runner"}
     body.__name__ = body.__qualname__ = run.__name__
     body.__doc__ = run.__doc__
     return flow(name=run.__name__.replace("_", "-"))(body)

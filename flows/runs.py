@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extractors.common import HeadstartError
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, Settings
 from flows import DEFAULT_WORKSPACE
+from flows.settings import PipelineSettings
+from heads.settings import FineTuneSettings
 
 RETRY_DELAY_S = 10.0  # Prefect only: the first retry of a transient failure (then 20, 40)
 
@@ -86,7 +90,7 @@ def using_prefect() -> bool:
     return prefect_api_url() is not None
 
 
-class OrchestrationError(RuntimeError):
+class OrchestrationError(HeadstartError, RuntimeError):
     """The Prefect server that runs should report to is not there."""
 
 
@@ -108,6 +112,19 @@ def check_prefect_server(timeout_s: float = 5.0) -> str:
     )
 
 
+def for_cli(name: str) -> Callable[..., dict[str, Any]]:
+    """The run `name` for a CLI command: the Prefect flow of flows/pipeline.py when a Prefect
+    server is set up (its UI then shows the run; one clear error when it does not answer),
+    else the run itself, in this process, without Prefect. Either way the same steps, and
+    MLflow records the run."""
+    if not using_prefect():
+        return globals()[name]
+    check_prefect_server()
+    from flows import pipeline
+
+    return getattr(pipeline, name)
+
+
 def run_name(prefix: str) -> str:
     return f"{prefix}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -119,21 +136,12 @@ def nothing_new(report: dict[str, Any]) -> bool:
 
 def embed(
     source: str,
+    embedding: EmbedSettings = EmbedSettings(),
+    index: IndexSettings = IndexSettings(),
+    engine: EngineSettings = EngineSettings(),
     store: str | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
     workspace: str = str(DEFAULT_WORKSPACE),
-    batch_size: int = 32,
-    num_workers: int | None = None,
-    seed: int = 0,
     progress: bool = True,
-    layers: list[str] | None = None,
-    fast_decode: bool = True,
-    index_settings: dict[str, Any] | None = None,
-    engine: str = "local",
-    address: str | None = None,
-    engine_workers: int | None = None,
-    compile_model: bool | None = None,
     retry_delay_s: float = RETRY_DELAY_S,
     runner: Runner = LOCAL,
 ) -> dict[str, Any]:
@@ -143,21 +151,12 @@ def embed(
     report = runner.embed(
         retry_delay_s,
         source=source,
-        store=store,
-        backbone=backbone,
-        weights=weights,
-        workspace=workspace,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        progress=progress,
-        layers=layers,
-        fast_decode=fast_decode,
-        index_settings=index_settings,
+        embedding=embedding,
+        index=index,
         engine=engine,
-        address=address,
-        workers=engine_workers,
-        compile_model=compile_model,
+        store=store,
+        workspace=workspace,
+        progress=progress,
     )
     from flows.steps.embedding import embed_metrics, embed_summary, run_params
 
@@ -166,7 +165,9 @@ def embed(
         return report | {"run_id": None}
     from flows import tracking
 
-    params = run_params(report, seed, None) | {"batch_size": batch_size, "layers": layers}
+    params = run_params(report, embedding.seed, None) | flat_params(
+        {"embed": embedding, "index": index, "engine": engine}
+    )
     run_id = tracking.start_parent_run(report["source_name"], workspace, run_name("embed"), params)
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
@@ -197,65 +198,45 @@ def train_heads(
 
 def pipeline(
     source: str,
+    settings: PipelineSettings = PipelineSettings(),
     store: str | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
-    experiment: str | None = None,
-    target: float | None = 0.9,
-    finetune: bool = False,
-    finetune_settings: dict[str, Any] | None = None,
-    heads: list[str] | None = None,
     workspace: str = str(DEFAULT_WORKSPACE),
-    batch_size: int = 32,
-    seed: int = 0,
+    experiment: str | None = None,
     progress: bool = True,
-    layers: list[str] | None = None,
-    index_settings: dict[str, Any] | None = None,
-    retrain: bool = False,
-    engine: str = "local",
-    address: str | None = None,
-    engine_workers: int | None = None,
-    compile_model: bool | None = None,
     retry_delay_s: float = RETRY_DELAY_S,
     runner: Runner = LOCAL,
 ) -> dict[str, Any]:
-    """embed -> heads (reused when the data is unchanged, unless `retrain`) -> escalate to
-    fine-tuning when the best head is below `target` (or `finetune`), scored on the same test
-    split; the decisions and their reasons go to MLflow, the heads table to a Prefect
-    artifact."""
+    """embed -> heads (reused when the data is unchanged, unless `settings.retrain`) ->
+    escalate to fine-tuning when the best head is below `settings.target` (or
+    `settings.always_finetune`), scored on the same test split; every setting, the decisions
+    and their reasons go to MLflow, the heads table to a Prefect artifact."""
+    s = settings
     report = runner.embed(
         retry_delay_s,
         source=source,
+        embedding=s.embed,
+        index=s.index,
+        engine=s.engine,
         store=store,
-        backbone=backbone,
-        weights=weights,
         workspace=workspace,
-        batch_size=batch_size,
-        seed=seed,
         progress=progress,
-        layers=layers,
-        index_settings=index_settings,
-        engine=engine,
-        address=address,
-        workers=engine_workers,
-        compile_model=compile_model,
     )
     from flows import tracking
     from flows.steps.embedding import embed_metrics, embed_summary, run_params
 
     runner.log(embed_summary(report))
     name = experiment or report["source_name"]
-    run_id = tracking.start_parent_run(
-        name, workspace, run_name("pipeline"), run_params(report, seed, target)
-    )
+    seed = s.embed.seed
+    params = run_params(report, seed, s.target) | flat_params(s.as_dict())
+    run_id = tracking.start_parent_run(name, workspace, run_name("pipeline"), params)
     with tracking.closing_run(run_id, workspace):
         tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
         tracking.log_index(run_id, workspace, report["index"])
-        summary, why = runner.reuse(report["store"], heads, seed)
-        if summary is None or retrain:
+        summary, why = runner.reuse(report["store"], s.heads, seed)
+        if summary is None or s.retrain:
             why = "asked to retrain (--retrain)" if summary is not None else why
             summary = runner.train(
-                report["store"], run_id, workspace, heads=heads, seed=seed, progress=progress
+                report["store"], run_id, workspace, heads=s.heads, seed=seed, progress=progress
             )
         tracking.log_to_run(
             run_id,
@@ -264,7 +245,7 @@ def pipeline(
             tags={"retrain_reason": why},
         )
         runner.log(f"heads: {why}")
-        decision = runner.decide(summary, target, finetune)
+        decision = runner.decide(summary, s.target, s.always_finetune)
         tracking.log_to_run(
             run_id,
             workspace,
@@ -275,7 +256,7 @@ def pipeline(
         if decision["escalate"]:
             best = next(h for h in summary["heads"] if h["head"] == summary["best"])
             tuned = runner.finetune(
-                report["store"], run_id, workspace, finetune_settings, best, progress=progress
+                report["store"], run_id, workspace, s.finetune, best, progress=progress
             )
     runner.publish(name, run_id, workspace, summary, tuned)
     return {
@@ -291,8 +272,8 @@ def pipeline(
 
 def finetune(
     store: str,
+    settings: FineTuneSettings = FineTuneSettings(),
     experiment: str | None = None,
-    settings: dict[str, Any] | None = None,
     workspace: str = str(DEFAULT_WORKSPACE),
     progress: bool = True,
     runner: Runner = LOCAL,
@@ -304,8 +285,23 @@ def finetune(
 
     manifest = Store(store).manifest()
     name = experiment or manifest["source"]["name"]
-    params = {"store": store, "backbone": manifest["backbone"], "settings": settings or {}}
+    params = {"store": store, "backbone": manifest["backbone"]} | flat_params(
+        {"finetune": settings}
+    )
     run_id = tracking.start_parent_run(name, workspace, run_name("finetune"), params)
     with tracking.closing_run(run_id, workspace):
         row = runner.finetune(store, run_id, workspace, settings, progress=progress)
     return {"finetune": row, "run_id": run_id, "experiment": name}
+
+
+def flat_params(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as MLflow params: nested settings flattened to `stage.field` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Settings):
+            value = value.as_dict()
+        if isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in flat_params(value).items()}
+        else:
+            flat[key] = value
+    return flat

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extractors.atomic import atomic_path
+from extractors.common import atomic_path
 
 
 def materialise_digits(root: str | Path, per_class: int = 40, size: int = 32) -> Path:

@@ -16,11 +16,13 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from extractors.common import HeadstartError
+
 if TYPE_CHECKING:
     from heads.evaluate import HeadResult
 
 
-class ExperimentNotFound(ValueError):
+class ExperimentNotFound(HeadstartError, ValueError):
     """An experiment name that the tracking store does not hold."""
 
 

@@ -35,7 +35,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extractors.images import ImageError, open_rgb
-from extractors.store import EMBEDDINGS, Store, StoreError, embedding_matrix
+from extractors.layout import EMBEDDINGS, embedding_matrix
+from extractors.store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000

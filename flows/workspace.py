@@ -7,7 +7,8 @@ from pathlib import Path
 
 from extractors import DEFAULT_BACKBONE
 from extractors.backbones import Backbone, create_backbone
-from extractors.store import Store, StoreError, default_store_dir
+from extractors.layout import default_store_dir
+from extractors.store import Store, StoreError
 from flows import DEFAULT_WORKSPACE
 
 

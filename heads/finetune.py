@@ -44,51 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.atomic import atomic_path
 from extractors.backbones import Backbone, crop_fraction, eval_transform
+from extractors.common import HeadstartError, atomic_path
 from extractors.images import load_rgb
 from heads.evaluate import HeadResult, scored_on_test
+from heads.settings import FineTuneSettings
 
-STRATEGIES = ("head", "partial", "full")
 CHECKPOINT = "checkpoint.pt"
 DONE = "done.json"
 
 
-class FineTuneError(ValueError):
+class FineTuneError(HeadstartError, ValueError):
     """Settings or data that fine-tuning cannot use; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    """Every setting of a fine-tuning run (logged to MLflow as params)."""
-
-    strategy: str = "full"
-    blocks: int = 2  # partial: top groups of layers that train
-    epochs: int = 10
-    batch_size: int = 32
-    image_size: int | None = None  # None: the backbone's own input size
-    backbone_lr: float = 1e-4
-    head_lr: float = 1e-3
-    layer_decay: float = 0.8
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    bn: str = "frozen"  # frozen | train
-    gradual: bool = False
-    flip: bool = True
-    crop_scale: float = 0.6  # smallest area fraction of a random resized crop
-    patience: int = 4
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise FineTuneError(
-                f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}"
-            )
-        if self.bn not in ("frozen", "train"):
-            raise FineTuneError(f"bn must be 'frozen' or 'train', not {self.bn!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.blocks < 1:
-            raise FineTuneError("epochs, batch size and blocks must be at least 1")
 
 
 @dataclass
@@ -118,7 +85,7 @@ class LabelledImages(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.paths[i], min_side=self.min_side)), int(self.y[i])
 
 
-def train_transform(preprocessing: dict[str, Any], size: int, cfg: FineTuneConfig) -> Callable:
+def train_transform(preprocessing: dict[str, Any], size: int, cfg: FineTuneSettings) -> Callable:
     """Random resized crop (+ flip) at `size`, then the backbone's own normalisation."""
     from torchvision import transforms as T
 
@@ -185,7 +152,7 @@ def _group_of(groups: list[list[str]]) -> dict[str, int]:
 # --- the run -------------------------------------------------------------------------------
 
 
-def run_key(cfg: FineTuneConfig, backbone: Backbone, fingerprint: str, classes: list[str]) -> str:
+def run_key(cfg: FineTuneSettings, backbone: Backbone, fingerprint: str, classes: list[str]) -> str:
     """Identity of a run: same data, backbone and settings -> same key (resume, no retrain)."""
     blob = json.dumps(
         [asdict(cfg), backbone.name, backbone.weights, fingerprint, classes], sort_keys=True
@@ -203,7 +170,7 @@ def finetune(
     backbone: Backbone,
     data: dict[str, tuple[list[str], np.ndarray]],
     classes: list[str],
-    cfg: FineTuneConfig,
+    cfg: FineTuneSettings,
     workdir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -212,7 +179,6 @@ def finetune(
 
     The backbone object is trained in place (it is the network's body); pass a fresh one.
     """
-    cfg.check()
     log = log or _stderr
     device = backbone.device
     torch.manual_seed(cfg.seed)
@@ -353,7 +319,7 @@ def finetune(
 
 
 def _result(
-    cfg: FineTuneConfig,
+    cfg: FineTuneSettings,
     classes: list[str],
     proba: np.ndarray,
     y_test: np.ndarray,
@@ -378,7 +344,7 @@ def _result(
 
 
 def _reuse(
-    done: Path, workdir: Path, classes: list[str], test_y: np.ndarray, cfg: FineTuneConfig
+    done: Path, workdir: Path, classes: list[str], test_y: np.ndarray, cfg: FineTuneSettings
 ) -> FineTuned:
     """A finished run with the same key: its saved outcome, no retraining."""
     saved = json.loads(done.read_text())
@@ -392,7 +358,7 @@ def _param_groups(
     groups: list[list[str]],
     group_of: dict[str, int],
     trainable: int,
-    cfg: FineTuneConfig,
+    cfg: FineTuneSettings,
 ) -> list[dict[str, Any]]:
     """AdamW groups: the new layer at head_lr; backbone group g (of the top `trainable`) at
     backbone_lr * layer_decay ** (depth below the top). Norms and biases get no weight decay."""
@@ -410,7 +376,7 @@ def _param_groups(
     return [g for g in out if g["params"]]
 
 
-def _frozen_groups(cfg: FineTuneConfig, epoch: int, n: int, trainable: int) -> int:
+def _frozen_groups(cfg: FineTuneSettings, epoch: int, n: int, trainable: int) -> int:
     """Number of bottom groups kept frozen this epoch (gradual: one more unfrozen per epoch)."""
     if cfg.gradual and trainable:
         return n - min(trainable, epoch)  # epoch 0: head only
@@ -438,7 +404,7 @@ def _train_epoch(
     loader: torch.utils.data.DataLoader,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    cfg: FineTuneConfig,
+    cfg: FineTuneSettings,
     device: torch.device,
 ) -> tuple[float, float]:
     net.train()
@@ -564,7 +530,7 @@ def _save_network(
     net: FineTuneNet,
     backbone: Backbone,
     classes: list[str],
-    cfg: FineTuneConfig,
+    cfg: FineTuneSettings,
     size: int,
     temperature: float,
     workdir: Path,
@@ -596,7 +562,7 @@ def _save_network(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from heads.persist import write_json_atomic
+    from extractors.common import write_json_atomic
 
     write_json_atomic(path, obj)
 

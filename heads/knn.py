@@ -29,7 +29,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> FaissKNNClassifier:
-        from extractors.index import normalize
+        from extractors.common import normalize
 
         if self.weights not in ("uniform", "similarity"):
             raise ValueError(f"weights must be 'uniform' or 'similarity', not {self.weights!r}")
@@ -57,7 +57,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         return index
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        from extractors.index import normalize
+        from extractors.common import normalize
 
         check_is_fitted(self, "X_")
         k = max(1, min(self.k, len(self.X_)))

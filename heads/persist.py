@@ -9,7 +9,7 @@ from typing import Any
 import skops.io as sio
 from sklearn.base import BaseEstimator
 
-from extractors.atomic import atomic_path, write_bytes_atomic
+from extractors.common import HeadstartError, atomic_path, write_json_atomic
 
 # Types our heads are made of that skops does not trust by default. Anything else found in a
 # file is refused: a head file is only loaded when every type in it is on this list.
@@ -24,7 +24,7 @@ TRUSTED_TYPES = frozenset(
 )
 
 
-class HeadFileError(ValueError):
+class HeadFileError(HeadstartError, ValueError):
     """A head file that cannot be loaded safely."""
 
 
@@ -54,8 +54,3 @@ def load_head(path: str | Path) -> tuple[BaseEstimator, dict[str, Any]]:
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return estimator, meta
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """JSON to a temporary file, then rename."""
-    write_bytes_atomic(path, json.dumps(obj, indent=2, default=str).encode())

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from extractors.atomic import atomic_path
+from extractors.common import atomic_path
 
 
 def confusion_matrix_png(

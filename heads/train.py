@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from extractors.common import HeadstartError, write_json_atomic
 from extractors.store import Store
 from heads.classical import HEADS
 from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced, sweep_size
-from heads.persist import save_head, write_json_atomic
+from heads.persist import save_head
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(HeadstartError, ValueError):
     """The store's labels cannot support training heads; the message says what to do."""
 
 

@@ -12,10 +12,11 @@ from typing import Any
 
 from extractors import DEFAULT_BACKBONE
 from extractors.backbones import check_name
+from extractors.engines import make_engine
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
 from extractors.sources import Source, read_source
-from extractors.store import LocalEngine, Store, StoreBusy, UpdateReport
+from extractors.store import Store, StoreBusy, UpdateReport
 from flows import DEFAULT_WORKSPACE
-from flows.engine import make_engine
 from flows.workspace import backbone_for, resolve_store, weights_file
 
 
@@ -59,73 +60,39 @@ def preflight(
 
 def embed_source(
     source: str | Path,
+    embedding: EmbedSettings = EmbedSettings(),
+    index: IndexSettings = IndexSettings(),
+    engine: EngineSettings = EngineSettings(),
     store: str | Path | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
     workspace: str | Path = DEFAULT_WORKSPACE,
-    layout: str = "auto",
-    batch_size: int = 32,
-    num_workers: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
     progress: bool = True,
-    layers: list[str] | None = None,
-    fast_decode: bool = True,
-    index_settings: dict[str, Any] | None = None,
-    engine: str = "local",
-    address: str | None = None,
-    workers: int | None = None,
-    compile_model: bool | None = None,
 ) -> dict[str, Any]:
     """read -> embed -> write -> index for one source; returns the update report as a dict.
 
-    `index_settings` (max_memory, recall, kind; None keeps the store's) steer the index.
-
-    `engine="dask"` shards the new files over a local Dask cluster of `workers` processes,
-    or the one at `address` (flows/engine.py); the commit and the index stay here.
-
-    `compile_model` runs the network as an ahead-of-time compiled package (Backbone.compile):
-    True or False decide; None (default) compiles when a package is already built or the job
-    is large enough to repay building one (extractors.compiled.decide). The report's
-    `model_path` says which ran and why.
-
-    `layers` adds pooled features of more stages as columns (stage indices such as -2, -1 or
-    module names); by default an existing store keeps its own.
+    `embedding` says which network and how (extractors/settings.py); `index` what to change
+    of the store's index (unset fields keep the store's); `engine` where the new images are
+    embedded (this process, or a Dask cluster: the commit and the index stay here). An
+    unchanged source is recognised from a listing and `stat` calls alone: no model is built.
+    The report's `model_path` says whether the network ran compiled and why.
     """
-    src = read_source(source, layout=layout)
-    st = resolve_store(store, workspace, source=src.root, backbone=backbone)
-    if backbone is None:
-        backbone = st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE
+    src = read_source(source)
+    st = resolve_store(store, workspace, source=src.root, backbone=embedding.backbone)
+    backbone = embedding.backbone or (st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE)
     st.check_backbone(backbone)
-    if weights is None and index_settings is None and st.unchanged(src, backbone, layers):
+    plain = embedding.weights is None and not index.given
+    if plain and st.unchanged(src, backbone, embedding.layers):
         rows = st.manifest()["rows"]  # no model built, nothing written
         unchanged = UpdateReport(str(st.path), scanned=rows, kept=rows, rows=rows)
-        return _report(st, unchanged, src, engine, compiled=False)
-    bb = backbone_for(backbone, workspace, weights=weights, device=device)
+        return _report(st, unchanged, src, engine.kind, compiled=False)
+    bb = backbone_for(backbone, workspace, weights=embedding.weights, device=embedding.device)
+    layers = embedding.layers
     if layers is None and st.exists:
         layers = [v["module"] for v in st.manifest().get("layers", {}).values()]
     bb.set_layers(layers or [])
-    runner = make_engine(
-        engine,
-        address,
-        workers,
-        batch_size,
-        progress,
-        weights_file(backbone, workspace, weights),
-        compile_model=bool(compile_model),
-    ) or LocalEngine(batch_size, num_workers, progress, fast_decode, compile_model=compile_model)
-    report = st.update(
-        src,
-        bb,
-        seed=seed,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        fast_decode=fast_decode,
-        index_settings=index_settings,
-        engine=runner,
-    )
-    return _report(st, report, src, engine, compiled=bb.compiled)  # False where it fell back
+    weights = weights_file(backbone, workspace, embedding.weights)
+    runner = make_engine(engine, embedding, progress, weights)
+    report = st.update(src, bb, seed=embedding.seed, index=index, engine=runner)
+    return _report(st, report, src, engine.kind, compiled=bb.compiled)  # False where it fell back
 
 
 def _report(
@@ -208,13 +175,10 @@ def is_transient(exc: BaseException | None) -> bool:
 
 def embed_cache_key(
     source: str | Path,
+    embedding: EmbedSettings = EmbedSettings(),
+    index: IndexSettings = IndexSettings(),
     store: str | Path | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
     workspace: str | Path = DEFAULT_WORKSPACE,
-    seed: int = 0,
-    layers: list[str] | None = None,
-    index_settings: dict[str, Any] | None = None,
     **_: Any,
 ) -> str | None:
     """Cache key of an embed step: the source's content (every file's path, label, split,
@@ -223,14 +187,17 @@ def embed_cache_key(
     (no caching) when the store does not exist yet or the source cannot be read."""
     try:
         src = read_source(source)
-        st = resolve_store(store, workspace, source=src.root, backbone=backbone)
+        st = resolve_store(store, workspace, source=src.root, backbone=embedding.backbone)
         if not st.exists:
             return None
         m = st.manifest()
         h = hashlib.sha256()
         stored = [m["fingerprint"], m["backbone"], m["weights"], m["rows"], m["failures"]]
-        h.update(json.dumps([str(st.path), stored, backbone, weights, seed, layers]).encode())
-        h.update(json.dumps(index_settings, sort_keys=True, default=str).encode())
+        e = embedding
+        h.update(
+            json.dumps([str(st.path), stored, e.backbone, e.weights, e.layers, e.seed]).encode()
+        )
+        h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
         for r in sorted(src.records, key=lambda r: r.path):
             stat = os.stat(r.path)
             h.update(

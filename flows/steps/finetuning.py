@@ -12,24 +12,25 @@ from extractors.store import Store
 from flows import DEFAULT_WORKSPACE, tracking
 from flows.steps.training import _row
 from flows.workspace import backbone_for
+from heads.settings import FineTuneSettings
 
 
 def finetune_and_track(
     store: str | Path,
     parent_run_id: str,
     workspace: str | Path = DEFAULT_WORKSPACE,
-    settings: dict[str, Any] | None = None,
+    settings: FineTuneSettings = FineTuneSettings(),
     best_head: dict[str, Any] | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the store's backbone on its labelled rows (same splits as the heads), log a
     nested MLflow run, and return its table row plus the `finetuned:<id>` backbone name."""
-    from heads.finetune import FineTuneConfig, finetune, run_key
+    from heads.finetune import finetune, run_key
 
     st = Store(store)
     manifest = st.manifest()
-    cfg = FineTuneConfig(**(settings or {}))
+    cfg = settings
     meta = st.table(["path", "label", "split"])
     labels = np.asarray(meta["label"].to_pylist(), dtype=object)
     split = np.asarray(meta["split"].to_pylist(), dtype=object)

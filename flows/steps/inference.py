@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from extractors.ann import search
 from extractors.images import ImageError, load_rgb
-from extractors.index import search
 from extractors.store import StoreError
 from flows import DEFAULT_WORKSPACE
 from flows.workspace import backbone_for, resolve_store

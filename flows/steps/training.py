@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from extractors.common import write_json_atomic
 from extractors.store import Store
 from flows import DEFAULT_WORKSPACE, tracking
 from heads.evaluate import HeadResult
-from heads.persist import write_json_atomic
 from heads.plots import embedding_map_png
 from heads.train import load_splits, save_heads, train_heads
 

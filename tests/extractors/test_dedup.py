@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from extractors.dedup import near_duplicate_groups, write_groups
+from extractors.settings import IndexSettings
 from extractors.store import StoreError
 
 
@@ -40,9 +41,9 @@ def test_same_groups_when_the_store_index_is_hnsw(planted) -> None:
     """HNSW has no range search: dedup then scans an exact copy, with the same result."""
     store, _ = planted
     before = near_duplicate_groups(store).to_pylist()
-    store.reindex({"kind": "hnsw"}, rebuild=True)
+    store.reindex(IndexSettings(kind="hnsw"), rebuild=True)
     try:
         assert store.index().kind == "hnsw"
         assert near_duplicate_groups(store).to_pylist() == before
     finally:
-        store.reindex({"kind": "auto"}, rebuild=True)
+        store.reindex(IndexSettings(kind="auto"), rebuild=True)

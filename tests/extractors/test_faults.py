@@ -15,20 +15,21 @@ from pathlib import Path
 
 import pytest
 
+from extractors.layout import EMBEDDINGS, STAGING
 from extractors.sources import read_source
-from extractors.store import EMBEDDINGS, STAGING, Store
+from extractors.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBED = """
 import sys
 from extractors.backbones import create_backbone
 from extractors.sources import read_source
+from extractors.engines import LocalEngine
+from extractors.settings import EmbedSettings
 from extractors.store import Store
 src, store = sys.argv[1], sys.argv[2]
-report = Store(store).update(
-    read_source(src), create_backbone(device="cpu"), batch_size=8, num_workers=2,
-    progress=False, checkpoint_rows=16,
-)
+engine = LocalEngine(EmbedSettings(batch_size=8, decode_threads=2), False, checkpoint_rows=16)
+report = Store(store).update(read_source(src), create_backbone(device="cpu"), engine=engine)
 print("resumed", report.resumed, "rows", report.rows)
 """
 

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from extractors import index as faiss_index
+from extractors import ann as faiss_index
+from extractors.layout import EMBEDDINGS, content_id, embedding_matrix
 from extractors.sources import read_source
-from extractors.store import EMBEDDINGS, Store, StoreError, content_id, embedding_matrix
+from extractors.store import Store, StoreError
 
 
 def test_parquet_schema_and_readers(built_store) -> None:
@@ -122,11 +123,13 @@ def test_broken_index_is_rebuilt(built_store, tmp_path) -> None:
     store = Store(tmp_path / "copy")
     shutil.copytree(built_store.path, store.path)
     faiss_index.write_index(
-        faiss_index.build_index(np.zeros((1, 1280), np.float32), np.array([7])),
+        faiss_index.flat_copy([(np.ones((1, 1280), np.float32), np.array([7]))], 1280),
         store.path / "index.faiss",
     )
-    assert store.ensure_index() is True
-    assert store.index().ntotal == 100
+    assert store.index_if_consistent() is None
+    assert any("ids differ" in p for p in store.verify())
+    assert store.index().ntotal == 100  # rebuilt on first use
+    assert store.index_if_consistent() is not None and store.verify() == []
 
 
 def test_layers_are_extra_columns_from_one_pass(layered_store, built_store, backbone) -> None:

@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.deployments import DeploymentError, DeploymentSpec, build, read_file
+from flows.settings import PipelineSettings
 
 REPO = Path(__file__).resolve().parents[2]
+HEAD = '[[deployment]]\nname = "a"\nsource = "x"\ncron = "@daily"\n'
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -23,7 +25,7 @@ def test_the_projects_deployments_file_is_valid() -> None:
     (spec,) = read_file(REPO / "deployments.toml")
     assert spec.name == "digits-hourly" and spec.cron == "0 * * * *"
     assert spec.source == str(REPO / "data" / "sample" / "digits")
-    assert spec.parameters["workspace"] == str(REPO / "data")
+    assert spec.locations["workspace"] == str(REPO / "data")
 
 
 def test_relative_paths_resolve_against_the_file_and_build_schedules(tmp_path: Path) -> None:
@@ -42,12 +44,33 @@ name = "often"
 source = "/abs/manifest.csv"
 interval = 90
 experiment = "team"
-engine = "dask"
+heads = ["logreg", "knn"]
+[deployment.embed]
+batch_size = 8
+layers = ["-1"]
+fast_decode = false
+[deployment.index]
+max_memory = "1GB"
+[deployment.engine]
+kind = "dask"
+workers = 3
+[deployment.finetune]
+strategy = "partial"
+label_smoothing = 0.0
 """,
     )
     nightly, often = read_file(path)
     assert nightly.source == str(tmp_path / "photos")
-    assert nightly.parameters == {"store": str(tmp_path / "stores/photos"), "target": 0.8}
+    assert nightly.locations == {"store": str(tmp_path / "stores/photos")}
+    assert nightly.settings == PipelineSettings(target=0.8)
+    s = often.settings
+    assert (s.embed.batch_size, s.embed.layers, s.embed.fast_decode) == (8, ["-1"], False)
+    assert (s.index.max_memory, s.engine.kind, s.engine.workers) == ("1GB", "dask", 3)
+    assert (s.finetune.strategy, s.finetune.label_smoothing, s.heads) == (
+        "partial",
+        0.0,
+        ["logreg", "knn"],
+    )
     assert often.source == "/abs/manifest.csv" and often.schedule == "every 90 s"
 
     built_nightly, built_often = build([nightly, often])
@@ -56,7 +79,17 @@ engine = "dask"
     assert built_nightly.parameters["source"] == str(tmp_path / "photos")
     assert built_nightly.parameters["progress"] is False
     assert built_often.schedules[0].schedule.interval.total_seconds() == 90
-    assert built_often.parameters["engine"] == "dask"
+    assert built_often.parameters["settings"]["engine"] == {
+        "kind": "dask",
+        "address": None,
+        "workers": 3,
+    }
+    assert built_often.parameters["experiment"] == "team"
+    # What Prefect stores is what the flow gets back: the same settings, validated again.
+    from flows.pipeline import pipeline
+
+    again = pipeline.validate_parameters(built_often.parameters)["settings"]
+    assert again == often.settings
 
 
 @pytest.mark.parametrize(
@@ -65,6 +98,23 @@ engine = "dask"
         ('[[deployment]]\nname = "a"\nsource = "x"\n', "either cron or interval"),
         ('[[deployment]]\nname = "a"\nsource = "x"\ncron = "* * * * *"\ninterval = 5\n', "either"),
         ('[[deployment]]\nname = "a"\nsource = "x"\ninterval = 0\n', "> 0"),
+        ('[[deployment]]\nname = "a"\nsource = "x"\ninterval = "600"\n', "number of seconds"),
+        (
+            HEAD + '[deployment.embed]\nbatch_size = "8"\n',
+            "--batch-size \\(embed.batch_size\\) must be an integer, not '8'",
+        ),
+        (
+            HEAD + "[deployment.index]\nrecall = 2\n",
+            "recall\\) must be in",
+        ),
+        (
+            '[[deployment]]\nname = "a"\nsource = "x"\ncron = "@daily"\nbackbone = "y"\n',
+            "backbone under \\[deployment.embed\\]",
+        ),
+        (
+            '[[deployment]]\nname = "a"\nsource = "x"\ncron = "@daily"\nengine = "dask"\n',
+            "must be a table",
+        ),
         ('[[deployment]]\nname = "a"\nsource = "x"\ncron = "@daily"\ntargett = 1\n', "targett"),
         ('[[deployment]]\nsource = "x"\ncron = "@daily"\n', "no 'name'"),
         ("[[deployment]\n", "not valid TOML"),
@@ -77,9 +127,9 @@ def test_bad_files_say_what_to_fix(tmp_path: Path, text: str, message: str) -> N
         read_file(_write(tmp_path, text))
 
 
-def test_source_is_a_reserved_parameter() -> None:
+def test_source_is_not_a_location() -> None:
     with pytest.raises(DeploymentError, match="unknown parameters \\['source'\\]"):
-        DeploymentSpec("a", "x", cron="@daily", parameters={"source": "y"})
+        DeploymentSpec("a", "x", cron="@daily", locations={"source": "y"})
 
 
 def test_serve_reports_bad_input_before_serving(tmp_path: Path) -> None:

@@ -13,12 +13,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from flows.settings import PipelineSettings
 from heads.evaluate import METRICS
+from heads.settings import FineTuneSettings
 
 pytestmark = pytest.mark.slow
 
 
-FT = {"epochs": 2, "image_size": 32, "flip": False, "batch_size": 16}
+FT = FineTuneSettings(epochs=2, image_size=32, flip=False, batch_size=16)
 
 
 def test_pipeline_flow_tracks_heads_finetune_and_registry(
@@ -26,9 +28,8 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
 ) -> None:
     from flows.pipeline import pipeline
 
-    result = pipeline(
-        str(digits_dir), workspace=str(tmp_path), target=1.01, finetune_settings=FT, progress=False
-    )
+    settings = PipelineSettings(target=1.01, finetune=FT)
+    result = pipeline(str(digits_dir), settings=settings, workspace=str(tmp_path), progress=False)
     assert result["embed"]["embedded"] == 100
     assert result["decision"]["escalate"] is True  # no head can reach 1.01
     assert "< target" in result["decision"]["reason"]
@@ -44,6 +45,8 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     assert parent.data.params["backbone"] == "efficientnet_lite0"
     assert parent.data.params["fingerprint"] == result["embed"]["fingerprint"]
     assert parent.data.params["escalate"] == "True"
+    assert parent.data.params["finetune.epochs"] == "2"  # every setting, flattened
+    assert parent.data.params["embed.batch_size"] == "32"
     assert parent.data.tags["escalation_reason"] == result["decision"]["reason"]
     assert parent.data.metrics["images_embedded"] == 100
     assert parent.data.tags["finetuned_backbone"] == tuned["backbone"]
@@ -95,8 +98,9 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
 
     # Scheduled re-runs over the same folder embed nothing new and reuse the heads, and
     # say so in the run's log...
+    quiet = PipelineSettings(target=None)
     state = pipeline(
-        str(digits_dir), workspace=str(tmp_path), target=None, progress=False, return_state=True
+        str(digits_dir), settings=quiet, workspace=str(tmp_path), progress=False, return_state=True
     )
     again = state.result()
     log = _flow_run_log(state.state_details.flow_run_id)
@@ -107,9 +111,8 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     assert again["reused_from"] == result["run_id"]
     assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 1
     # ...unless asked to retrain: then the best head is a new version under the alias.
-    forced = pipeline(
-        str(digits_dir), workspace=str(tmp_path), target=None, progress=False, retrain=True
-    )
+    retrain = quiet.replace(retrain=True)
+    forced = pipeline(str(digits_dir), settings=retrain, workspace=str(tmp_path), progress=False)
     assert "reused_from" not in forced
     assert int(client.get_model_version_by_alias("digits-head", "newest").version) == 2
     # The third run over unchanged content is a cache hit of the embed step (keyed on the

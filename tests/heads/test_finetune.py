@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from extractors.backbones import create_backbone
+from extractors.settings import SettingsError
 from heads.evaluate import METRICS
 from heads.finetune import (
     CHECKPOINT,
     DONE,
-    FineTuneConfig,
-    FineTuneError,
     FineTuneNet,
+    FineTuneSettings,
     _frozen_groups,
     _param_groups,
     finetune,
@@ -64,7 +64,7 @@ def test_torchvision_resnet_groups_follow_its_layers(tmp_path) -> None:
 
 
 def test_learning_rates_decay_with_depth_and_partial_trains_only_the_top(backbone) -> None:
-    cfg = FineTuneConfig(strategy="partial", blocks=2, backbone_lr=1e-4, head_lr=1e-3)
+    cfg = FineTuneSettings(strategy="partial", blocks=2, backbone_lr=1e-4, head_lr=1e-3)
     net = FineTuneNet(backbone, 4)
     groups = layer_groups(backbone)
     group_of = {n: i for i, g in enumerate(groups) for n in g}
@@ -78,24 +78,26 @@ def test_learning_rates_decay_with_depth_and_partial_trains_only_the_top(backbon
 
 
 def test_gradual_unfreezing_adds_one_group_per_epoch() -> None:
-    cfg = FineTuneConfig(strategy="full", gradual=True)
+    cfg = FineTuneSettings(strategy="full", gradual=True)
     assert [_frozen_groups(cfg, e, 6, 6) for e in range(8)] == [6, 5, 4, 3, 2, 1, 0, 0]
-    plain = FineTuneConfig(strategy="partial", blocks=2)
+    plain = FineTuneSettings(strategy="partial", blocks=2)
     assert _frozen_groups(plain, 0, 6, 2) == 4
 
 
-def test_bad_settings_are_refused() -> None:
-    with pytest.raises(FineTuneError, match="unknown strategy"):
-        FineTuneConfig(strategy="everything").check()
-    with pytest.raises(FineTuneError, match="bn must be"):
-        FineTuneConfig(bn="sometimes").check()
+def test_bad_settings_are_refused_where_they_are_built() -> None:
+    with pytest.raises(SettingsError, match=r"--strategy .* head, partial, full, not 'everything'"):
+        FineTuneSettings(strategy="everything")
+    with pytest.raises(SettingsError, match=r"--bn .* frozen, train, not 'sometimes'"):
+        FineTuneSettings(bn="sometimes")
+    with pytest.raises(SettingsError, match=r"--epochs .* at least 1, not 0"):
+        FineTuneSettings(epochs=0)
 
 
 def test_head_strategy_leaves_the_backbone_untouched(built_store, tmp_path) -> None:
     data, classes = _data(built_store)
     bb = create_backbone("efficientnet_lite0", device="cpu")
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    cfg = FineTuneConfig(strategy="head", epochs=1, **SMALL)
+    cfg = FineTuneSettings(strategy="head", epochs=1, **SMALL)
     out = finetune(bb, data, classes, cfg, tmp_path / "ft", progress=False, log=lambda _: None)
     after = bb.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
@@ -105,16 +107,16 @@ def test_head_strategy_leaves_the_backbone_untouched(built_store, tmp_path) -> N
 
 def test_full_finetune_resumes_after_sigkill_and_becomes_a_backbone(built_store, tmp_path) -> None:
     data, classes = _data(built_store)
-    cfg = FineTuneConfig(strategy="full", epochs=6, patience=10, **SMALL)
+    cfg = FineTuneSettings(strategy="full", epochs=6, patience=10, **SMALL)
     workdir = tmp_path / "ft"
     script = f"""
 import json, numpy as np
 from extractors.backbones import create_backbone
 from extractors.store import Store
-from heads.finetune import FineTuneConfig, finetune
+from heads.finetune import FineTuneSettings, finetune
 from tests.heads.test_finetune import _data
 data, classes = _data(Store({str(built_store.path)!r}))
-cfg = FineTuneConfig(**json.loads({json.dumps(cfg.__dict__)!r}))
+cfg = FineTuneSettings(**json.loads({json.dumps(cfg.__dict__)!r}))
 finetune(create_backbone("efficientnet_lite0", device="cpu"), data, classes, cfg,
          {str(workdir)!r}, progress=False)
 """

@@ -165,7 +165,8 @@ def test_single_class_and_tiny_class_are_refused(built_store, tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from extractors.store import EMBEDDINGS, write_parquet_atomic
+    from extractors.common import write_parquet_atomic
+    from extractors.layout import EMBEDDINGS
 
     store = Store(tmp_path / "s")
     shutil.copytree(built_store.path, store.path)

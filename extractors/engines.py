@@ -1,30 +1,108 @@
-"""Scale-out engine: an update's new files sharded over a Dask cluster (`--engine dask`).
+"""Engines: how an update's new files are embedded into staging parts. `LocalEngine` in this
+process (decode threads feed the model, a thread writes the parts); `DaskEngine` shards the
+files over a Dask cluster (`--engine dask`).
 
-Each shard is embedded on a worker and written as one staging part named after its content
-(`extractors.store.write_shard`); the store's usual commit then merges the parts and builds
-the index in the calling process. Dask re-runs the shards of a worker that dies, and a shard
-that runs twice writes the same part again, so every image lands exactly once. Workers must
-see the store and the images at the same paths (one machine, or a shared file system).
+Each Dask shard is embedded on a worker and written as one staging part named after its
+content (`write_shard`); the store's usual commit then merges the parts and builds the index
+in the calling process. Dask re-runs the shards of a worker that dies, and a shard that runs
+twice writes the same part again, so every image lands exactly once. Workers must see the
+store and the images at the same paths (one machine, or a shared file system). Dask is
+imported only when a Dask engine runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extractors.backbones import Backbone
-from extractors.embed import EmbedStats
-from extractors.store import Pending, write_shard
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-ENGINES = ("local", "dask")
+from extractors import compiled
+from extractors.backbones import Backbone
+from extractors.common import atomic_path
+from extractors.embed import EmbedStats, embed_files
+from extractors.layout import CHECKPOINT_ROWS, schema
+from extractors.plan import Pending
+from extractors.settings import EmbedSettings, EngineSettings
+from extractors.staging import StagingWriter, batch_table
+
 MAX_SHARD = 1024  # images per shard: the most work a dying worker can cost
 
+# An engine embeds an update's pending files into staging parts (files in the staging folder,
+# each renamed into place whole) and returns the (path, reason) failures.
+Engine = Callable[[Path, Backbone, list[Pending], EmbedStats], list[tuple[str, str]]]
 
-class EngineError(ValueError):
-    """An engine setting that cannot work; the message says what to use instead."""
+
+@dataclass
+class LocalEngine:
+    """Embed in this process: decode threads feed the model, a background thread writes parts
+    of `checkpoint_rows` rows (so a killed run redoes at most that much)."""
+
+    settings: EmbedSettings = field(default_factory=EmbedSettings)
+    progress: bool = True
+    checkpoint_rows: int = CHECKPOINT_ROWS
+
+    def __call__(
+        self, staging_dir: Path, backbone: Backbone, pending: list[Pending], stats: EmbedStats
+    ) -> list[tuple[str, str]]:
+        s = self.settings
+        use, why = compiled.decide(backbone, s.batch_size, len(pending), s.compile)
+        if use and not backbone.compiled:
+            backbone.compile(s.batch_size)
+        stats.path = why if backbone.compiled or not use else "eager (compiling failed)"
+        sch = schema(backbone.dim, backbone.layer_dims)
+        failures: list[tuple[str, str]] = []
+        paths = [p.path for p in pending]
+        with StagingWriter(staging_dir, sch, self.checkpoint_rows, stats) as writer:
+            for batch in embed_files(
+                backbone,
+                paths,
+                s.batch_size,
+                s.decode_threads,
+                self.progress,
+                stats=stats,
+                fast_decode=s.fast_decode,
+            ):
+                failures.extend((paths[i], reason) for i, reason in batch.failures)
+                if len(batch.indices):
+                    writer.put(batch_table(batch, pending, sch))
+        return failures
+
+
+def write_shard(
+    staging_dir: str | Path,
+    backbone: Backbone,
+    pending: list[Pending],
+    batch_size: int = 32,
+    num_workers: int | None = 0,
+    fast_decode: bool = True,
+    stats: EmbedStats | None = None,
+) -> list[tuple[str, str]]:
+    """Embed one shard of an update into one staging part and return its failures.
+
+    The part is named after the shard's content hashes and renamed into place whole, so a
+    shard that runs twice (its worker died after writing) replaces the part with the same
+    rows, and a shard whose worker died before writing leaves nothing behind."""
+    sch = schema(backbone.dim, backbone.layer_dims)
+    key = hashlib.sha256("".join(sorted(p.sha256 for p in pending)).encode()).hexdigest()[:20]
+    paths = [p.path for p in pending]
+    tables, failures = [], []
+    for batch in embed_files(
+        backbone, paths, batch_size, num_workers, False, stats=stats, fast_decode=fast_decode
+    ):
+        failures.extend((paths[i], reason) for i, reason in batch.failures)
+        if len(batch.indices):
+            tables.append(batch_table(batch, pending, sch))
+    if tables:
+        with atomic_path(Path(staging_dir) / f"shard-{key}.parquet") as tmp:
+            pq.write_table(pa.concat_tables(tables), tmp, compression="zstd")
+    return failures
 
 
 @dataclass(frozen=True)
@@ -76,6 +154,7 @@ def embed_shard(
     pending: list[Pending],
     batch_size: int,
     threads: int | None,
+    fast_decode: bool = True,
 ) -> dict[str, Any]:
     """Runs on a worker: embed one shard into a staging part; failures and stage seconds back."""
     import torch
@@ -89,6 +168,7 @@ def embed_shard(
         pending,
         batch_size=batch_size,
         num_workers=threads or None,
+        fast_decode=fast_decode,
         stats=stats,
     )
     return {"failures": failures, "stats": stats.__dict__, "worker": os.getpid()}
@@ -106,6 +186,7 @@ class DaskEngine:
     weights: str | None = None  # a file (given, or a fine-tuned backbone's); None: its own
     shard_size: int | None = None
     compile_model: bool = False
+    fast_decode: bool = True
 
     def shards(self, pending: list[Pending], workers: int | None = None) -> list[list[Pending]]:
         """About four shards per worker (so a slow or dead one costs little), at most 1024."""
@@ -146,6 +227,7 @@ class DaskEngine:
                 shards,
                 [self.batch_size] * len(shards),
                 [threads] * len(shards),
+                [self.fast_decode] * len(shards),
                 pure=False,
             )
             sizes = {f.key: len(s) for f, s in zip(futures, shards, strict=True)}
@@ -166,28 +248,23 @@ class DaskEngine:
 
 
 def make_engine(
-    engine: str = "local",
-    address: str | None = None,
-    workers: int | None = None,
-    batch_size: int = 32,
+    engine: EngineSettings,
+    embedding: EmbedSettings,
     progress: bool = True,
     weights: str | None = None,
-    compile_model: bool = False,
-) -> DaskEngine | None:
-    """None for the local engine (the store's default); a DaskEngine for `dask`."""
-    if engine not in ENGINES:
-        raise EngineError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "local":
-        if address:
-            raise EngineError("--address joins a Dask cluster; add --engine dask")
-        return None
+) -> Engine:
+    """The engine `engine` asks for, embedding as `embedding` says. `weights` is the backbone's
+    weights file (a Dask worker builds its own copy of the backbone from it)."""
+    if engine.kind == "local":
+        return LocalEngine(embedding, progress)
     return DaskEngine(
-        address=address,
-        workers=workers or default_workers(),
-        batch_size=batch_size,
+        address=engine.address,
+        workers=engine.workers or default_workers(),
+        batch_size=embedding.batch_size,
         progress=progress,
         weights=weights,
-        compile_model=compile_model,
+        compile_model=bool(embedding.compile),
+        fast_decode=embedding.fast_decode,
     )
 
 

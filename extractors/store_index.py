@@ -19,17 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from extractors.atomic import atomic_path
-from extractors.index import (
-    INDEX_FILE,
-    VECTOR_IDS,
-    VECTORS,
+from extractors.ann import (
     AnnIndex,
     IndexChoice,
     Reranker,
@@ -37,13 +32,13 @@ from extractors.index import (
     index_ids,
     kind_of,
     new_index,
-    normalize,
     read_index,
     train_sample_size,
     write_index,
 )
-from extractors.tuning import (
-    DEFAULT_RECALL,
+from extractors.common import atomic_path, normalize
+from extractors.layout import INDEX, VECTOR_IDS, VECTORS
+from extractors.recall import (
     TUNE_QUERIES,
     ExactTopK,
     K,
@@ -52,29 +47,15 @@ from extractors.tuning import (
     held_out,
     tune,
 )
+from extractors.settings import IndexSettings
 
 Batches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 MIN_CHECK_QUERIES = 20  # fewer new rows than this: too few to measure recall on
 
 
-@dataclass(frozen=True)
-class IndexSettings:
-    """What the user asked of the index; kept in the manifest so updates keep them."""
-
-    max_memory: int | str | None = None
-    recall: float = DEFAULT_RECALL
-    kind: str = "auto"
-
-    @classmethod
-    def of(cls, entry: dict[str, Any] | None, **overrides: Any) -> IndexSettings:
-        saved = (entry or {}).get("settings", {})
-        merged = {k: v for k, v in {**saved, **overrides}.items() if v is not None}
-        return cls(**{k: merged[k] for k in ("max_memory", "recall", "kind") if k in merged})
-
-
 def open_index(folder: Path, entry: dict[str, Any] | None, mmap: bool = False) -> AnnIndex:
     """The index on disk with the tuned search parameters of its manifest entry."""
-    raw = read_index(Path(folder) / INDEX_FILE, mmap=mmap)
+    raw = read_index(Path(folder) / INDEX, mmap=mmap)
     entry = entry or {}
     kind = kind_of(raw)
     reranker = Reranker(folder, raw.d) if kind == "ivf_pq" else None
@@ -103,7 +84,7 @@ def refresh(
 ) -> dict[str, Any]:
     """Make the index hold exactly `ids`; return its manifest entry (choice, tuning, history)."""
     folder = Path(folder)
-    settings = settings or IndexSettings.of(previous)
+    settings = (settings or IndexSettings()).resolved(previous)
     choice = choose(len(ids), dim, settings.max_memory, settings.kind)
     why = "asked to rebuild" if rebuild else _why_rebuild(folder, choice, previous)
     if why is None:
@@ -115,7 +96,7 @@ def refresh(
 
 
 def _why_rebuild(folder: Path, choice: IndexChoice, previous: dict | None) -> str | None:
-    if not (folder / INDEX_FILE).exists():
+    if not (folder / INDEX).exists():
         return "no index yet"
     if not previous or "choice" not in previous:
         return "the index has no recorded choice (made by an older headstart)"
@@ -135,7 +116,7 @@ def _entry(
 ) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     tuning = tuning.as_dict() if isinstance(tuning, Tuning) else tuning
-    size = (folder / INDEX_FILE).stat().st_size
+    size = (folder / INDEX).stat().st_size
     event = {"at": now, "action": action, "ntotal": choice.n, "recall": tuning.get("recall")}
     return {
         "type": choice.factory,
@@ -210,7 +191,7 @@ def _build(
         tuning = tune(ann, queries, truth.result(), settings.recall, K, choice.nlist)
     if len(q_ids):
         index.add_with_ids(queries, q_ids)
-    write_index(index, folder / INDEX_FILE)
+    write_index(index, folder / INDEX)
     return _entry(choice, settings, tuning, f"built ({why})", folder)
 
 
@@ -273,7 +254,7 @@ def _update(
             ann.index.add_with_ids(queries, np.ascontiguousarray(q_ids, np.int64))
             vf.add(queries, q_ids)
         vf.commit()
-    write_index(ann.index, folder / INDEX_FILE)
+    write_index(ann.index, folder / INDEX)
     return _entry(choice, settings, tuning, action, folder, previous.get("history"))
 
 
@@ -309,7 +290,7 @@ class _VectorFile:
         if self.fh is not None:
             # The old index refers to the old files: drop it first, so a crash from here on
             # leaves no index (rebuilt on next use) rather than one that mismatches its vectors.
-            (self.folder / INDEX_FILE).unlink(missing_ok=True)
+            (self.folder / INDEX).unlink(missing_ok=True)
             self.fh.flush()
             os.fsync(self.fh.fileno())
             self.fh.close()

@@ -7,16 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extractors.index import (
-    VECTOR_IDS,
-    VECTORS,
-    Reranker,
-    choose,
-    index_ids,
-    parse_bytes,
-)
-from extractors.indexing import IndexSettings, consistent, open_index, refresh
-from extractors.tuning import exact_topk, recall_at_k
+from extractors.ann import Reranker, choose, index_ids
+from extractors.common import parse_bytes
+from extractors.layout import VECTOR_IDS, VECTORS
+from extractors.recall import exact_topk, recall_at_k, tune
+from extractors.settings import IndexSettings, SettingsError
+from extractors.store_index import consistent, open_index, refresh
 
 DIM = 64
 CENTRES = np.random.default_rng(42).standard_normal((40, DIM)).astype(np.float32)
@@ -128,10 +124,13 @@ def test_recall_drop_on_new_data_retunes(tmp_path: Path):
 def test_unreachable_target_is_recorded_not_hidden(tmp_path: Path):
     x = clustered(2000, 0)
     ids = np.arange(2000, dtype=np.int64)
-    settings = IndexSettings(kind="ivf_pq", recall=1.01)  # no setting can reach this
-    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=settings)
-    assert entry["tuning"]["reached"] is False
-    assert entry["tuning"]["recall"] == max(p["recall"] for p in entry["tuning"]["curve"])
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_pq"))
+    ann, queries = open_index(tmp_path, entry), clustered(100, 3)
+    tuning = tune(ann, queries, exact_topk(queries, stream(x, ids)(), 10), 1.01, 10, 64)
+    assert tuning.reached is False  # no setting can reach a recall above 1
+    assert tuning.recall == max(p["recall"] for p in tuning.curve)
+    with pytest.raises(SettingsError, match="recall"):
+        IndexSettings(recall=1.01)  # and no user can ask for one
 
 
 def test_rerank_file_survives_a_crashed_append(tmp_path: Path):
@@ -156,7 +155,7 @@ def test_rerank_file_survives_a_crashed_append(tmp_path: Path):
 def test_store_reindex_records_choice_and_keeps_search_working(built_store):
     m_before = built_store.manifest()["index"]
     assert m_before["choice"]["kind"] == "flat" and "exact scan" in m_before["choice"]["reason"]
-    entry = built_store.reindex({"kind": "hnsw"}, rebuild=True)
+    entry = built_store.reindex(IndexSettings(kind="hnsw"), rebuild=True)
     try:
         assert built_store.manifest()["index"]["type"] == entry["type"] == "IDMap2,HNSW32,Flat"
         assert built_store.verify() == []
@@ -166,5 +165,5 @@ def test_store_reindex_records_choice_and_keeps_search_working(built_store):
         assert np.array_equal(found[:, 0], meta["id"].to_numpy()[:10])
         assert set(index_ids(ann)) == set(meta["id"].to_numpy())
     finally:
-        built_store.reindex({"kind": "auto"}, rebuild=True)
+        built_store.reindex(IndexSettings(kind="auto"), rebuild=True)
     assert built_store.manifest()["index"]["choice"]["kind"] == "flat"

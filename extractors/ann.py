@@ -12,7 +12,7 @@ Four kinds, chosen by `choose` from the number of vectors, their dimension and a
               `vector_ids.npy`), so recall is not capped by the codes.
 
 Search parameters (`nprobe`, `efSearch`, `rerank` = candidates per result for ivf_pq) are set
-by `extractors.tuning` to reach a recall target; `AnnIndex` applies them.
+by `extractors.recall` to reach a recall target; `AnnIndex` applies them.
 """
 
 from __future__ import annotations
@@ -27,49 +27,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from extractors.atomic import atomic_path
+from extractors.common import atomic_path, human_bytes, normalize, parse_bytes
+from extractors.layout import VECTOR_IDS, VECTORS
+from extractors.settings import INDEX_KINDS as KINDS
 
-KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
 FLAT_MAX = 20_000  # below this an exact scan takes a few ms a query: nothing to gain
 HNSW_M = 32
 HNSW_MAX = 2_000_000  # above this an HNSW build takes hours on a few cores
 DEFAULT_MAX_MEMORY = 4 * 2**30
-INDEX_FILE = "index.faiss"
-VECTORS = "vectors.f32"
-VECTOR_IDS = "vector_ids.npy"
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (float32, contiguous); zero rows stay zero."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """'512MB', '2GB', '1.5GiB' or a plain number of bytes -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    s = text.strip().upper().replace("IB", "B")
-    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MB or 2GB") from None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 @dataclass(frozen=True)
@@ -329,11 +294,6 @@ class AnnIndex:
             _, ids = self.index.search(q, max(cand, k))
             return self.reranker.rerank(q, ids, k)
         return self.index.search(q, k)
-
-
-def build_index(embeddings: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """Exact inner-product index on normalised vectors (= cosine similarity), keyed by `ids`."""
-    return flat_copy([(embeddings, ids)], embeddings.shape[1])
 
 
 def flat_copy(batches: Iterable[tuple[np.ndarray, np.ndarray]], dim: int) -> faiss.Index:

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from extractors.engines import DaskEngine, LocalEngine, make_engine
+from extractors.settings import EmbedSettings, EngineSettings, SettingsError
 from extractors.sources import read_source
 from extractors.store import Store
 from flows.cli import app
-from flows.engine import DaskEngine, make_engine
 
 
 def _same_store(a: Store, b: Store) -> None:
@@ -33,12 +34,17 @@ def _same_store(a: Store, b: Store) -> None:
     assert b.verify() == []
 
 
-def test_make_engine_rejects_unknown_names_and_a_stray_address() -> None:
-    assert make_engine("local") is None
-    with pytest.raises(ValueError, match="choose one of local, dask"):
-        make_engine("ray")
-    with pytest.raises(ValueError, match="--engine dask"):
-        make_engine("local", address="tcp://127.0.0.1:8786")
+def test_engine_settings_refuse_unknown_names_and_a_stray_address() -> None:
+    embedding = EmbedSettings(batch_size=8, fast_decode=False)
+    local = make_engine(EngineSettings(), embedding, progress=False)
+    assert isinstance(local, LocalEngine) and local.settings is embedding
+    dask = make_engine(EngineSettings(kind="dask", workers=3), embedding)
+    assert isinstance(dask, DaskEngine) and (dask.workers, dask.batch_size) == (3, 8)
+    assert dask.fast_decode is False
+    with pytest.raises(SettingsError, match="must be one of local, dask, not 'ray'"):
+        EngineSettings(kind="ray")
+    with pytest.raises(SettingsError, match="--engine dask"):
+        EngineSettings(address="tcp://127.0.0.1:8786")
     shards = DaskEngine(workers=2, batch_size=8).shards(list(range(100)))
     assert sum(map(len, shards)) == 100 and len(shards) == 8
     joined = DaskEngine(batch_size=8).shards(list(range(400)), workers=5)  # a bigger cluster

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from extractors.index import AnnIndex, normalize
+from extractors.ann import AnnIndex
+from extractors.common import normalize
+from extractors.settings import DEFAULT_RECALL
 
 TUNE_QUERIES = 500
-DEFAULT_RECALL = 0.95
 K = 10
 
 

@@ -1,0 +1,97 @@
+"""Small helpers every package shares: the base error, atomic writes, L2 normalisation.
+
+Nothing heavy is imported at module level, so the CLI's error handling and a head's MLflow
+model can import this without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+ROW_GROUP = 4096  # rows per Parquet row group of every table a store writes
+
+
+class HeadstartError(Exception):
+    """Input or state the user can fix; the message says how. Every module's error extends
+    it, and the CLI prints it as one line with exit code 2 (anything else is a bug)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it replaces `path`, on error it is removed.
+
+    Readers see the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Replace `path` with `obj` as indented JSON, atomically."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2, default=str).encode())
+
+
+def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
+    """Replace `path` with `table` as zstd Parquet (ROW_GROUP rows per group), atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation (float32, contiguous); zero rows stay zero."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'512MB', '2GB', '1.5GiB' or a plain number of bytes -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = text.strip().upper().replace("IB", "B")
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MB or 2GB") from None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

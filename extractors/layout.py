@@ -1,0 +1,128 @@
+"""A store's on-disk layout, the one place it is documented (the README points here): its
+file names, the embeddings schema, ids, fingerprints and the default store directory.
+
+One directory per (source, backbone):
+
+    <store>/
+      manifest.json        backbone, weights, preprocessing, dim, rows, created/updated,
+                           source, split seed, labels, dataset fingerprint, index summary
+      embeddings.parquet   one row per image:
+                             id         int64   first 63 bits of the content SHA-256 (stable)
+                             path       string  absolute path of the file
+                             sha256     string  hex SHA-256 of the file's bytes
+                             label      string  class name, null when unlabelled
+                             split      string  train | val | test
+                             width      int32   decoded size, EXIF orientation applied
+                             height     int32
+                             bytes      int64   file size and modification time, used to skip
+                             mtime_ns   int64   re-hashing unchanged files on re-runs
+                             embedding  fixed_size_list<float32>[dim]  pooled penultimate features
+                             emb_<module> fixed_size_list<float32>  pooled features of the
+                                        extra layers asked for with --layers (manifest "layers")
+      failures.parquet     files of the source that are not in the store: path, reason
+                           (undecodable, unreadable, duplicate content of another path)
+      staging/             part-NNNNNN.parquet rows embedded by an update that has not committed
+                           yet, same schema, split null unless given; staging.json its backbone.
+                           A re-run after a crash reuses them; removed after the commit.
+      index.faiss          FAISS index on L2-normalised embeddings, ids == `id`; its kind (flat,
+                           hnsw, ivf_flat, ivf_pq), why it was chosen, the tuned search
+                           parameters and the recall curve are the manifest's "index" entry
+                           (extractors/store_index.py)
+      vectors.f32          ivf_pq only: normalised float32 rows for exact re-ranking, read
+      vector_ids.npy       memory-mapped; the ids file says which id each row holds
+      heads/               fitted heads (skops) per training run, heads/latest.json -> best
+      .lock                held while a writer updates the store
+
+Every file is written to a temporary name and renamed into place, so a reader sees the old or
+the new version, never a torn one. The manifest is written last and records the row count and
+fingerprint; an index that does not match the Parquet ids is rebuilt by the next update or
+`headstart index --rebuild`, and `Store.verify` lists anything on disk that is not sound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.parquet"
+FAILURES = "failures.parquet"
+INDEX = "index.faiss"
+VECTORS = "vectors.f32"  # ivf_pq: normalised rows for exact re-ranking
+VECTOR_IDS = "vector_ids.npy"
+STAGING = "staging"
+STAGING_TAG = "staging.json"
+CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash
+
+
+def schema(dim: int, layers: dict[str, int] | None = None) -> pa.Schema:
+    """The Parquet schema of the embeddings table; `layers` adds {column: dim} feature columns."""
+    extra = [(col, pa.list_(pa.float32(), d)) for col, d in (layers or {}).items()]
+    return pa.schema(
+        [
+            ("id", pa.int64()),
+            ("path", pa.string()),
+            ("sha256", pa.string()),
+            ("label", pa.string()),
+            ("split", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("bytes", pa.int64()),
+            ("mtime_ns", pa.int64()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            *extra,
+        ]
+    )
+
+
+META_COLUMNS = ["id", "path", "sha256", "label", "split", "width", "height", "bytes", "mtime_ns"]
+
+
+FAILURE_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
+
+
+def content_id(sha256_hex: str) -> int:
+    """Stable int64 id from a content hash (first 63 bits, so it is never negative)."""
+    return int(sha256_hex[:16], 16) >> 1
+
+
+def slug(text: str) -> str:
+    """File-system-safe short name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def default_store_dir(workspace: str | Path, source_root: str, backbone: str) -> Path:
+    """data/stores/<source name>-<path hash>__<backbone>: one store per (source, backbone)."""
+    tag = hashlib.sha256(str(Path(source_root).resolve()).encode()).hexdigest()[:6]
+    return Path(workspace) / "stores" / f"{slug(Path(source_root).stem)}-{tag}__{slug(backbone)}"
+
+
+def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed-size-list column as a (rows, dim) float32 matrix, without a Python loop."""
+    col = table[column].combine_chunks()
+    dim = col.type.list_size
+    if len(col) == 0:
+        return np.zeros((0, dim), np.float32)
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), dim)
+
+
+def fingerprint(table: pa.Table) -> str:
+    """Dataset fingerprint: hash of the sorted (sha256, label, split) triples."""
+    h = hashlib.sha256()
+    rows = sorted(
+        zip(
+            table["sha256"].to_pylist(),
+            table["label"].to_pylist(),
+            table["split"].to_pylist(),
+            strict=True,
+        ),
+        key=lambda r: r[0],
+    )
+    for sha, label, split in rows:
+        h.update(f"{sha}\t{label}\t{split}\n".encode())
+    return h.hexdigest()[:16]

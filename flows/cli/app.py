@@ -1,0 +1,53 @@
+"""The `headstart` Typer app, its consoles, and the one place user errors are caught: any
+HeadstartError (every module's error type extends it) becomes one red line and exit code 2;
+anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+from extractors.common import HeadstartError
+
+# Keep the CLI light: `--help` and bad-input errors should not wait for torch to import.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-friendly
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(exc: HeadstartError) -> typer.Exit:
+    """Print a user error as one line (its text is data: never read as markup); the exit
+    (code 2) to raise."""
+    err.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+class Commands(TyperGroup):
+    """Typer's command group, with user errors turned into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeadstartError as exc:
+            raise fail(exc) from None
+
+
+app = typer.Typer(
+    cls=Commands,
+    help=(
+        "headstart: transfer learning for images. Embed images with a frozen pretrained CNN "
+        "into Parquet + FAISS, train scikit-learn heads on them, track everything in MLflow, "
+        "orchestrated by Prefect. Start with `headstart demo`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal's width
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)

@@ -1,0 +1,140 @@
+"""`serve`: the pipeline as scheduled Prefect deployments, from deployments.toml or from one
+SOURCE with every setting `run` takes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
+from flows import DEFAULT_WORKSPACE
+from flows.cli.app import app, err, fail, out
+from flows.cli.options import Experiment, Group, StoreOpt, Workspace, with_settings
+from flows.settings import PipelineSettings
+from heads.settings import FineTuneSettings
+
+
+@app.command()
+@with_settings(
+    embedding=EmbedSettings,
+    index=IndexSettings,
+    engine=EngineSettings,
+    finetune=Group(FineTuneSettings, skip=frozenset({"seed"})),  # --seed: the embedding's
+    pipe=PipelineSettings,
+)
+def serve(
+    embedding: EmbedSettings,
+    index: IndexSettings,
+    engine: EngineSettings,
+    finetune: FineTuneSettings,
+    pipe: PipelineSettings,
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="Folder or manifest to re-process; omit to serve --file."),
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule for SOURCE (default: hourly).")
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="Run SOURCE every this many seconds instead of cron.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name for SOURCE.")] = None,
+    file: Annotated[
+        Path,
+        typer.Option(
+            help="Deployments to serve when no SOURCE is given: one `deployment` table per "
+            "source with name, source, cron or interval, store, workspace, experiment, the "
+            "run settings (target, heads, ...) and [deployment.embed], [deployment.index], "
+            "[deployment.engine] and [deployment.finetune] tables (see the README)."
+        ),
+    ] = Path("deployments.toml"),
+    limit: Annotated[
+        int, typer.Option(help="Flow runs at once; a due run waits while one is running.")
+    ] = 1,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Experiment = None,
+) -> None:
+    """Serve the pipeline as scheduled Prefect deployments until Ctrl-C.
+
+    Each due run embeds only new or changed images, updates the index, retrains the heads only
+    when the data changed, and publishes its heads table as a Prefect artifact. Runs go to the
+    Prefect API in PREFECT_API_URL (a standing `prefect server start`, see the README) and
+    MLflow in MLFLOW_TRACKING_URI. With a SOURCE, every option of `run` applies to its runs.
+    """
+    from flows import deployments, runs
+    from flows.steps.embedding import preflight
+
+    if source is None:
+        if cron or interval or name:
+            raise deployments.DeploymentError(
+                "--cron, --interval and --name apply to a SOURCE; with --file each "
+                "deployment sets its own"
+            )
+        specs = deployments.read_file(file)
+    else:
+        settings = pipe.replace(
+            embed=embedding,
+            index=index,
+            engine=engine,
+            finetune=finetune.replace(seed=embedding.seed),
+        )
+        locations = {"workspace": str(workspace.resolve())}
+        if store is not None:
+            locations["store"] = str(store.resolve())
+        if experiment is not None:
+            locations["experiment"] = experiment
+        specs = [
+            deployments.DeploymentSpec(
+                name or f"pipeline-{source.resolve().name}",
+                str(source.resolve()),
+                cron or (None if interval else "0 * * * *"),  # both given: an error
+                interval,
+                settings,
+                locations,
+            )
+        ]
+    for spec in specs:
+        where = spec.locations
+        preflight(
+            Path(spec.source),
+            where.get("store") and Path(where["store"]),
+            spec.settings.embed.backbone,
+            Path(where.get("workspace", DEFAULT_WORKSPACE)),
+            need_labels=True,
+        )
+    if runs.using_prefect():
+        runs.check_prefect_server()
+    else:
+        # Prefect's own 20 s is too short for a first start on a small, busy machine.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+        err.print(
+            "no Prefect server set up (PREFECT_API_URL): starting a temporary one, which can "
+            "take a minute the first time; its runs vanish when serve stops. To keep them, run "
+            "`uv run prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+            highlight=False,
+        )
+    built = deployments.build(specs)
+    from prefect import serve as prefect_serve
+
+    for spec in specs:
+        out.print(
+            f"serving pipeline/{spec.name} over {spec.source}, {spec.schedule}", highlight=False
+        )
+    out.print(f"at most {limit} run(s) at once; Ctrl-C stops")
+    try:
+        prefect_serve(*built, limit=limit, print_starting_message=False)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        raise fail(
+            runs.OrchestrationError(
+                "the temporary Prefect server did not start in time; start one with `uv run "
+                "prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and "
+                "run serve again"
+            )
+        ) from None

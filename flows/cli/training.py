@@ -1,0 +1,230 @@
+"""Commands of the training stages: `demo`, `run` (the whole pipeline), `train` (heads),
+`finetune` and `compare` (heads and fine-tuned networks side by side, from MLflow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
+from flows import DEFAULT_WORKSPACE
+from flows.cli.app import app, out
+from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.render import (
+    chosen,
+    heads_table,
+    metric_cells,
+    metric_columns,
+    print_finetune,
+    print_pipeline,
+)
+from flows.settings import PipelineSettings
+from heads.settings import FineTuneSettings
+
+DEMO_TARGET = 0.99  # the heads reach ~0.98 on the digits: the demo shows the escalation
+
+
+@app.command()
+@with_settings(
+    embedding=Group(EmbedSettings, only=frozenset({"backbone"})),
+    pipe=Group(PipelineSettings, only=frozenset({"target"}), defaults={"target": DEMO_TARGET}),
+    finetune=Group(
+        FineTuneSettings, only=frozenset({"epochs", "image_size"}), defaults={"epochs": 12}
+    ),
+)
+def demo(
+    embedding: EmbedSettings,
+    pipe: PipelineSettings,
+    finetune: FineTuneSettings,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    per_class: Annotated[
+        int, typer.Option(help="Sample images per digit class (at most 174: all of them).")
+    ] = 174,
+) -> None:
+    """Run the whole pipeline offline on bundled sample data (handwritten digits, 10 classes):
+    embed, frozen heads, then fine-tuning where the heads fall short, on the same test split."""
+    import torch
+
+    from flows import runs
+    from flows.sample_data import materialise_digits
+
+    if finetune.image_size is None and not torch.cuda.is_available():
+        # The digits are 8x8 scans: 64 px keeps CPU fine-tuning to seconds an epoch.
+        finetune = finetune.replace(image_size=64)
+        out.print(
+            "fine-tuning (if needed) runs at 64 px on this CPU; a GPU uses the backbone's own size"
+        )
+    # Full fine-tuning, no flips (a mirrored digit is another symbol).
+    finetune = finetune.replace(strategy="full", backbone_lr=3e-4, flip=False)
+    settings = pipe.replace(embed=embedding, finetune=finetune)
+    root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
+    out.print(f"sample data: {root} (10 classes x {per_class} images)", highlight=False)
+    result = runs.for_cli("pipeline")(str(root), settings=settings, workspace=str(workspace))
+    print_pipeline(result, workspace)
+    example = next(root.glob("3/*.png"))
+    out.print(f"search by image: [bold]uv run headstart search {example} -k 5[/]")
+    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
+    out.print(f"or in the browser: [bold]uv run headstart ui{ws}[/] (gallery, map, JSON API)")
+
+
+@app.command()
+@with_settings(pipe=Group(PipelineSettings, only=frozenset({"heads"})))
+def train(
+    pipe: PipelineSettings,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Experiment = None,
+    seed: Annotated[int, typer.Option(help="Seed of the heads' fitting.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the heads (logistic regression, linear and RBF SVM, k-NN) on a store, each swept
+    on the validation split and scored once on the test split, tracked in MLflow."""
+    from flows import runs, tracking
+    from flows.steps.training import check_trainable
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    check_trainable(st)
+    result = runs.for_cli("train_heads")(
+        str(st.path), experiment=experiment, heads=pipe.heads, workspace=str(workspace), seed=seed
+    )
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out.print(heads_table(result["heads"], f"heads on {st.path.name}"))
+    out.print(
+        f"MLflow: experiment {result['experiment']}, run {result['run_id']}; "
+        f"UI: {tracking.ui_command(workspace)}",
+        highlight=False,
+    )
+
+
+@app.command()
+@with_settings(
+    embedding=EmbedSettings,
+    index=IndexSettings,
+    engine=EngineSettings,
+    finetune=Group(FineTuneSettings, skip=frozenset({"seed"})),  # --seed: the embedding's
+    pipe=PipelineSettings,
+)
+def run(
+    source: Annotated[Path, typer.Argument(help="Labelled folder or manifest (see `embed`).")],
+    embedding: EmbedSettings,
+    index: IndexSettings,
+    engine: EngineSettings,
+    finetune: FineTuneSettings,
+    pipe: PipelineSettings,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Experiment = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole pipeline on SOURCE: embed, train heads, and fine-tune the backbone when the
+    best head's validation score is below --target (or with --finetune); all in MLflow."""
+    from flows import runs
+    from flows.steps.embedding import preflight
+
+    settings = pipe.replace(
+        embed=embedding,
+        index=index,
+        engine=engine,
+        finetune=finetune.replace(seed=embedding.seed),
+    )
+    preflight(source, store, embedding.backbone, workspace, need_labels=True)
+    result = runs.for_cli("pipeline")(
+        str(source),
+        settings=settings,
+        store=None if store is None else str(store),
+        workspace=str(workspace),
+        experiment=experiment,
+        progress=not as_json,
+    )
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print_pipeline(result, workspace)
+
+
+@app.command(name="finetune")
+@with_settings(settings=FineTuneSettings)
+def finetune_cmd(
+    settings: FineTuneSettings,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Experiment = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a store's backbone on its labelled images (its train/val/test splits).
+
+    The result is a backbone of its own, `finetuned:<id>`, usable with `embed --backbone` and
+    `predict --model`. Interrupted runs resume from their last epoch; an identical finished run
+    is reused, not retrained.
+    """
+    from flows import runs
+    from flows.steps.training import check_trainable
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    check_trainable(st)
+    result = runs.for_cli("finetune")(
+        str(st.path),
+        settings=settings,
+        experiment=experiment,
+        workspace=str(workspace),
+        progress=not as_json,
+    )
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out.print(heads_table([result["finetune"]], f"fine-tuned on {st.path.name} (test split)"))
+    print_finetune(result["finetune"], workspace)
+    out.print(f"MLflow: experiment {result['experiment']}, run {result['run_id']}", highlight=False)
+
+
+@app.command()
+def compare(
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    experiment: Annotated[
+        str | None, typer.Option(help="Only this MLflow experiment (default: all).")
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option(help="Only the newest N pipeline/training runs.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
+    (newest first), best validation score first, the same metrics as the MLflow UI."""
+    from flows.steps.training import compare as compare_runs
+
+    rows = compare_runs(workspace, experiment=experiment, last=last)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        out.print("no heads in MLflow yet: run `headstart demo` or `headstart run SOURCE`")
+        return
+    table = Table(title="heads and fine-tuned networks (test split; val = validation score)")
+    for col in ("run", "backbone"):
+        table.add_column(col, overflow="fold")
+    table.add_column("model", no_wrap=True, min_width=max(len(r["model"]) for r in rows))
+    table.add_column("chosen", overflow="fold", min_width=12)
+    metric_columns(table)
+    previous = None
+    for r in rows:
+        first = r["parent_run_id"] != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = r["parent_run_id"]
+        label = f"{r['experiment']}/{r['parent_run']}" if first else ""
+        table.add_row(
+            label,
+            r["backbone"] if first else "",
+            r["model"],
+            chosen(r["chosen"]),
+            *metric_cells(r),
+        )
+    out.print(table)

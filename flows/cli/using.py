@@ -1,0 +1,219 @@
+"""Commands that use a store: `search`, `predict`, `dedup`, `info`, `ui` (search page and JSON
+API) and `map` (2-D embedding map)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows import DEFAULT_WORKSPACE
+from flows.cli.app import app, out
+from flows.cli.options import JsonOpt, StoreOpt, Workspace
+from flows.cli.render import index_line
+
+
+@app.command()
+def search(
+    image: Annotated[Path, typer.Argument(help="Query image.")],
+    k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 5,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the images in a store most similar to IMAGE (cosine similarity of embeddings)."""
+    from flows.steps.inference import search_image
+
+    hits = search_image(image, store=store, k=k, workspace=workspace)
+    if as_json:
+        print(json.dumps(hits, indent=2))
+        return
+    table = Table(title=f"nearest to {image}")
+    for col in ("rank", "score", "label", "split", "id", "path"):
+        table.add_column(col)
+    for n, h in enumerate(hits, 1):
+        table.add_row(
+            str(n), f"{h['score']:.4f}", str(h["label"]), h["split"], str(h["id"]), h["path"]
+        )
+    out.print(table)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Images to label.")],
+    head: Annotated[
+        Path | None,
+        typer.Option(
+            help="A saved head (.skops); default: the best head of the store's latest run."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A fine-tuned network, `finetuned:<id>`, instead of a head (its own classifier)."
+        ),
+    ] = None,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    top: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label new images with a trained head or a fine-tuned network, with probabilities."""
+    from flows.steps.inference import predict_images
+
+    preds = predict_images(
+        images, head=head, store=store, workspace=workspace, top=top, model=model
+    )
+    if as_json:
+        print(json.dumps(preds, indent=2))
+        return
+    table = Table(title="predictions")
+    for col in ("image", "label", "top classes"):
+        table.add_column(col)
+    for p in preds:
+        if "error" in p:
+            table.add_row(p["image"], "[red]error[/]", p["error"])
+        else:
+            tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"])
+            table.add_row(p["image"], p["label"], tops)
+    out.print(table)
+
+
+@app.command()
+def dedup(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            help="Cosine similarity at or above which two images count as near-duplicates: "
+            "0.95 catches re-saved, resized and re-encoded copies of one photo; lower values "
+            "also group crops and edits."
+        ),
+    ] = 0.95,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the groups to this .parquet or .csv file."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find groups of near-duplicate images in a store (before training: duplicates leak
+    between train and test splits). Exact duplicates are already in `headstart info`."""
+    from extractors.dedup import near_duplicate_groups, write_groups
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    groups = near_duplicate_groups(st, threshold=threshold)
+    written = write_groups(groups, out_file) if out_file is not None else None
+    rows = groups.to_pylist()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    n_groups = len({r["group"] for r in rows})
+    table = Table(title=f"near-duplicates in {st.path.name} (cosine >= {threshold})")
+    for col in ("group", "similarity", "label", "split", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows[:60]:
+        table.add_row(
+            str(r["group"]), f"{r['similarity']:.3f}", str(r["label"]), str(r["split"]), r["path"]
+        )
+    if rows:
+        out.print(table)
+    leaks = sum(len({r["split"] for r in rows if r["group"] == g}) > 1 for g in range(n_groups))
+    out.print(
+        f"{n_groups} group(s), {len(rows)} images; {leaks} group(s) span more than one split"
+        + (f"; written to {written}" if written else "")
+    )
+
+
+@app.command()
+def info(
+    store: StoreOpt = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: JsonOpt = False
+) -> None:
+    """Show what a store holds: backbone, rows, splits, classes, failures, index, heads."""
+    from flows.steps.inference import store_info
+
+    data = store_info(store, workspace)
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    table = Table(title=f"store {data['store']}", show_header=False)
+    for key in (
+        "backbone",
+        "weights",
+        "dim",
+        "rows",
+        "labelled_rows",
+        "splits",
+        "classes",
+        "failures",
+        "fingerprint",
+        "index_consistent",
+        "created",
+        "updated",
+    ):
+        table.add_row(key, str(data.get(key)))
+    table.add_row("source", f"{data['source']['root']} ({data['source']['kind']})")
+    if data.get("index"):
+        from rich.text import Text
+
+        table.add_row("index", Text.from_markup(index_line(data["index"], "")))
+        table.add_row("index history", data["index"]["history"][-1]["action"])
+    if "heads" in data:
+        table.add_row("best head", f"{data['heads']['best']} ({data['heads']['best_path']})")
+    out.print(table)
+    for f in data["failures_table"][:20]:
+        out.print(f"  [yellow]failed[/] {f['path']}: {f['reason']}", highlight=False)
+
+
+@app.command()
+def ui(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    mlflow_url: Annotated[
+        str | None, typer.Option(help="MLflow UI address, to link rows to their runs.")
+    ] = None,
+) -> None:
+    """Search a store in the browser: drop an image, see its neighbours; plus an embedding map
+    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes."""
+    import uvicorn
+
+    from flows.webapp import create_app
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    application = create_app(st.path, workspace, mlflow_url)
+    out.print(f"search page for [bold]{st.path}[/] on http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command(name="map")
+def map_cmd(
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Where to write: NAME.png (plot) and NAME.html (interactive page)."
+        ),
+    ] = Path("embedding-map.png"),
+    points: Annotated[int, typer.Option(help="Rows to sample for the map.")] = 3000,
+    seed: int = 0,
+) -> None:
+    """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated
+    clusters mean the heads have an easy job; mixed ones show which classes get confused."""
+    from flows.embedding_map import project, write_html, write_png
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    data = project(st, max_points=points, seed=seed)
+    png = write_png(data, out_file.with_suffix(".png"))
+    html = write_html(data, out_file.with_suffix(".html"))
+    out.print(f"{data['method']} map of {len(data['points'])} rows: {png} and {html}")

@@ -1,0 +1,58 @@
+"""Settings of the pipeline: one frozen object holding each stage's (embed, index, engine,
+fine-tuning) and its own (heads, target, escalation, retraining). `run`, `serve`, the Prefect
+flows and deployments.toml all take it whole."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from extractors.settings import (
+    EmbedSettings,
+    EngineSettings,
+    IndexSettings,
+    Settings,
+    setting,
+)
+from heads.settings import HEAD_NAMES, FineTuneSettings
+
+STAGES: tuple[type[Settings], ...] = (
+    EmbedSettings,
+    IndexSettings,
+    EngineSettings,
+    FineTuneSettings,
+)
+
+
+def _heads(names: list[str]) -> str | None:
+    unknown = [h for h in names if h not in HEAD_NAMES]
+    return f"takes {', '.join(HEAD_NAMES)}, not {', '.join(unknown)}" if unknown else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings(Settings):
+    """embed -> heads -> fine-tuning when the best head falls short: every setting of a run."""
+
+    embed: EmbedSettings = dataclasses.field(default_factory=EmbedSettings)
+    index: IndexSettings = dataclasses.field(default_factory=IndexSettings)
+    engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
+    finetune: FineTuneSettings = dataclasses.field(default_factory=FineTuneSettings)
+    heads: list[str] | None = setting(
+        None,
+        f"Head to train (repeatable): {', '.join(HEAD_NAMES)} (default: all of them).",
+        flags=("--head",),
+        check=_heads,
+    )
+    target: float | None = setting(
+        0.9,
+        "Validation score below which the run escalates to fine-tuning.",
+        check=lambda v: None if v >= 0 else f"must be at least 0, not {v}",
+    )
+    always_finetune: bool = setting(
+        False, "Escalate to fine-tuning regardless.", flags=("--finetune/--no-finetune",)
+    )
+    retrain: bool = setting(
+        False,
+        "Train the heads even when the data, heads and seed are those of the last training "
+        "(by default that training's heads are reused).",
+        flags=("--retrain/--no-retrain",),
+    )
