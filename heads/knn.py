@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from extractors.common import normalize
 
 
 class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
@@ -12,56 +19,53 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
 
     weights="uniform" counts neighbours; weights="similarity" weights each by
     exp(similarity / temperature), as in DINOv2's k-NN evaluation. class_weight="balanced"
-    divides each vote by its class's share of the training set, so a large class does not
-    outvote a small one just by being large.
+    (or a {class: weight} dict) scales each vote by its class's weight, so a large class does
+    not outvote a small one just by being large.
     """
+
+    _parameter_constraints: dict = {
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "weights": [StrOptions({"uniform", "similarity"})],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+    }
 
     def __init__(
         self,
         k: int = 10,
         weights: str = "uniform",
         temperature: float = 0.07,
-        class_weight: str | None = None,
+        class_weight: str | dict | None = None,
     ):
         self.k = k
         self.weights = weights
         self.temperature = temperature
         self.class_weight = class_weight
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: np.ndarray, y: np.ndarray) -> FaissKNNClassifier:
-        from extractors.common import normalize
-
-        if self.weights not in ("uniform", "similarity"):
-            raise ValueError(f"weights must be 'uniform' or 'similarity', not {self.weights!r}")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
-        self.classes_, y_idx, counts = np.unique(
-            np.asarray(y), return_inverse=True, return_counts=True
-        )
-        balanced = len(y_idx) / (len(counts) * counts)
-        self.class_weight_ = balanced if self.class_weight else np.ones(len(counts))
-        self.X_ = normalize(np.asarray(X, dtype=np.float32))
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        self.class_weight_ = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        self.X_ = normalize(X)
         self.y_ = y_idx.astype(np.int64)
-        self.n_features_in_ = self.X_.shape[1]
+        self._build_index()
         return self
 
-    def _index(self):
+    def _build_index(self) -> None:
+        """The FAISS index over the training rows: built at fit and on load, never at predict
+        (FAISS objects are not serialisable with skops, so they are not saved)."""
         import faiss
 
-        # Built on demand (FAISS objects are not serialisable with skops); cached per instance.
-        index = getattr(self, "_faiss", None)
-        if index is None or index.ntotal != len(self.X_):
-            index = faiss.IndexFlatIP(self.X_.shape[1])
-            index.add(self.X_)
-            self._faiss = index
-        return index
+        self._faiss = faiss.IndexFlatIP(self.X_.shape[1])
+        self._faiss.add(self.X_)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        from extractors.common import normalize
-
         check_is_fitted(self, "X_")
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         k = max(1, min(self.k, len(self.X_)))
-        sims, nn = self._index().search(normalize(np.asarray(X, dtype=np.float32)), k)
+        sims, nn = self._faiss.search(normalize(X), k)
         if self.weights == "uniform":
             votes = np.ones_like(sims, dtype=np.float64)
         else:  # shifted by the row max: exp(s/T) overflows nothing, the ratios are unchanged
@@ -69,12 +73,19 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         votes = votes * self.class_weight_[self.y_[nn]]
         proba = np.zeros((len(X), len(self.classes_)), dtype=np.float64)
         np.add.at(proba, (np.arange(len(X))[:, None], self.y_[nn]), votes)
-        return proba / proba.sum(axis=1, keepdims=True)
+        total = proba.sum(axis=1, keepdims=True)
+        return np.divide(proba, total, out=np.full_like(proba, 1 / proba.shape[1]), where=total > 0)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_faiss", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "X_" in state:
+            self._build_index()

@@ -25,8 +25,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from numbers import Integral, Real
+
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 FLOAT64_MAX_ELEMENTS = 2_000_000  # inputs up to this many numbers are fitted in float64 on CPU
 
@@ -35,13 +40,21 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
     """Shared L-BFGS fit of a linear model W, b; subclasses give the loss."""
 
     penalise_intercept = False
+    _parameter_constraints: dict = {
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+        "warm_start": ["boolean"],
+        "device": [str],
+    }
 
     def __init__(
         self,
         C: float = 1.0,
         max_iter: int = 500,
         tol: float = 1e-5,
-        class_weight: str | None = None,
+        class_weight: str | dict | None = None,
         warm_start: bool = False,
         device: str = "auto",
     ):
@@ -55,24 +68,28 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
     def _loss(self, z: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: np.ndarray, y: np.ndarray) -> _TorchLinear:
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
         if self.device == "auto":
             dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             dev = torch.device(self.device)
-        classes, y_idx, counts = np.unique(np.asarray(y), return_inverse=True, return_counts=True)
+        classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least two classes")
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in the data, but "
+                f"the data contain only one class: {classes[0]!r}"
+            )
         # float64 matches scikit-learn to the last digits on small data; float32 is twice as
         # fast and what a GPU is built for.
-        small = np.asarray(X).size <= FLOAT64_MAX_ELEMENTS
+        small = X.size <= FLOAT64_MAX_ELEMENTS
         dtype = torch.float64 if dev.type == "cpu" and small else torch.float32
-        Xt = torch.as_tensor(np.asarray(X), dtype=dtype, device=dev)
+        Xt = torch.tensor(X, dtype=dtype, device=dev)  # a copy: X may be a read-only memmap
         yt = torch.as_tensor(y_idx, device=dev)
-        cw = len(y_idx) / (len(classes) * counts) if self.class_weight == "balanced" else None
-        sw = torch.as_tensor(
-            cw[y_idx] if cw is not None else np.ones(len(y_idx)), dtype=dtype, device=dev
-        )
+        cw = compute_class_weight(self.class_weight, classes=classes, y=y)
+        sw = torch.as_tensor(cw[y_idx], dtype=dtype, device=dev)
         binary = len(classes) == 2
         out = 1 if binary else len(classes)
         W = torch.zeros(Xt.shape[1], out, dtype=dtype, device=dev)
@@ -117,7 +134,8 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "coef_")
-        z = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        z = X @ self.coef_.T + self.intercept_
         return z[:, 0] if z.shape[1] == 1 else z
 
     def predict(self, X: np.ndarray) -> np.ndarray:

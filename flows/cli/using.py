@@ -205,7 +205,7 @@ def map_cmd(
         ),
     ] = Path("embedding-map.png"),
     points: Annotated[int, typer.Option(help="Rows to sample for the map.")] = 3000,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and of t-SNE.")] = 0,
 ) -> None:
     """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated
     clusters mean the heads have an easy job; mixed ones show which classes get confused."""

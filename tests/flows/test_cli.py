@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,11 +10,15 @@ import sys
 import time
 
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
 from extractors.store import Store
 from flows.cli import app
+from flows.settings import STAGES, PipelineSettings
+from heads.settings import FineTuneSettings
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -31,7 +36,43 @@ def test_help_explains_every_command() -> None:
     commands = ("demo", "embed", "train", "run", "finetune", "compare", "search", "predict")
     for cmd in (*commands, "dedup", "info", "serve", "index", "ui", "map"):
         assert cmd in out
-        assert len(_ok([cmd, "--help"])) > 200
+        command = typer.main.get_command(app).commands[cmd]
+        assert command.help and all(p.help for p in command.params if p.name != "help"), cmd
+
+
+def _flags(command: str) -> set[str]:
+    params = typer.main.get_command(app).commands[command].params
+    return {f for p in params for f in (*p.opts, *p.secondary_opts)}
+
+
+def test_run_and_serve_take_every_setting_and_embed_every_embedding_one() -> None:
+    def flags(cls, skip=()) -> set[str]:
+        return {
+            (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0].split("/")[0]
+            for f in dataclasses.fields(cls)
+            if "help" in f.metadata and f.name not in skip
+        }
+
+    every = set().union(*(flags(cls, skip={"seed"}) for cls in (*STAGES, PipelineSettings)))
+    assert {"--ft-batch-size", "--decode-threads", "--engine-workers", "--head"} <= every
+    assert every <= _flags("run") and every <= _flags("serve")
+    embedding = set().union(*(flags(c) for c in (EmbedSettings, IndexSettings, EngineSettings)))
+    assert embedding <= _flags("embed")
+    assert flags(FineTuneSettings) <= _flags("finetune")
+    assert "--workers" in _flags("embed")  # the old name of --decode-threads still works
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path) -> None:
+    for args, message in [
+        (["embed", str(tmp_path), "--batch-size", "0"], "--batch-size (embed.batch_size) must"),
+        (["run", str(tmp_path), "--strategy", "most"], "must be one of head, partial, full"),
+        (["index", "--recall", "1.5"], "--recall (index.recall) must be in (0, 1]"),
+        (["embed", str(tmp_path), "--address", "tcp://x:1"], "add --engine dask"),
+        (["run", str(tmp_path), "--head", "tree"], "--head (heads) takes logreg"),
+    ]:
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output and "Traceback" not in res.output, res.output
 
 
 def test_demo_then_search_predict_info(prefect_server, mlflow_tmp, tmp_path) -> None:
@@ -101,7 +142,7 @@ def test_embed_train_run_on_a_folder(prefect_server, mlflow_tmp, digits_dir, tmp
     alone = json.loads(_ok(["finetune", "--workspace", ws, "--strategy", "head", "--json", *small]))
     assert alone["finetune"]["head"] == "finetune:head"
     res = runner.invoke(app, ["finetune", "--workspace", ws, "--strategy", "all"])
-    assert res.exit_code == 2 and "unknown strategy" in res.output
+    assert res.exit_code == 2 and "must be one of head, partial, full, not 'all'" in res.output
     res = runner.invoke(app, ["compare", "--workspace", ws, "--experiment", "nope"])
     assert res.exit_code == 2 and "no MLflow experiment 'nope'" in res.output
 
