@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
@@ -23,7 +24,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     not outvote a small one just by being large.
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: ClassVar[dict] = {
         "k": [Interval(Integral, 1, None, closed="left")],
         "weights": [StrOptions({"uniform", "similarity"})],
         "temperature": [Interval(Real, 0, None, closed="neither")],

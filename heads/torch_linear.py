@@ -22,11 +22,12 @@ NumPy, so a head fitted on a GPU is saved with skops and used on any machine.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numbers import Integral, Real
-
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
@@ -40,7 +41,7 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
     """Shared L-BFGS fit of a linear model W, b; subclasses give the loss."""
 
     penalise_intercept = False
-    _parameter_constraints: dict = {
+    _parameter_constraints: ClassVar[dict] = {
         "C": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
