@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from heads.evaluate import HeadResult
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# What a head's MLflow model ships as code: heads/, and extractors/ for what heads import
+# (extractors.common's normalisation and errors), so it loads outside this checkout.
+MODEL_CODE = ("heads", "extractors")
+
+
 class ExperimentNotFound(HeadstartError, ValueError):
     """An experiment name that the tracking store does not hold."""
 
@@ -299,7 +305,7 @@ def _log_model(result: HeadResult, example: np.ndarray) -> str:
             skops_trusted_types=sorted(TRUSTED_TYPES),
             signature=infer_signature(X, result.estimator.predict(X)),
             pip_requirements=_requirements(),
-            code_paths=[str(Path(__file__).resolve().parents[1] / "heads")],
+            code_paths=[str(ROOT / package) for package in MODEL_CODE],
         )
     return info.model_uri
 

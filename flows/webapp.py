@@ -37,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from extractors.images import ImageError, open_rgb
 from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
+from flows import DEFAULT_WORKSPACE
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
@@ -254,7 +255,7 @@ def _row_id(text: str) -> int:
 
 
 def create_app(
-    store: str | Path, workspace: str | Path = "data/workspace", mlflow_url: str | None = None
+    store: str | Path, workspace: str | Path = DEFAULT_WORKSPACE, mlflow_url: str | None = None
 ) -> FastAPI:
     """The FastAPI app over `store` (read-only: the index is memory-mapped)."""
     svc = SearchService(Store(store), workspace, mlflow_url)

@@ -1,4 +1,5 @@
-"""Training stage: a store's labelled embeddings -> validated splits -> fitted, saved heads."""
+"""Training stage: labelled embeddings (arrays) -> validated splits -> fitted, saved heads. Takes
+arrays, not stores: flows/steps/training.py reads the store."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from extractors.common import HeadstartError, write_json_atomic
-from extractors.store import Store
 from heads.classical import HEADS
 from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced, sweep_size
 from heads.persist import save_head
@@ -22,20 +22,20 @@ class TrainingDataError(HeadstartError, ValueError):
     """The store's labels cannot support training heads; the message says what to do."""
 
 
-def load_splits(store: Store, feature: str = "embedding") -> Splits:
-    """Labelled features by split, after checking there is enough to train and test on."""
-    X, meta = store.arrays(where_labelled=True, feature=feature)
+def splits_of(X: np.ndarray, labels: Any, split: Any, where: str = "the data") -> Splits:
+    """Labelled features by split (`labels` and `split` one per row of X), after checking
+    there is enough to train and test on; `where` names the data in the errors."""
     if len(X) == 0:
         raise TrainingDataError(
-            f"store {store.path} has no labelled images. Heads need labels: embed a folder with "
+            f"{where} has no labelled images. Heads need labels: embed a folder with "
             "one sub-folder per class, or a manifest with a label column."
         )
-    labels = np.asarray(meta["label"].to_pylist(), dtype=object)
-    split = np.asarray(meta["split"].to_pylist(), dtype=object)
+    labels = np.asarray(labels, dtype=object)
+    split = np.asarray(split, dtype=object)
     counts = Counter(labels)
     if len(counts) < 2:
         raise TrainingDataError(
-            f"only one class ({next(iter(counts))!r}) in {store.path}; heads need at least two. "
+            f"only one class ({next(iter(counts))!r}) in {where}; heads need at least two. "
             "Add a sub-folder of images per class."
         )
     problems = []
@@ -77,24 +77,22 @@ class Trained:
 
 
 def train_heads(
-    store: Store,
+    splits: dict[str, Splits],
     heads: list[str] | None = None,
     seed: int = 0,
-    features: list[str] | None = None,
     progress: bool = False,
 ) -> Trained:
     """Fit each head by the evaluation protocol (heads/evaluate.py); best first on validation.
 
-    The feature column (the penultimate `embedding`, or a layer saved with `--layers`) is one
-    more hyperparameter: each head is fitted on each feature and the best on validation kept,
-    with `feature` among its params.
+    `splits` holds one Splits per feature column (the penultimate `embedding`, or a layer
+    saved with `--layers`, same rows in each): the column is one more hyperparameter, each
+    head is fitted on each and the best on validation kept, with `feature` among its params.
     """
     heads = heads or list(HEADS)
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise TrainingDataError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
-    features = features or store.features()
-    splits = {f: load_splits(store, f) for f in features}
+    features = list(splits)
     first = splits.get("embedding") or splits[features[0]]
     imbalanced = is_imbalanced(np.concatenate([first.y_train, first.y_val]))
     results, skipped = [], {}
@@ -125,11 +123,16 @@ def rank(results: list[HeadResult]) -> list[HeadResult]:
 
 
 def save_heads(
-    store: Store, results: list[HeadResult], run_tag: str, extra: dict[str, Any] | None = None
+    folder: Path,
+    manifest: dict[str, Any],
+    results: list[HeadResult],
+    run_tag: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Save every head under <store>/heads/<run_tag>/ and point heads/latest.json at the best."""
-    manifest = store.manifest()
-    out_dir = store.path / "heads" / run_tag
+    """Save every head under <folder>/heads/<run_tag>/ with what it was trained on (from the
+    store's `manifest`) and point heads/latest.json at the best."""
+    folder = Path(folder)
+    out_dir = folder / "heads" / run_tag
     saved = {}
     for r in results:
         meta = {
@@ -143,7 +146,7 @@ def save_heads(
             "feature_module": manifest.get("layers", {})
             .get(r.params.get("feature"), {})
             .get("module"),
-            "store": str(store.path),
+            "store": str(folder),
             "fingerprint": manifest["fingerprint"],
             "val_score": r.val_score,
             "selection_metric": r.selection_metric,
@@ -154,12 +157,12 @@ def save_heads(
         saved[r.name] = save_head(r.estimator, meta, out_dir / f"{r.name}.skops")
     best = results[0]
     write_json_atomic(
-        store.path / "heads" / "latest.json",
+        folder / "heads" / "latest.json",
         {
             "run": run_tag,
             "best": best.name,
-            "best_path": str(saved[best.name].relative_to(store.path)),
-            "heads": {k: str(v.relative_to(store.path)) for k, v in saved.items()},
+            "best_path": str(saved[best.name].relative_to(folder)),
+            "heads": {k: str(v.relative_to(folder)) for k, v in saved.items()},
             **(extra or {}),
         },
     )

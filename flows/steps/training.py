@@ -13,9 +13,16 @@ import numpy as np
 from extractors.common import write_json_atomic
 from extractors.store import Store
 from flows import DEFAULT_WORKSPACE, tracking
-from heads.evaluate import HeadResult
+from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
-from heads.train import load_splits, save_heads, train_heads
+from heads.train import save_heads, splits_of, train_heads
+
+
+def load_splits(store: Store, feature: str = "embedding") -> Splits:
+    """A store's labelled rows of one feature column, by split (checked for training)."""
+    X, meta = store.arrays(where_labelled=True, feature=feature)
+    labels, split = meta["label"].to_pylist(), meta["split"].to_pylist()
+    return splits_of(X, labels, split, where=f"store {store.path}")
 
 
 def check_trainable(store: Store) -> None:
@@ -34,10 +41,12 @@ def train_and_track(
     """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
     and register the best head as a new version of `<experiment>-head`."""
     st = Store(store)
-    trained = train_heads(st, heads=heads, seed=seed, progress=progress)
+    features = {f: load_splits(st, f) for f in st.features()}
+    trained = train_heads(features, heads=heads, seed=seed, progress=progress)
     results, splits = trained.results, trained.splits
-    saved = save_heads(st, results, run_tag=parent_run_id, extra={"mlflow_run_id": parent_run_id})
     manifest = st.manifest()
+    run = {"mlflow_run_id": parent_run_id}
+    saved = save_heads(st.path, manifest, results, run_tag=parent_run_id, extra=run)
     context = {
         "backbone": manifest["backbone"],
         "store": str(st.path),

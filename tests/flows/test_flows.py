@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -94,6 +95,9 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
 
     X = Store(result["store"]).arrays(where_labelled=True)[0][:4]
     preds = mlflow.pyfunc.load_model(reg["uri"]).predict(X)
+    # The model ships the code its head imports (heads/ and extractors/), not just heads/.
+    code = Path(mlflow.artifacts.download_artifacts(reg["uri"])) / "code"
+    assert (code / "heads" / "knn.py").exists() and (code / "extractors" / "common.py").exists()
     assert set(preds) <= {"0", "1", "2", "3"}
 
     # Scheduled re-runs over the same folder embed nothing new and reuse the heads, and

@@ -20,12 +20,21 @@ from heads.evaluate import (
 )
 from heads.knn import FaissKNNClassifier
 from heads.persist import HeadFileError, load_head, save_head
-from heads.train import TrainingDataError, load_splits, save_heads, train_heads
+from heads.train import TrainingDataError, save_heads, splits_of, train_heads
+
+
+def _splits(store, features: list[str] | None = None) -> dict:
+    """Each feature column's labelled rows by split, as the training step reads them."""
+    out = {}
+    for f in features or store.features():
+        X, meta = store.arrays(where_labelled=True, feature=f)
+        out[f] = splits_of(X, meta["label"].to_pylist(), meta["split"].to_pylist())
+    return out
 
 
 @pytest.fixture(scope="module")
 def trained(built_store):
-    return train_heads(built_store, seed=0)
+    return train_heads(_splits(built_store), seed=0)
 
 
 def test_heads_far_above_chance_with_the_same_metrics(trained) -> None:
@@ -115,7 +124,7 @@ def test_saved_heads_round_trip_without_pickle(trained, built_store, tmp_path) -
     splits = trained.splits
     store = Store(tmp_path / "s")
     shutil.copytree(built_store.path, store.path)
-    saved = save_heads(store, trained.results, run_tag="run1")
+    saved = save_heads(store.path, store.manifest(), trained.results, run_tag="run1")
     for r in trained.results:
         est, meta = load_head(saved[r.name])
         assert np.array_equal(est.predict(splits.X_test), r.estimator.predict(splits.X_test))
@@ -163,11 +172,11 @@ def test_single_class_and_tiny_class_are_refused(built_store, tmp_path) -> None:
     one = table.filter(pc.equal(table["label"], "0"))
     write_parquet_atomic(one, store.path / EMBEDDINGS)
     with pytest.raises(TrainingDataError, match="only one class"):
-        load_splits(store)
+        _splits(store)
     tiny = pa.concat_tables([one, table.filter(pc.equal(table["label"], "1")).slice(0, 1)])
     write_parquet_atomic(tiny, store.path / EMBEDDINGS)
     with pytest.raises(TrainingDataError, match="too small"):
-        load_splits(store)
+        _splits(store)
 
 
 def test_unknown_head_name() -> None:
@@ -176,9 +185,9 @@ def test_unknown_head_name() -> None:
 
 
 def test_layer_is_a_head_hyperparameter(layered_store) -> None:
-    best = train_heads(layered_store, heads=["logreg"]).best
+    best = train_heads(_splits(layered_store), heads=["logreg"]).best
     alone = {
-        f: train_heads(layered_store, heads=["logreg"], features=[f]).best
+        f: train_heads(_splits(layered_store, [f]), heads=["logreg"]).best
         for f in layered_store.features()
     }
     assert {f: r.params["feature"] for f, r in alone.items()} == {f: f for f in alone}
