@@ -182,6 +182,14 @@ def test_serve_registers_a_scheduled_deployment(prefect_server, digits_dir, tmp_
             "test-serve",
             "--workspace",
             str(tmp_path),
+            "--batch-size",
+            "16",
+            "--index",
+            "flat",
+            "--strategy",
+            "head",
+            "--seed",
+            "3",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -205,6 +213,10 @@ def test_serve_registers_a_scheduled_deployment(prefect_server, digits_dir, tmp_
             dep = asyncio.run(find())
         assert dep is not None, proc.stdout.read() if proc.poll() is not None else "timeout"
         assert dep.parameters["source"] == str(digits_dir.resolve())
+        settings = dep.parameters["settings"]  # every setting of `run`, as the flow takes them
+        assert settings["embed"]["batch_size"] == 16 and settings["index"]["kind"] == "flat"
+        assert settings["finetune"]["strategy"] == "head"
+        assert settings["embed"]["seed"] == settings["finetune"]["seed"] == 3
         assert any(s.schedule.cron == "*/5 * * * *" for s in dep.schedules)
     finally:
         proc.terminate()
