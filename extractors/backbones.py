@@ -30,7 +30,7 @@ from torch import nn
 
 from extractors import DEFAULT_BACKBONE
 from extractors.common import HeadstartError
-from extractors.images import file_sha256
+from extractors.images import file_sha256, load_rgb
 
 
 class BackboneError(HeadstartError, ValueError):
@@ -84,6 +84,13 @@ class Backbone:
             raise BackboneError(f"{self.name} has no trained classifier; use a head to predict")
         feats = self.embed(batch).to(self.device)
         return torch.softmax(self.classifier(feats).float() / self.temperature, dim=1).cpu()
+
+    def prepare(self, image: str | Path | Any) -> torch.Tensor:
+        """One image as a batch of one, preprocessed as the model expects: a file (decoded at
+        reduced scale where that loses nothing, as the store's rows were) or a PIL image."""
+        if isinstance(image, str | Path):
+            image = load_rgb(image, min_side=self.decode_side)
+        return self.transform(image)[None]
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -532,34 +539,24 @@ def _torchvision(arg: str, weights: str | Path | None = None) -> Backbone:
 def _finetuned(arg: str, weights: str | Path | None = None) -> Backbone:
     """A network fine-tuned by headstart: its base backbone loaded from the saved state dicts,
     at the fine-tuning input size, with its trained classifier."""
-    import json
-    import os
+    from extractors import DEFAULT_WORKSPACE, finetuned
 
     if not arg:
         raise BackboneError("give the id of a fine-tuned network, e.g. finetuned:3f2a9c1b7d4e")
-    folder = Path(weights) if weights is not None else None
-    if folder is None:
-        folder = Path(os.environ.get("HEADSTART_HOME", "data")) / "finetuned" / arg
-    config = folder / "config.json"
-    if not config.is_file():
+    folder = Path(weights) if weights is not None else finetuned.folder_of(arg, DEFAULT_WORKSPACE)
+    if not finetuned.has_network(folder):
         raise BackboneError(
             f"no fine-tuned network {arg!r} at {folder}: run `headstart finetune` (or `headstart "
             "run --finetune`) first, or pass its folder with --weights / --workspace"
         )
-    cfg = json.loads(config.read_text())
-    base = _REGISTRY[cfg["base_backbone"].partition(":")[0]](
-        cfg["base_backbone"].partition(":")[2], weights=folder / "backbone.safetensors"
-    )
-    from safetensors.torch import load_file
-
-    head = load_file(str(folder / "head.safetensors"))
-    classifier = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
-    classifier.load_state_dict(head)
-    classifier.eval()
+    cfg, classifier = finetuned.read_network(folder)
+    body = folder / finetuned.BODY
+    family, _, name = cfg["base_backbone"].partition(":")
+    base = _REGISTRY[family](name, weights=body)
     size = int(cfg["image_size"])
     prep = dict(cfg["preprocessing"]) | {"input_size": [3, size, size]}
     base.name = f"finetuned:{arg}"
-    base.weights = f"finetuned:{arg}#{_file_digest(folder / 'backbone.safetensors')}"
+    base.weights = f"finetuned:{arg}#{_file_digest(body)}"
     base.transform = eval_transform(cfg["preprocessing"], size)
     base.preprocessing = prep | {"finetuned_from": cfg["base_backbone"]}
     base.decode_side = math.floor(size / crop_fraction(cfg["preprocessing"]))

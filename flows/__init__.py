@@ -1,10 +1,7 @@
 """flows: the runs behind each command, their steps, Prefect flows, MLflow tracking, the CLI."""
 
-import os
 import sys
 from pathlib import Path
-
-DEFAULT_WORKSPACE = Path(os.environ.get("HEADSTART_HOME", "data"))
 
 
 def _compile_own_bytecode() -> None:

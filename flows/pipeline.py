@@ -3,35 +3,102 @@ with their steps as Prefect tasks.
 
 Tasks retry transient failures (a store another run is writing, a locked or unreachable
 database) with exponential backoff; the embed step is cached on the source's content, the
-backbone and the store's state (flows.steps.embedding.embed_cache_key), its result persisted
+backbone and the store's state (`embed_cache_key`), its result persisted
 as JSON: reports and paths pass between tasks, never arrays. Each pipeline run publishes its
 heads table and a link to its MLflow run as Prefect artifacts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
 import re
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from extractors import DEFAULT_WORKSPACE
+from extractors.settings import EmbedSettings, IndexSettings
+from extractors.sources import read_source
+from extractors.store import StoreBusy
 from flows import runs, tracking
 from flows.steps import embedding, finetuning, training
+from flows.workspace import resolve_store
 
 RETRIES = 3
 
 
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures worth retrying with backoff: a store another run is writing, a tracking or
+    orchestration database that is locked or unreachable, a dropped connection."""
+    if isinstance(exc, StoreBusy | ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__ == "OperationalError" or any(
+        s in text for s in ("database is locked", "Connection refused", "API request to")
+    )
+
+
+def embed_cache_key(
+    source: str | Path,
+    embedding: EmbedSettings = EmbedSettings(),
+    index: IndexSettings = IndexSettings(),
+    store: str | Path | None = None,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    **_: Any,
+) -> str | None:
+    """Cache key of an embed step: the source's content (every file's path, label, split,
+    size and mtime), the backbone and its weights, and what the store holds (fingerprint,
+    rows, failures; not its timestamps, which every update rewrites). None
+    (no caching) when the store does not exist yet or the source cannot be read."""
+    try:
+        src = read_source(source)
+        st = resolve_store(store, workspace, source=src.root, backbone=embedding.backbone)
+        if not st.exists:
+            return None
+        m = st.manifest()
+        h = hashlib.sha256()
+        stored = [m["fingerprint"], m["backbone"], m["weights"], m["rows"], m["failures"]]
+        e = embedding
+        h.update(
+            json.dumps([str(st.path), stored, e.backbone, e.weights, e.layers, e.seed]).encode()
+        )
+        h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
+        for r in sorted(src.records, key=lambda r: r.path):
+            stat = os.stat(r.path)
+            h.update(
+                f"{r.path}\0{r.label}\0{r.split}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+            )
+        return f"embed-{h.hexdigest()}"
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def from_cache(report: dict[str, Any]) -> dict[str, Any]:
+    """A cached embed report as this run's: nothing embedded, removed or resumed."""
+    return report | {
+        "embedded": 0,
+        "kept": report["rows"],
+        "removed": 0,
+        "resumed": 0,
+        "stats": {},
+        "cached": True,
+    }
+
+
 def _transient(task, task_run, state) -> bool:
-    return embedding.is_transient(state.data)
+    return is_transient(state.data)
 
 
 def _embed_key(context, parameters: dict[str, Any]) -> str | None:
-    return embedding.embed_cache_key(**parameters)
+    return embed_cache_key(**parameters)
 
 
 def _backoff(first: float) -> list[float]:
@@ -63,7 +130,7 @@ def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
     t = embed_task.with_options(retry_delay_seconds=_backoff(retry_delay_s))
     state = t(**kwargs, return_state=True)
     report = state.result()
-    return embedding.from_cache(report) if state.name == "Cached" else report
+    return from_cache(report) if state.name == "Cached" else report
 
 
 def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None) -> None:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, Settings
-from flows import DEFAULT_WORKSPACE
 from flows.settings import PipelineSettings
 from heads.settings import FineTuneSettings
 

@@ -34,10 +34,10 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from extractors import DEFAULT_WORKSPACE
 from extractors.images import ImageError, open_rgb
 from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
-from flows import DEFAULT_WORKSPACE
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
@@ -120,7 +120,7 @@ class SearchService:
             except ImageError as exc:
                 raise HTTPException(400, f"cannot decode the image: {exc}") from None
         with self._lock:
-            return bb.embed(bb.transform(img)[None]).numpy()
+            return bb.embed(bb.prepare(img)).numpy()
 
     def vector_of(self, row_id: int) -> np.ndarray:
         if row_id not in self.rows:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extractors import DEFAULT_BACKBONE
+from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE, finetuned
 from extractors.backbones import Backbone, create_backbone
 from extractors.layout import default_store_dir
 from extractors.store import Store, StoreError
-from flows import DEFAULT_WORKSPACE
 
 
 def resolve_store(
@@ -51,5 +50,5 @@ def weights_file(
 ) -> str | None:
     """The weights file a backbone loads: `weights`, or a fine-tuned one's in the workspace."""
     if name.startswith("finetuned:") and weights is None:
-        weights = Path(workspace) / "finetuned" / name.partition(":")[2]
+        weights = finetuned.folder_of(name.partition(":")[2], workspace)
     return None if weights is None else str(weights)

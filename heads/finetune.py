@@ -22,7 +22,8 @@ Recipe (the transfer-learning practice of LP-FT, ULMFiT and layer-wise learning-
   the same configuration resumes from it, and a finished run (`done.json`) is not retrained.
 
 The result is a backbone of its own: `workdir` holds `backbone.safetensors` (the whole base
-network's state dict, its original classifier included), `head.safetensors` and `config.json`,
+network's state dict, its original classifier included), `head.safetensors` and `config.json`
+(extractors/finetuned.py owns that format),
 which `extractors.backbones` loads as `finetuned:<id>`.
 """
 
@@ -45,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors.backbones import Backbone, crop_fraction, eval_transform
-from extractors.common import HeadstartError, atomic_path
+from extractors.common import HeadstartError, atomic_path, write_json_atomic
+from extractors.finetuned import save_network
 from extractors.images import load_rgb
 from heads.evaluate import HeadResult, scored_on_test
 from heads.settings import FineTuneSettings
@@ -536,17 +538,11 @@ def _save_network(
     workdir: Path,
     summary: dict[str, Any],
 ) -> None:
-    """backbone.safetensors + head.safetensors + config.json: the `finetuned:<id>` backbone."""
-    from safetensors.torch import save_file
-
-    body = {k: v.contiguous() for k, v in _cpu_state(net.body).items()}
-    head = {k: v.contiguous() for k, v in _cpu_state(net.head).items()}
-    with atomic_path(workdir / "backbone.safetensors") as tmp:
-        save_file(body, str(tmp))
-    with atomic_path(workdir / "head.safetensors") as tmp:
-        save_file(head, str(tmp))
-    _write_json(
-        workdir / "config.json",
+    """The `finetuned:<id>` backbone's files (extractors/finetuned.py owns their format)."""
+    save_network(
+        workdir,
+        _cpu_state(net.body),
+        _cpu_state(net.head),
         {
             "base_backbone": backbone.name,
             "base_weights": backbone.weights,
@@ -562,8 +558,6 @@ def _save_network(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from extractors.common import write_json_atomic
-
     write_json_atomic(path, obj)
 
 

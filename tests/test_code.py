@@ -25,7 +25,8 @@ def _modules() -> list[str]:
         names.append(package)
         pkg = importlib.import_module(package)
         for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}."):
-            names.append(info.name)
+            if not info.name.endswith(".__main__"):  # importing it runs the command line
+                names.append(info.name)
     return names
 
 

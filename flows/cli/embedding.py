@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from extractors import DEFAULT_WORKSPACE
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from flows import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
 from flows.cli.options import JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import index_line, print_embed

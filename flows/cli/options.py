@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from extractors.settings import Settings
+from flows.settings import PipelineSettings
 
 Workspace = Annotated[
     Path,
@@ -40,22 +41,47 @@ Experiment = Annotated[
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """One settings object a command takes: its class, the fields it offers as options (`only`,
-    default all) or leaves out (`skip`: the command sets them), and the defaults it changes."""
+    """One settings object a command takes: its class; the fields it offers as options (`only`,
+    default all) or leaves out (`skip`), as dotted paths (`finetune.seed`; a stage's name
+    stands for all its fields); the defaults it changes; and `link`, fields set from another
+    (`{"finetune.seed": "embed.seed"}`: one --seed for both)."""
 
     cls: type[Settings]
     skip: frozenset[str] = frozenset()
     only: frozenset[str] | None = None
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    link: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def offers(self, f: dataclasses.Field) -> bool:
-        declared = "help" in f.metadata  # a stage's settings inside the pipeline's are not
-        return declared and f.name not in self.skip and (self.only is None or f.name in self.only)
+    def offers(self, path: str) -> bool:
+        def within(paths: frozenset[str]) -> bool:
+            return any(path == p or path.startswith(f"{p}.") for p in paths)
+
+        return not within(self.skip) and (self.only is None or within(self.only))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    group: str
+    path: tuple[str, ...]  # field names from the group's class down
+    parse: Callable[[Any], Any]
+
+
+def _fields(cls: type[Settings], prefix: tuple[str, ...] = ()):
+    """(path, field, its type, the class declaring it) of every settings field, stages'
+    fields included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, Settings):
+            yield from _fields(kind, (*prefix, f.name))
+        elif "help" in f.metadata:
+            yield (*prefix, f.name), f, kind, cls
 
 
 def with_settings(**groups: type[Settings] | Group) -> Callable[[Callable], Callable]:
-    """Give a command one option per field of each settings class; the command receives the
-    built objects as the keyword arguments named here (a bad value: one line, exit 2)."""
+    """Give a command one option per field of each settings class (a stage's fields too); the
+    command receives the built objects as the keyword arguments named here (a bad value: one
+    line, exit 2)."""
     specs = {k: g if isinstance(g, Group) else Group(g) for k, g in groups.items()}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,37 +89,37 @@ def with_settings(**groups: type[Settings] | Group) -> Callable[[Callable], Call
         own = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values()]
         own = [p for p in own if p.name not in specs]
         added: list[inspect.Parameter] = []
-        parsers: dict[str, tuple[str, str, Callable[[Any], Any]]] = {}
+        options: dict[str, _Option] = {}
         for group, spec in specs.items():
-            field_hints = typing.get_type_hints(spec.cls)
-            panel = f"{spec.cls.section or 'run'} settings"
-            for f in dataclasses.fields(spec.cls):
-                if not spec.offers(f):
+            for path, f, kind, owner in _fields(spec.cls):
+                dotted = ".".join(path)
+                if not spec.offers(dotted):
                     continue
-                kind, parse = f.metadata.get("cli") or (field_hints[f.name], _same)
-                if kind is Any:
-                    kind = Path | None
+                kind, parse = f.metadata.get("cli") or (kind, _same)
                 flags = f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
+                panel = f"{owner.section or 'run'} settings"
                 option = typer.Option(*flags, help=f.metadata["help"], rich_help_panel=panel)
-                name = f"{group}__{f.name}"
-                default = spec.defaults.get(f.name, f.default)
+                name = "__".join((group, *path))
                 added.append(
                     inspect.Parameter(
                         name,
                         inspect.Parameter.KEYWORD_ONLY,
-                        default=default,
-                        annotation=Annotated[kind, option],
+                        default=spec.defaults.get(dotted, f.default),
+                        annotation=Annotated[Path | None if kind is Any else kind, option],
                     )
                 )
-                parsers[name] = (group, f.name, parse)
+                options[name] = _Option(group, path, parse)
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
             values: dict[str, dict[str, Any]] = {g: {} for g in specs}
-            for name, (group, field_name, parse) in parsers.items():
+            for name, opt in options.items():
                 value = kwargs.pop(name)
-                values[group][field_name] = None if value is None else parse(value)
-            built = {g: specs[g].cls(**v) for g, v in values.items()}
+                _put(values[opt.group], opt.path, None if value is None else opt.parse(value))
+            for group, spec in specs.items():
+                for target, source in spec.link.items():
+                    _put(values[group], tuple(target.split(".")), _get(values[group], source))
+            built = {g: specs[g].cls.from_dict(v) for g, v in values.items()}
             return command(**kwargs, **built)
 
         keyword = inspect.Parameter.KEYWORD_ONLY
@@ -106,6 +132,25 @@ def with_settings(**groups: type[Settings] | Group) -> Callable[[Callable], Call
         return run
 
     return decorate
+
+
+def _put(values: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        values = values.setdefault(key, {})
+    values[path[-1]] = value
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        values = values[key]
+    return values
+
+
+# Every setting of a pipeline run, for `run` and `serve`; one --seed for the split, the heads
+# and fine-tuning.
+RUN = Group(
+    PipelineSettings, skip=frozenset({"finetune.seed"}), link={"finetune.seed": "embed.seed"}
+)
 
 
 def _same(value: Any) -> Any:

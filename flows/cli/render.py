@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from flows import DEFAULT_WORKSPACE
+from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import out
 
 

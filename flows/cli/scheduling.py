@@ -9,28 +9,16 @@ from typing import Annotated
 
 import typer
 
-from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from flows import DEFAULT_WORKSPACE
+from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, err, fail, out
-from flows.cli.options import Experiment, Group, StoreOpt, Workspace, with_settings
+from flows.cli.options import RUN, Experiment, StoreOpt, Workspace, with_settings
 from flows.settings import PipelineSettings
-from heads.settings import FineTuneSettings
 
 
 @app.command()
-@with_settings(
-    embedding=EmbedSettings,
-    index=IndexSettings,
-    engine=EngineSettings,
-    finetune=Group(FineTuneSettings, skip=frozenset({"seed"})),  # --seed: the embedding's
-    pipe=PipelineSettings,
-)
+@with_settings(settings=RUN)
 def serve(
-    embedding: EmbedSettings,
-    index: IndexSettings,
-    engine: EngineSettings,
-    finetune: FineTuneSettings,
-    pipe: PipelineSettings,
+    settings: PipelineSettings,
     source: Annotated[
         Path | None,
         typer.Argument(help="Folder or manifest to re-process; omit to serve --file."),
@@ -76,12 +64,6 @@ def serve(
             )
         specs = deployments.read_file(file)
     else:
-        settings = pipe.replace(
-            embed=embedding,
-            index=index,
-            engine=engine,
-            finetune=finetune.replace(seed=embedding.seed),
-        )
         locations = {"workspace": str(workspace.resolve())}
         if store is not None:
             locations["store"] = str(store.resolve())

@@ -10,10 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from flows import DEFAULT_WORKSPACE
+from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
-from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.options import RUN, Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import (
     chosen,
     heads_table,
@@ -30,16 +29,15 @@ DEMO_TARGET = 0.99  # the heads reach ~0.98 on the digits: the demo shows the es
 
 @app.command()
 @with_settings(
-    embedding=Group(EmbedSettings, only=frozenset({"backbone"})),
-    pipe=Group(PipelineSettings, only=frozenset({"target"}), defaults={"target": DEMO_TARGET}),
-    finetune=Group(
-        FineTuneSettings, only=frozenset({"epochs", "image_size"}), defaults={"epochs": 12}
-    ),
+    settings=Group(
+        PipelineSettings,
+        only=frozenset({"embed.backbone", "target", "finetune.epochs", "finetune.image_size"}),
+        # Full fine-tuning, no flips (a mirrored digit is another symbol).
+        defaults={"target": DEMO_TARGET, "finetune.epochs": 12},
+    )
 )
 def demo(
-    embedding: EmbedSettings,
-    pipe: PipelineSettings,
-    finetune: FineTuneSettings,
+    settings: PipelineSettings,
     workspace: Workspace = DEFAULT_WORKSPACE,
     per_class: Annotated[
         int, typer.Option(help="Sample images per digit class (at most 174: all of them).")
@@ -52,15 +50,15 @@ def demo(
     from flows import runs
     from flows.sample_data import materialise_digits
 
+    # Full fine-tuning, no flips (a mirrored digit is another symbol).
+    finetune = settings.finetune.replace(strategy="full", backbone_lr=3e-4, flip=False)
     if finetune.image_size is None and not torch.cuda.is_available():
         # The digits are 8x8 scans: 64 px keeps CPU fine-tuning to seconds an epoch.
         finetune = finetune.replace(image_size=64)
         out.print(
             "fine-tuning (if needed) runs at 64 px on this CPU; a GPU uses the backbone's own size"
         )
-    # Full fine-tuning, no flips (a mirrored digit is another symbol).
-    finetune = finetune.replace(strategy="full", backbone_lr=3e-4, flip=False)
-    settings = pipe.replace(embed=embedding, finetune=finetune)
+    settings = settings.replace(finetune=finetune)
     root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
     out.print(f"sample data: {root} (10 classes x {per_class} images)", highlight=False)
     result = runs.for_cli("pipeline")(str(root), settings=settings, workspace=str(workspace))
@@ -104,20 +102,10 @@ def train(
 
 
 @app.command()
-@with_settings(
-    embedding=EmbedSettings,
-    index=IndexSettings,
-    engine=EngineSettings,
-    finetune=Group(FineTuneSettings, skip=frozenset({"seed"})),  # --seed: the embedding's
-    pipe=PipelineSettings,
-)
+@with_settings(settings=RUN)
 def run(
     source: Annotated[Path, typer.Argument(help="Labelled folder or manifest (see `embed`).")],
-    embedding: EmbedSettings,
-    index: IndexSettings,
-    engine: EngineSettings,
-    finetune: FineTuneSettings,
-    pipe: PipelineSettings,
+    settings: PipelineSettings,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     experiment: Experiment = None,
@@ -128,13 +116,7 @@ def run(
     from flows import runs
     from flows.steps.embedding import preflight
 
-    settings = pipe.replace(
-        embed=embedding,
-        index=index,
-        engine=engine,
-        finetune=finetune.replace(seed=embedding.seed),
-    )
-    preflight(source, store, embedding.backbone, workspace, need_labels=True)
+    preflight(source, store, settings.embed.backbone, workspace, need_labels=True)
     result = runs.for_cli("pipeline")(
         str(source),
         settings=settings,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows import DEFAULT_WORKSPACE
+from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
 from flows.cli.options import JsonOpt, StoreOpt, Workspace
 from flows.cli.render import index_line

@@ -3,20 +3,16 @@ MLflow params and metrics, and its one-line summary."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from extractors import DEFAULT_BACKBONE
+from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE
 from extractors.backbones import check_name
 from extractors.engines import make_engine
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
 from extractors.sources import Source, read_source
-from extractors.store import Store, StoreBusy, UpdateReport
-from flows import DEFAULT_WORKSPACE
+from extractors.store import Store, UpdateReport
 from flows.workspace import backbone_for, resolve_store, weights_file
 
 
@@ -138,18 +134,6 @@ def embed_metrics(report: dict[str, Any]) -> dict[str, float]:
     return counts | {f"embed_{k}": float(v) for k, v in report.get("stats", {}).items()}
 
 
-def from_cache(report: dict[str, Any]) -> dict[str, Any]:
-    """A cached embed report as this run's: nothing embedded, removed or resumed."""
-    return report | {
-        "embedded": 0,
-        "kept": report["rows"],
-        "removed": 0,
-        "resumed": 0,
-        "stats": {},
-        "cached": True,
-    }
-
-
 def embed_summary(report: dict[str, Any]) -> str:
     """One line for a run's log: "nothing new" or what changed in the store."""
     if not (report["embedded"] or report["removed"]):
@@ -160,49 +144,3 @@ def embed_summary(report: dict[str, Any]) -> str:
         f"{report['kept']} unchanged, {report['failed']} failed: {report['rows']} rows in "
         f"{report['store']}"
     )
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """Failures worth retrying with backoff: a store another run is writing, a tracking or
-    orchestration database that is locked or unreachable, a dropped connection."""
-    if isinstance(exc, StoreBusy | ConnectionError | TimeoutError):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__ == "OperationalError" or any(
-        s in text for s in ("database is locked", "Connection refused", "API request to")
-    )
-
-
-def embed_cache_key(
-    source: str | Path,
-    embedding: EmbedSettings = EmbedSettings(),
-    index: IndexSettings = IndexSettings(),
-    store: str | Path | None = None,
-    workspace: str | Path = DEFAULT_WORKSPACE,
-    **_: Any,
-) -> str | None:
-    """Cache key of an embed step: the source's content (every file's path, label, split,
-    size and mtime), the backbone and its weights, and what the store holds (fingerprint,
-    rows, failures; not its timestamps, which every update rewrites). None
-    (no caching) when the store does not exist yet or the source cannot be read."""
-    try:
-        src = read_source(source)
-        st = resolve_store(store, workspace, source=src.root, backbone=embedding.backbone)
-        if not st.exists:
-            return None
-        m = st.manifest()
-        h = hashlib.sha256()
-        stored = [m["fingerprint"], m["backbone"], m["weights"], m["rows"], m["failures"]]
-        e = embedding
-        h.update(
-            json.dumps([str(st.path), stored, e.backbone, e.weights, e.layers, e.seed]).encode()
-        )
-        h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
-        for r in sorted(src.records, key=lambda r: r.path):
-            stat = os.stat(r.path)
-            h.update(
-                f"{r.path}\0{r.label}\0{r.split}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
-            )
-        return f"embed-{h.hexdigest()}"
-    except (OSError, ValueError, KeyError):
-        return None

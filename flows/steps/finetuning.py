@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from extractors import DEFAULT_WORKSPACE, finetuned
 from extractors.store import Store
-from flows import DEFAULT_WORKSPACE, tracking
+from flows import tracking
 from flows.steps.training import _row
 from flows.workspace import backbone_for
 from heads.settings import FineTuneSettings
@@ -43,7 +44,7 @@ def finetune_and_track(
     classes = sorted({str(c) for c in labels[labelled]})
     bb = backbone_for(manifest["backbone"], workspace, device=device)
     key = run_key(cfg, bb, manifest["fingerprint"], classes)
-    workdir = Path(workspace) / "finetuned" / key
+    workdir = finetuned.folder_of(key, workspace)
     out = finetune(bb, data, classes, cfg, workdir, progress=progress)
     result = out.result
     result.extra["backbone"] = f"finetuned:{key}"

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from extractors import DEFAULT_WORKSPACE
 from extractors.ann import search
-from extractors.images import ImageError, load_rgb
+from extractors.images import ImageError
 from extractors.store import StoreError
-from flows import DEFAULT_WORKSPACE
 from flows.workspace import backbone_for, resolve_store
 
 
@@ -29,7 +29,7 @@ def search_image(
     bb = backbone_for(m["backbone"], workspace, device=device)
     if bb.weights != m["weights"]:
         raise StoreError(f"store weights {m['weights']} differ from {bb.weights}")
-    query = bb.embed(bb.transform(load_rgb(image))[None]).numpy()
+    query = bb.embed(bb.prepare(image)).numpy()
     index = st.index(mmap=True)
     if index.ntotal == 0:
         return []
@@ -67,7 +67,7 @@ def predict_images(
         classes, who = bb.classes, model
 
         def scores_of(img: str | Path) -> np.ndarray:
-            return bb.predict_proba(bb.transform(load_rgb(img))[None]).numpy()[0]
+            return bb.predict_proba(bb.prepare(img)).numpy()[0]
 
     else:
         from heads.classical import class_scores
@@ -89,7 +89,7 @@ def predict_images(
         classes, who = [str(c) for c in estimator.classes_], meta.get("head")
 
         def scores_of(img: str | Path) -> np.ndarray:
-            emb, extra = bb.embed_all(bb.transform(load_rgb(img))[None])
+            emb, extra = bb.embed_all(bb.prepare(img))
             x = (emb if feature == "embedding" else extra[feature]).numpy()
             return class_scores(estimator, x)[0]
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from extractors import DEFAULT_WORKSPACE
 from extractors.common import write_json_atomic
 from extractors.store import Store
-from flows import DEFAULT_WORKSPACE, tracking
+from flows import tracking
 from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
 from heads.train import save_heads, splits_of, train_heads

@@ -158,8 +158,7 @@ def test_a_busy_store_is_retried_with_backoff(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from extractors.store import Store, StoreBusy, StoreError
-    from flows.pipeline import embed
-    from flows.steps.embedding import is_transient
+    from flows.pipeline import embed, is_transient
 
     src = tmp_path / "digits"
     shutil.copytree(digits_dir, src)
