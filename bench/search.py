@@ -36,7 +36,8 @@ import faiss
 from extractors.common import human_bytes, normalize
 from extractors.layout import VECTORS
 from extractors.recall import exact_topk, recall_at_k
-from extractors.store_index import IndexSettings, open_index, refresh
+from extractors.settings import IndexSettings
+from extractors.store_index import open_index, refresh
 
 DIM, LATENT, CLUSTERS, CHUNK = 1280, 64, 1000, 50_000
 
