@@ -33,6 +33,7 @@ from extractors.settings import INDEX_KINDS as KINDS
 
 FLAT_MAX = 20_000  # below this an exact scan takes a few ms a query: nothing to gain
 HNSW_M = 32
+EXACT_FILTER = 50_000  # filtered searches over at most this many rows are exhaustive
 HNSW_MAX = 2_000_000  # above this an HNSW build takes hours on a few cores
 DEFAULT_MAX_MEMORY = 4 * 2**30
 
@@ -285,15 +286,60 @@ class AnnIndex:
             spec = ",".join(f"{k}={v}" for k, v in faiss_params.items())
             faiss.ParameterSpace().set_index_parameters(self.index, spec)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k results."""
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) by cosine similarity; ids of -1 mean fewer than k results.
+
+        `allowed` (ids) filters inside FAISS (an IDSelector), never by over-fetching, so a
+        filtered query costs about what an unfiltered one does however few rows pass. A small
+        allowed set (up to EXACT_FILTER rows) is searched exhaustively (every IVF list; an
+        exact scan of the rows' stored vectors for flat and HNSW), where a graph or a few
+        probed lists would miss most of it; a large one at the tuned settings, made
+        exhaustive when that finds fewer than k."""
         q = normalize(queries)
         k = max(1, min(k, max(self.index.ntotal, 1)))
+        if allowed is None:
+            return self._search(q, k, None)
+        allowed = np.unique(np.asarray(allowed, np.int64))
+        if not len(allowed):
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if len(allowed) > EXACT_FILTER:
+            scores, ids = self._search(q, k, allowed)
+            if (ids[:, : min(k, len(allowed))] >= 0).all():
+                return scores, ids
+        if self.kind in ("flat", "hnsw"):
+            return self._exact(q, k, allowed)
+        return self._search(q, k, allowed, exhaustive=True)
+
+    def _search(
+        self, q: np.ndarray, k: int, allowed: np.ndarray | None, exhaustive: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params = None if allowed is None else self._selecting(allowed, exhaustive)
         if self.reranker is not None and self.params.get("rerank"):
             cand = min(self.index.ntotal, k * int(self.params["rerank"]))
-            _, ids = self.index.search(q, max(cand, k))
+            _, ids = self.index.search(q, max(cand, k), params=params)
             return self.reranker.rerank(q, ids, k)
-        return self.index.search(q, k)
+        return self.index.search(q, k, params=params)
+
+    def _selecting(self, allowed: np.ndarray, exhaustive: bool) -> faiss.SearchParameters:
+        """Search parameters of this kind that keep only `allowed`, at the tuned settings."""
+        self._selector = faiss.IDSelectorBatch(allowed)  # kept alive while FAISS uses it
+        if self.kind in ("ivf_flat", "ivf_pq"):
+            ivf = faiss.extract_index_ivf(self.index)
+            nprobe = ivf.nlist if exhaustive else int(self.params.get("nprobe", ivf.nprobe))
+            return faiss.SearchParametersIVF(sel=self._selector, nprobe=nprobe)
+        if self.kind == "hnsw":
+            ef = int(self.params.get("efSearch", 16))
+            return faiss.SearchParametersHNSW(sel=self._selector, efSearch=max(ef, 64))
+        return faiss.SearchParameters(sel=self._selector)
+
+    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the allowed rows' stored vectors."""
+        vectors = self.index.reconstruct_batch(allowed)
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        flat.add_with_ids(vectors, allowed)
+        return flat.search(q, k)
 
 
 def flat_copy(batches: Iterable[tuple[np.ndarray, np.ndarray]], dim: int) -> faiss.Index:

@@ -43,6 +43,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path, busy: HeadstartError) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if need be) for the block; `busy` is
+    raised at once when another process holds it."""
+    import fcntl
+
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        yield
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` atomically."""
     with atomic_path(path) as tmp:

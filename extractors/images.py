@@ -6,6 +6,7 @@ import hashlib
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -14,6 +15,8 @@ from extractors.common import HeadstartError
 ORIENTATION = 0x0112  # EXIF tag
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# The decoders used, whatever a file's name says (JPEG's also opens cameras' multi-picture MPO).
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 class ImageError(HeadstartError, ValueError):
@@ -42,17 +45,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype("uint8")
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        # Integer arithmetic, in place: 4 bytes a pixel at most (float64 took 27 MB a Mpx).
+        arr = np.array(img, dtype=np.int32)
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            np.clip(arr, 0, 65535, out=arr)
+            arr >>= 8
+        else:
+            np.clip(arr, 0, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "F":
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-        return Image.fromarray(arr.astype("uint8"), mode="L").convert("RGB")
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.nan_to_num((arr - lo) * (255.0 / (hi - lo or 1.0)))
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -74,23 +81,27 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     return open_rgb(path, min_side)[0]
 
 
-def open_rgb(path: str | Path, min_side: int | None = None) -> tuple[Image.Image, int, int]:
-    """`load_rgb` plus the full-resolution (width, height) after EXIF orientation."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ImageError("file not found (moved or deleted after listing?)") from None
-    except PermissionError:
-        raise ImageError("permission denied: the file is not readable") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not a regular file (a folder, pipe or device named like an image)")
-    if st.st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+def open_rgb(
+    path: str | Path | BinaryIO, min_side: int | None = None
+) -> tuple[Image.Image, int, int]:
+    """`load_rgb` plus the full-resolution (width, height) after EXIF orientation. `path` may
+    also be an open binary file (an upload, a file opened without following links)."""
+    if isinstance(path, str | Path):
+        path = Path(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ImageError("file not found (moved or deleted after listing?)") from None
+        except PermissionError:
+            raise ImageError("permission denied: the file is not readable") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (a folder, pipe or device named like an image)")
+        if st.st_size == 0:
+            raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=FORMATS) as img:
                 width, height = img.size
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)  # animated GIF/WebP/TIFF: first frame
@@ -116,3 +127,5 @@ def open_rgb(path: str | Path, min_side: int | None = None) -> tuple[Image.Image
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or corrupt data as OSError("image file is truncated ...").
         raise ImageError(f"corrupt or truncated image data: {exc}") from None
+    except Exception as exc:  # a decoder's own failure (TypeError: Missing dimensions, ...)
+        raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None

@@ -7,10 +7,10 @@ it from a source: plan (extractors/plan.py) -> engine (extractors/engines.py) ->
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from extractors import ann, store_index
 from extractors.backbones import Backbone
 from extractors.commit import ManifestInputs, merge_rows, write_failures, write_manifest
-from extractors.common import ROW_GROUP, HeadstartError, write_bytes_atomic
+from extractors.common import ROW_GROUP, HeadstartError, exclusive, write_bytes_atomic
 from extractors.embed import EmbedStats
 from extractors.engines import Engine, LocalEngine
 from extractors.layout import (
@@ -38,7 +38,7 @@ from extractors.layout import (
     embedding_matrix,
     schema,
 )
-from extractors.plan import plan_update
+from extractors.plan import UpdatePlan, plan_update
 from extractors.settings import IndexSettings
 from extractors.sources import Source
 from extractors.staging import Staging, remove_temp_files
@@ -127,12 +127,31 @@ class Store:
         return embedding_matrix(table, feature), table.drop_columns([feature])
 
     def index(self, mmap: bool = False) -> ann.AnnIndex:
-        """The FAISS index with its tuned search parameters, rebuilt first if it does not
-        match the Parquet ids. `mmap=True` maps it read-only, shared between processes."""
-        idx = self.index_if_consistent(mmap=mmap)
+        """The FAISS index with its tuned search parameters. `mmap=True` maps it read-only,
+        shared between processes.
+
+        An index that is missing, unreadable (a truncated or corrupt `index.faiss`,
+        `vectors.f32` or `vector_ids.npy`) or out of line with the Parquet ids is rebuilt,
+        under the writer's lock and with a warning: a reader never writes beside a writer
+        (StoreBusy while another process updates the store)."""
+        try:
+            idx = self.index_if_consistent(mmap=mmap)
+        except (RuntimeError, OSError, ValueError):
+            idx = None
         if idx is None:
-            self.reindex(rebuild=True)
-            idx = store_index.open_index(self.path, self.manifest().get("index"), mmap=mmap)
+            with self.lock():
+                try:  # the writer we waited for may have fixed it
+                    idx = self.index_if_consistent(mmap=mmap)
+                except (RuntimeError, OSError, ValueError):
+                    idx = None
+                if idx is None:
+                    warnings.warn(
+                        f"the search index of {self.path} was missing, unreadable or out of "
+                        "line with its rows: rebuilt",
+                        stacklevel=2,
+                    )
+                    self.reindex(rebuild=True)
+                    idx = store_index.open_index(self.path, self.manifest().get("index"), mmap)
         return idx
 
     def index_if_consistent(self, mmap: bool = False) -> ann.AnnIndex | None:
@@ -241,22 +260,15 @@ class Store:
             return False
 
     # --- writing -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive writer lock; a second writer is refused with a clear message."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held across the yield)
-        try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreBusy(
-                    f"another headstart process is writing to {self.path}; wait for it to "
-                    "finish, or use another --store"
-                ) from None
-            yield
-        finally:
-            fh.close()
+        return exclusive(
+            self.path / ".lock",
+            StoreBusy(
+                f"another headstart process is writing to {self.path}; wait for it to "
+                "finish, or use another --store"
+            ),
+        )
 
     def reindex(
         self, settings: IndexSettings | None = None, rebuild: bool = False
@@ -343,6 +355,7 @@ class Store:
         stats = EmbedStats()
         if plan.to_embed:
             report.failures.extend(engine(staging.folder, backbone, plan.pending(), stats))
+            _check_accounted(plan, staging, report.failures)
         report.failures.sort()
         report.removed = plan.removed
         report.failed = len(report.failures)
@@ -368,3 +381,17 @@ class Store:
         if not path.exists():
             return None
         return pq.read_table(path, columns=META_COLUMNS)
+
+
+def _check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[str, str]]) -> None:
+    """Every file the engine was given is now a staged row or a failure; else nothing is
+    committed and the run fails loudly (a file never vanishes without a trace)."""
+    staged = set(staging.metadata()["path"].to_pylist())
+    lost = [r.path for r in plan.to_embed if r.path not in staged]
+    lost = sorted(set(lost) - {p for p, _ in failures})
+    if lost:
+        raise StoreError(
+            f"{len(lost)} file(s) were neither embedded nor recorded as failures, e.g. "
+            f"{lost[0]}; nothing was committed. With --engine dask, every worker must see the "
+            f"store's staging folder ({staging.folder}) at the same path."
+        )

@@ -56,10 +56,8 @@ class DeploymentSpec:
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.interval is None):
             raise DeploymentError(f"deployment {self.name!r}: give either cron or interval")
-        if self.cron is not None and not isinstance(self.cron, str):
-            raise DeploymentError(
-                f"deployment {self.name!r}: cron must be a string like '0 * * * *'"
-            )
+        if self.cron is not None:
+            _check_cron(self.name, self.cron)
         if self.interval is not None:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int | float):
                 raise DeploymentError(
@@ -87,6 +85,23 @@ class DeploymentSpec:
             "progress": False,
             **self.locations,
         }
+
+
+def _check_cron(name: str, cron: Any) -> None:
+    """Refuse a cron string Prefect's scheduler would refuse, now rather than at serve time."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    problem = None if isinstance(cron, str) else "must be a string"
+    if problem is None:
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            problem = "is not a valid cron schedule"
+    if problem:
+        raise DeploymentError(
+            f"deployment {name!r}: cron {cron!r} {problem}; write five fields like "
+            "'0 * * * *' (minute 0-59, hour 0-23, day, month, weekday) or @hourly, @daily"
+        )
 
 
 def settings_of(entry: dict[str, Any], where: str) -> PipelineSettings:

@@ -19,31 +19,43 @@ pixels and decoded with the same checks as extraction; a bad one gets a 4xx with
 
 from __future__ import annotations
 
+import errno
 import io
-import tempfile
+import mimetypes
+import os
+import secrets
+import stat
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.images import ImageError, open_rgb
+from extractors.embed import DECODE_TIMEOUT_S
+from extractors.images import FORMATS, ImageError, open_rgb
 from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_K = 100
+DECODING = 2  # uploads decoded at once
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+TOKEN_COOKIE = "headstart_token"
 WEB = Path(__file__).parent / "web"
-META = ["id", "path", "sha256", "label", "split", "width", "height", "bytes"]
+META = ["id", "path", "sha256", "label", "split", "width", "height", "bytes", "mtime_ns"]
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of neighbours")]
 LabelQ = Annotated[str | None, Query(description="only rows with this label")]
@@ -63,6 +75,14 @@ class SearchService:
         self.rows = {r["id"]: r for r in meta.to_pylist()}
         self.by_path = {r["path"]: r["id"] for r in self.rows.values()}
         self.position = {i: n for n, i in enumerate(meta["id"].to_pylist())}
+        all_ids = meta["id"].to_numpy()
+        self.ids_of = {
+            column: {
+                value: all_ids[np.asarray(meta[column].to_pylist(), dtype=object) == value]
+                for value in set(meta[column].to_pylist()) - {None}
+            }
+            for column in ("label", "split")
+        }
         self._parquet = pq.ParquetFile(store.path / EMBEDDINGS)
         sizes = [
             self._parquet.metadata.row_group(i).num_rows
@@ -71,6 +91,7 @@ class SearchService:
         self._group_starts = np.cumsum([0, *sizes])[:-1]
         self._backbone = None
         self._lock = threading.Lock()
+        self._decoding = threading.BoundedSemaphore(DECODING)
         self._map_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._map: dict[str, Any] | None = None
@@ -95,7 +116,7 @@ class SearchService:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as img:
+                with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                     w, h = img.size
         except (
             UnidentifiedImageError,
@@ -105,20 +126,28 @@ class SearchService:
             raise HTTPException(
                 415, "not an image this service can read (JPEG, PNG, GIF, WebP, TIFF, BMP...)"
             ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Exception as exc:  # any decoder's failure is the upload's fault, not ours
             raise HTTPException(400, f"corrupt image data: {exc}") from None
         if w * h > MAX_UPLOAD_PIXELS:
             raise HTTPException(
                 413, f"image of {w}x{h} pixels is over the {MAX_UPLOAD_PIXELS:,}-pixel limit"
             )
         bb = self.backbone()
-        with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            try:
-                img = open_rgb(tmp.name, min_side=bb.decode_side)[0]
-            except ImageError as exc:
-                raise HTTPException(400, f"cannot decode the image: {exc}") from None
+        # At most DECODING uploads decode at once (each bounded by MAX_UPLOAD_PIXELS), each
+        # within extraction's time limit; a slow one is answered 408 and keeps its slot
+        # until its decoder returns, so memory stays bounded.
+        if not self._decoding.acquire(timeout=DECODE_TIMEOUT_S):
+            raise HTTPException(503, "too many uploads are decoding; try again shortly")
+        pool = ThreadPoolExecutor(max_workers=1)
+        future = pool.submit(open_rgb, io.BytesIO(data), bb.decode_side)
+        future.add_done_callback(lambda _: self._decoding.release())
+        pool.shutdown(wait=False)
+        try:
+            img = future.result(timeout=DECODE_TIMEOUT_S)[0]
+        except FutureTimeout:
+            raise HTTPException(408, f"decoding took over {DECODE_TIMEOUT_S:.0f} s") from None
+        except ImageError as exc:
+            raise HTTPException(400, f"cannot decode the image: {exc}") from None
         with self._lock:
             return bb.embed(bb.prepare(img)).numpy()
 
@@ -139,23 +168,25 @@ class SearchService:
         split: str | None = None,
         exclude: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Top-k rows, filtered by label/split: over-fetch until k pass or the index is done."""
-        total = self.ann.ntotal
-        fetch = min(total, k + 1 if label is None and split is None else 4 * k + 1)
-        while True:
-            scores, ids = self.ann.search(vector, fetch)
-            hits = []
-            for s, i in zip(scores[0], ids[0], strict=True):
-                row = self.rows.get(int(i))
-                if row is None or int(i) == exclude:
-                    continue
-                if (label is None or row["label"] == label) and (
-                    split is None or row["split"] == split
-                ):
-                    hits.append(self.hit(row, float(s)))
-            if len(hits) >= k or fetch >= total:
-                return hits[:k]
-            fetch = min(total, fetch * 4)
+        """Top-k rows, filtered by label/split inside FAISS (extractors.ann.AnnIndex.search):
+        a filter costs about what no filter does. A label or split the store does not have
+        is refused (400), never searched for."""
+        allowed = None
+        for column, value in (("label", label), ("split", split)):
+            if value is None:
+                continue
+            known = self.ids_of[column]
+            if value not in known:
+                names = ", ".join(sorted(known)[:20]) or "none"
+                raise HTTPException(400, f"no {column} {value!r} in this store; it has {names}")
+            allowed = known[value] if allowed is None else np.intersect1d(allowed, known[value])
+        scores, ids = self.ann.search(vector, k + (exclude is not None), allowed=allowed)
+        hits = [
+            self.hit(self.rows[int(i)], float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if int(i) in self.rows and int(i) != exclude
+        ]
+        return hits[:k]
 
     def hit(self, row: dict[str, Any], score: float) -> dict[str, Any]:
         i = row["id"]
@@ -182,13 +213,38 @@ class SearchService:
             out["mlflow"] = f"{self.mlflow_url.rstrip('/')}/#/experiments"
         return out
 
-    def file_of(self, row_id: int) -> Path:
+    def open_file(self, row_id: int) -> BinaryIO:
+        """The row's file, opened only if it is still the file that was embedded: the same
+        path, not a symbolic link now (opened with O_NOFOLLOW, so a link swapped in after a
+        check is not followed either), a regular file of the recorded size and mtime. Else
+        404 (gone) or 410 (replaced), with the reason."""
         if row_id not in self.rows:
             raise HTTPException(404, f"no row with id {row_id} in this store")
-        path = Path(self.rows[row_id]["path"])
-        if not path.is_file():
-            raise HTTPException(404, f"the image of row {row_id} is no longer at {path}")
-        return path
+        row = self.rows[row_id]
+        path = Path(row["path"])
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise HTTPException(404, f"the image of row {row_id} is no longer at {path}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise HTTPException(
+                    410, f"{path} is a symbolic link now, not the file that was embedded"
+                ) from None
+            raise HTTPException(404, f"cannot open {path}: {exc.strerror}") from None
+        fh = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (
+            row["bytes"],
+            row["mtime_ns"],
+        ):
+            fh.close()
+            raise HTTPException(
+                410,
+                f"{path} changed since it was embedded (size or modification time); "
+                "`headstart embed` the source again to serve it",
+            )
+        return fh
 
     def thumb(self, row_id: int, size: int) -> bytes:
         key = (row_id, size)
@@ -197,7 +253,8 @@ class SearchService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         try:
-            img = open_rgb(self.file_of(row_id), min_side=size)[0]
+            with self.open_file(row_id) as fh:
+                img = open_rgb(fh, min_side=size)[0]
         except ImageError as exc:
             raise HTTPException(404, f"cannot read the image of row {row_id}: {exc}") from None
         img = ImageOps.contain(img, (size, size))
@@ -247,6 +304,17 @@ class SearchService:
             return self._map
 
 
+def _chunks(fh: BinaryIO, size: int = 1 << 20):
+    with fh:
+        while block := fh.read(size):
+            yield block
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
 def _row_id(text: str) -> int:
     try:
         return int(text)
@@ -254,13 +322,68 @@ def _row_id(text: str) -> int:
         raise HTTPException(404, f"{text!r} is not a row id") from None
 
 
+def host_name(host_header: str) -> str:
+    """The name part of a Host header: `127.0.0.1:8765` -> 127.0.0.1, `[::1]:80` -> ::1."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def is_loopback(host: str) -> bool:
+    return host_name(host) in LOOPBACK
+
+
 def create_app(
-    store: str | Path, workspace: str | Path = DEFAULT_WORKSPACE, mlflow_url: str | None = None
+    store: str | Path,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    mlflow_url: str | None = None,
+    hosts: tuple[str, ...] = LOOPBACK,
+    token: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app over `store` (read-only: the index is memory-mapped)."""
+    """The FastAPI app over `store` (read-only: the index is memory-mapped).
+
+    Who may ask: requests whose Host is one of `hosts` (loopback names by default: a page
+    that re-points its own domain to 127.0.0.1, DNS rebinding, is refused), no POST from
+    another origin, and, with `token` (required off loopback), only requests that carry it:
+    `?token=` once (it is then kept in an HttpOnly, SameSite=Strict cookie), the cookie, or
+    `Authorization: Bearer <token>`."""
     svc = SearchService(Store(store), workspace, mlflow_url)
     app = FastAPI(title="headstart search", docs_url="/api/docs", openapi_url="/api/openapi.json")
     app.state.service = svc
+    allowed = {host_name(h) for h in hosts}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if token is None and host_name(host) not in allowed:
+            return JSONResponse(
+                {
+                    "detail": f"host {host_name(host)!r} is not served here; use "
+                    f"{', '.join(sorted(allowed))}, or start `headstart ui` with --allow-host"
+                },
+                403,
+            )
+        origin = request.headers.get("origin")
+        if request.method not in SAFE_METHODS and origin and urlsplit(origin).netloc != host:
+            return JSONResponse({"detail": f"cross-origin {request.method} refused"}, 403)
+        from_query = False
+        if token is not None:
+            given = request.cookies.get(TOKEN_COOKIE) or _bearer(request)
+            if not given and request.query_params.get("token"):
+                given, from_query = request.query_params["token"], True
+            if not (given and secrets.compare_digest(given, token)):
+                return JSONResponse(
+                    {
+                        "detail": "this service needs its token: open the address `headstart "
+                        "ui` printed (…/?token=…), or send Authorization: Bearer <token>"
+                    },
+                    401,
+                )
+        response = await call_next(request)
+        if from_query:
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -310,8 +433,21 @@ def create_app(
         return svc.row(_row_id(row_id))
 
     @app.get("/api/image/{row_id}")
-    def image(row_id: str) -> FileResponse:
-        return FileResponse(svc.file_of(_row_id(row_id)))
+    def image(row_id: str) -> StreamingResponse:
+        # Streamed from the verified open file, never by path; no Range support (so none of
+        # Starlette's FileResponse Range parsing, CVE-2025-62727, is reachable).
+        fh = svc.open_file(_row_id(row_id))
+        name = Path(svc.rows[_row_id(row_id)]["path"]).name
+        kind = mimetypes.guess_type(name)[0]
+        return StreamingResponse(
+            _chunks(fh),
+            media_type=kind or "application/octet-stream",
+            headers={
+                "Content-Length": str(os.fstat(fh.fileno()).st_size),
+                "Content-Disposition": f"inline; filename*=UTF-8''{quote(name)}",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     @app.get("/api/thumb/{row_id}")
     def thumb(row_id: str, size: Annotated[int, Query(ge=16, le=512)] = 160) -> Response:

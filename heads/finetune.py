@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors.backbones import Backbone, crop_fraction, eval_transform
-from extractors.common import HeadstartError, atomic_path, write_json_atomic
+from extractors.common import HeadstartError, atomic_path, exclusive, write_json_atomic
 from extractors.finetuned import save_network
 from extractors.images import load_rgb
 from heads.evaluate import HeadResult, scored_on_test
@@ -180,7 +180,25 @@ def finetune(
     """Fine-tune `backbone` on data[split] = (paths, labels) for train/val/test (see above).
 
     The backbone object is trained in place (it is the network's body); pass a fresh one.
+    One run at a time per `workdir` (a second identical run is refused, not interleaved).
     """
+    busy = FineTuneError(
+        f"another fine-tuning run with the same settings is writing {workdir}; wait for it "
+        "(its result is then reused) or change a setting"
+    )
+    with exclusive(Path(workdir) / ".lock", busy):
+        return _finetune(backbone, data, classes, cfg, workdir, progress, log)
+
+
+def _finetune(
+    backbone: Backbone,
+    data: dict[str, tuple[list[str], np.ndarray]],
+    classes: list[str],
+    cfg: FineTuneSettings,
+    workdir: str | Path,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> FineTuned:
     log = log or _stderr
     device = backbone.device
     torch.manual_seed(cfg.seed)

@@ -14,6 +14,9 @@ import numpy as np
 
 from extractors.common import atomic_path
 
+# Class and file names are data: `$x^2$` in a label is text, never matplotlib's math.
+matplotlib.rcParams["text.parse_math"] = False
+
 
 def confusion_matrix_png(
     cm: np.ndarray, classes: Sequence[str], title: str, path: str | Path

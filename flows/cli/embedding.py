@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
 from flows.cli.app import app, out
 from flows.cli.options import JsonOpt, StoreOpt, Workspace, with_settings
-from flows.cli.render import index_line, print_embed
+from flows.cli.render import DataTable, index_line, print_embed
 
 Source = Annotated[
     Path,
@@ -86,7 +85,7 @@ def index_cmd(
         print(json.dumps(entry, indent=2))
         return
     out.print(index_line(entry), highlight=False)
-    curve = Table(title="tuning on held-out queries (recall@10 vs exact search)")
+    curve = DataTable(title="tuning on held-out queries (recall@10 vs exact search)")
     keys = [k for k in entry["tuning"]["curve"][0] if k not in ("recall", "ms_per_query")]
     for col in (*keys, "recall@10", "ms/query"):
         curve.add_column(col, justify="right")

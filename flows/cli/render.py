@@ -6,10 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import out
+
+
+class DataTable(Table):
+    """A table whose title and cells are data: plain text, never read as Rich markup (a file
+    named `a[/b].jpg` or `[link=...]` prints as itself). Styled cells pass a `Text`."""
+
+    def __init__(self, *args: Any, title: str | Text | None = None, **kwargs: Any):
+        super().__init__(*args, title=Text(title) if isinstance(title, str) else title, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
 
 
 def index_line(entry: dict[str, Any], prefix: str = "index ") -> str:
@@ -70,7 +83,7 @@ def metric_columns(table: Table) -> None:
 
 
 def heads_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
+    table = DataTable(title=title)
     table.add_column("model", no_wrap=True, min_width=max(len(r["head"]) for r in rows))
     table.add_column("chosen", overflow="fold", min_width=12)
     metric_columns(table)
@@ -81,9 +94,11 @@ def heads_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def print_embed(report: dict[str, Any]) -> None:
     out.print(
-        f"store [bold]{report['store']}[/]: {report['rows']} images "
+        f"store [bold]{escape(report['store'])}[/]: {report['rows']} images "
         f"({report['embedded']} embedded now, {report['kept']} unchanged, "
-        f"{report['removed']} removed, {report['failed']} failed) with {report['backbone']}"
+        f"{report['removed']} removed, {report['failed']} failed) with "
+        f"{escape(report['backbone'])}",
+        highlight=False,
     )
     if report.get("resumed"):
         out.print(f"  resumed: {report['resumed']} images reused from an interrupted run")
@@ -102,7 +117,7 @@ def print_embed(report: dict[str, Any]) -> None:
         action = report["index"]["history"][-1]["action"] if changed else "unchanged"
         out.print(f"  ({action})", highlight=False)
     for path, reason in report["failures"][:10]:
-        out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
+        out.print(f"  [yellow]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
     if report["failed"] > 10:
         out.print(f"  ... and {report['failed'] - 10} more: see `headstart info`")
 
@@ -112,7 +127,7 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
 
     print_embed(result["embed"])
     if result.get("reused_from"):
-        out.print(f"[green]nothing new[/]: {result['retrain_reason']}")
+        out.print(f"[green]nothing new[/]: {escape(result['retrain_reason'])}", highlight=False)
     metric = result["heads"][0]["selection_metric"].replace("_", " ")
     rows = list(result["heads"]) + ([result["finetune"]] if result.get("finetune") else [])
     out.print(
@@ -125,21 +140,25 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     if result.get("imbalanced"):
         out.print("classes are imbalanced: balanced class weights, chosen on balanced accuracy")
     for reason in (result.get("skipped") or {}).values():
-        out.print(f"[yellow]skipped[/] {reason}")
+        out.print(f"[yellow]skipped[/] {escape(reason)}", highlight=False)
     d = result["decision"]
     verdict = "[yellow]escalate to fine-tuning[/]" if d["escalate"] else "[green]no escalation[/]"
-    out.print(f"decision: {verdict}: {d['reason']}")
+    out.print(f"decision: {verdict}: {escape(d['reason'])}", highlight=False)
     if result.get("finetune"):
         print_finetune(result["finetune"], workspace)
     if result.get("registered"):
         reg = result["registered"]
-        out.print(f"registry: best head is version {reg['version']} of [bold]{reg['uri']}[/]")
+        out.print(
+            f"registry: best head is version {reg['version']} of [bold]{escape(reg['uri'])}[/]"
+        )
     out.print(
         f"MLflow: experiment [bold]{result['experiment']}[/], run {result['run_id']}, "
         f"store {tracking.tracking_uri(workspace)}"
     )
-    out.print(f"open the MLflow UI: [bold]{tracking.ui_command(workspace)}[/]")
-    out.print(f"compare runs: [bold]uv run headstart compare --workspace {workspace}[/]")
+    out.print(f"open the MLflow UI: [bold]{escape(tracking.ui_command(workspace))}[/]")
+    out.print(
+        f"compare runs: [bold]uv run headstart compare --workspace {escape(str(workspace))}[/]"
+    )
     from flows import runs
 
     if not runs.using_prefect():
@@ -171,7 +190,7 @@ def print_finetune(ft: dict[str, Any], workspace: Path) -> None:
         gain = vs["test_accuracy_gain"]
         word = "[green]beats[/]" if gain > 0 else "[yellow]does not beat[/]"
         out.print(f"  {word} the best head {vs['head']} on the same test split by {gain:+.3f}")
-    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
+    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {escape(str(workspace))}"
     out.print(
         f"  new backbone [bold]{ft['backbone']}[/]: "
         f"uv run headstart predict IMAGE --model {ft['backbone']}{ws}; "

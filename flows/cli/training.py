@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
 from flows.cli.options import RUN, Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import (
+    DataTable,
     chosen,
     heads_table,
     metric_cells,
@@ -64,9 +65,10 @@ def demo(
     result = runs.for_cli("pipeline")(str(root), settings=settings, workspace=str(workspace))
     print_pipeline(result, workspace)
     example = next(root.glob("3/*.png"))
-    out.print(f"search by image: [bold]uv run headstart search {example} -k 5[/]")
+    out.print(f"search by image: [bold]uv run headstart search {escape(str(example))} -k 5[/]")
     ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
-    out.print(f"or in the browser: [bold]uv run headstart ui{ws}[/] (gallery, map, JSON API)")
+    ui = f"uv run headstart ui{escape(ws)}"
+    out.print(f"or in the browser: [bold]{ui}[/] (gallery, map, JSON API)")
 
 
 @app.command()
@@ -189,7 +191,7 @@ def compare(
     if not rows:
         out.print("no heads in MLflow yet: run `headstart demo` or `headstart run SOURCE`")
         return
-    table = Table(title="heads and fine-tuned networks (test split; val = validation score)")
+    table = DataTable(title="heads and fine-tuned networks (test split; val = validation score)")
     for col in ("run", "backbone"):
         table.add_column(col, overflow="fold")
     table.add_column("model", no_wrap=True, min_width=max(len(r["model"]) for r in rows))

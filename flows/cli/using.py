@@ -8,18 +8,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
 from flows.cli.options import JsonOpt, StoreOpt, Workspace
-from flows.cli.render import index_line
+from flows.cli.render import DataTable, index_line
 
 
 @app.command()
 def search(
     image: Annotated[Path, typer.Argument(help="Query image.")],
-    k: Annotated[int, typer.Option("-k", help="Number of neighbours.")] = 5,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Number of neighbours.")] = 5,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: JsonOpt = False,
@@ -31,7 +32,7 @@ def search(
     if as_json:
         print(json.dumps(hits, indent=2))
         return
-    table = Table(title=f"nearest to {image}")
+    table = DataTable(title=f"nearest to {image}")
     for col in ("rank", "score", "label", "split", "id", "path"):
         table.add_column(col)
     for n, h in enumerate(hits, 1):
@@ -58,7 +59,7 @@ def predict(
     ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
-    top: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+    top: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Label new images with a trained head or a fine-tuned network, with probabilities."""
@@ -70,12 +71,12 @@ def predict(
     if as_json:
         print(json.dumps(preds, indent=2))
         return
-    table = Table(title="predictions")
+    table = DataTable(title="predictions")
     for col in ("image", "label", "top classes"):
         table.add_column(col)
     for p in preds:
         if "error" in p:
-            table.add_row(p["image"], "[red]error[/]", p["error"])
+            table.add_row(p["image"], Text("error", style="red"), p["error"])
         else:
             tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"])
             table.add_row(p["image"], p["label"], tops)
@@ -89,9 +90,11 @@ def dedup(
     threshold: Annotated[
         float,
         typer.Option(
+            min=0.0,
+            max=1.0,
             help="Cosine similarity at or above which two images count as near-duplicates: "
             "0.95 catches re-saved, resized and re-encoded copies of one photo; lower values "
-            "also group crops and edits."
+            "also group crops and edits.",
         ),
     ] = 0.95,
     out_file: Annotated[
@@ -113,7 +116,7 @@ def dedup(
         print(json.dumps(rows, indent=2))
         return
     n_groups = len({r["group"] for r in rows})
-    table = Table(title=f"near-duplicates in {st.path.name} (cosine >= {threshold})")
+    table = DataTable(title=f"near-duplicates in {st.path.name} (cosine >= {threshold})")
     for col in ("group", "similarity", "label", "split", "path"):
         table.add_column(col, overflow="fold")
     for r in rows[:60]:
@@ -140,7 +143,7 @@ def info(
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         return
-    table = Table(title=f"store {data['store']}", show_header=False)
+    table = DataTable(title=f"store {data['store']}", show_header=False)
     for key in (
         "backbone",
         "weights",
@@ -158,15 +161,15 @@ def info(
         table.add_row(key, str(data.get(key)))
     table.add_row("source", f"{data['source']['root']} ({data['source']['kind']})")
     if data.get("index"):
-        from rich.text import Text
-
         table.add_row("index", Text.from_markup(index_line(data["index"], "")))
         table.add_row("index history", data["index"]["history"][-1]["action"])
     if "heads" in data:
         table.add_row("best head", f"{data['heads']['best']} ({data['heads']['best_path']})")
     out.print(table)
     for f in data["failures_table"][:20]:
-        out.print(f"  [yellow]failed[/] {f['path']}: {f['reason']}", highlight=False)
+        out.print(
+            f"  [yellow]failed[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False
+        )
 
 
 @app.command()
@@ -176,21 +179,48 @@ def ui(
     host: Annotated[
         str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
     mlflow_url: Annotated[
         str | None, typer.Option(help="MLflow UI address, to link rows to their runs.")
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Require this token of every request (default: none on loopback; a random "
+            "one, printed, with any other --host)."
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another host name the page is reached by on loopback (repeatable), e.g. a "
+            "name in /etc/hosts; without --token, requests for any other name are refused."
+        ),
+    ] = None,
 ) -> None:
     """Search a store in the browser: drop an image, see its neighbours; plus an embedding map
-    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes."""
+    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes.
+
+    On loopback (the default) it answers only requests addressed to loopback names, so no web
+    page can reach it by re-pointing a domain to 127.0.0.1; with any other --host every
+    request needs a token, printed at start (or --token)."""
+    import secrets
+
     import uvicorn
 
-    from flows.webapp import create_app
+    from flows.webapp import LOOPBACK, create_app, is_loopback
     from flows.workspace import resolve_store
 
+    if token is None and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
     st = resolve_store(store, workspace)
-    application = create_app(st.path, workspace, mlflow_url)
-    out.print(f"search page for [bold]{st.path}[/] on http://{host}:{port}/ (Ctrl-C stops it)")
+    hosts = (*LOOPBACK, *(allow_host or ()))
+    application = create_app(st.path, workspace, mlflow_url, hosts=hosts, token=token)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    out.print(f"search page for {st.path} on {address} (Ctrl-C stops it)", highlight=False)
+    if token and not is_loopback(host):
+        out.print("open to the network: every request needs the token in that address")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
@@ -204,7 +234,7 @@ def map_cmd(
             "--out", help="Where to write: NAME.png (plot) and NAME.html (interactive page)."
         ),
     ] = Path("embedding-map.png"),
-    points: Annotated[int, typer.Option(help="Rows to sample for the map.")] = 3000,
+    points: Annotated[int, typer.Option(min=2, help="Rows to sample for the map.")] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the sample and of t-SNE.")] = 0,
 ) -> None:
     """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated

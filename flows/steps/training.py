@@ -42,10 +42,13 @@ def train_and_track(
     """Fit the heads, save them in the store, log one nested MLflow run (and model) per head,
     and register the best head as a new version of `<experiment>-head`."""
     st = Store(store)
+    # The manifest (its fingerprint) is read before the rows: an embed that commits while
+    # this trains leaves an older fingerprint on record, so the next run retrains, never
+    # reusing heads fitted on data older than what it records.
+    manifest = st.manifest()
     features = {f: load_splits(st, f) for f in st.features()}
     trained = train_heads(features, heads=heads, seed=seed, progress=progress)
     results, splits = trained.results, trained.splits
-    manifest = st.manifest()
     run = {"mlflow_run_id": parent_run_id}
     saved = save_heads(st.path, manifest, results, run_tag=parent_run_id, extra=run)
     context = {

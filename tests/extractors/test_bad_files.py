@@ -157,3 +157,21 @@ def test_broken_symlink_is_recorded(backbone, tmp_path) -> None:
 def _no_leftovers(tmp_path):
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_fuzz_corpus_is_embedded_or_recorded_file_by_file(backbone, tmp_path) -> None:
+    from tests.flows.test_webapp_security import fuzz_corpus
+
+    root = tmp_path / "fuzz"
+    root.mkdir()
+    ext = {0: "png", 1: "jpg", 2: "tif", 3: "gif", 4: "webp", 5: "bmp"}
+    for i, blob in enumerate(fuzz_corpus(240, seed=1)):
+        (root / f"f{i:03d}.{ext[i % 6]}").write_bytes(blob)
+    report = Store(tmp_path / "store").update(
+        read_source(root, layout="unlabelled"), backbone, progress=False
+    )
+    rows = set(Store(tmp_path / "store").table(["path"])["path"].to_pylist())
+    failed = {p for p, _ in report.failures}
+    assert rows | failed == {str(p.resolve()) for p in root.iterdir()}  # each file, once
+    assert not rows & failed and report.rows + report.failed == 240
+    assert all(reason for _, reason in report.failures)

@@ -128,7 +128,8 @@ def test_broken_index_is_rebuilt(built_store, tmp_path) -> None:
     )
     assert store.index_if_consistent() is None
     assert any("ids differ" in p for p in store.verify())
-    assert store.index().ntotal == 100  # rebuilt on first use
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert store.index().ntotal == 100  # rebuilt on first use, under the lock, and said
     assert store.index_if_consistent() is not None and store.verify() == []
 
 
