@@ -30,6 +30,8 @@ EMBED = """
 import sys
 from extractors.backbones import create_backbone
 from extractors.sources import read_source
+from extractors.engines import LocalEngine
+from extractors.settings import EmbedSettings
 from extractors.store import Store
 engine = LocalEngine(EmbedSettings(batch_size=8, decode_threads=2), False, checkpoint_rows=16)
 Store(sys.argv[2]).update(read_source(sys.argv[1]), create_backbone(device="cpu"), engine=engine)

@@ -221,7 +221,19 @@ class Backbone:
             size = self.preprocessing.get("input_size") or [3, 224, 224]
             with torch.inference_mode():
                 x = torch.zeros(1, *size, device=self.device)
-                _, extra = self._forward(x.contiguous(memory_format=torch.channels_last))
+                try:
+                    _, extra = self._forward(x.contiguous(memory_format=torch.channels_last))
+                except KeyError as exc:  # a hooked module the embedding never runs through
+                    module = self.layers[exc.args[0]]
+                    for hook in self._hooks:
+                        hook.remove()
+                    self._hooks.clear()
+                    self.layers, self._captured = {}, {}
+                    raise BackboneError(
+                        f"layer {module!r} of {self.name} does not run on the way to the "
+                        f"embedding (a classifier?); give a stage: an index (-1 = last) or one "
+                        f"of {', '.join(stages)}"
+                    ) from None
             self.layer_dims = {col: int(t.shape[1]) for col, t in extra.items()}
         if self._compiled is not None:  # the outputs changed: another package
             self.compile(self._compiled_batch)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+FILE_TIMEOUT_S = 60.0  # one file may not hold up a run for longer than this (read, decode)
 ROW_GROUP = 4096  # rows per Parquet row group of every table a store writes
 
 
@@ -111,3 +115,36 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+class DaemonPool:
+    """Daemon worker threads for file work (Pillow, torch and hashing release the GIL).
+
+    Daemon threads, not a ThreadPoolExecutor: a file that never finishes reading (a hung
+    network mount) costs one thread, and neither the run nor the interpreter's exit waits
+    for it.
+    """
+
+    def __init__(self, threads: int):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for n in range(threads):
+            threading.Thread(target=self._work, name=f"worker-{n}", daemon=True).start()
+        self.threads = threads
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            fn, arg, fut = task
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(arg))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        fut: Future = Future()
+        self.tasks.put((fn, arg, fut))
+        return fut
+
+    def close(self) -> None:
+        for _ in range(self.threads):
+            self.tasks.put(None)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -18,9 +16,10 @@ import torch
 from torch.utils.data import Dataset
 
 from extractors.backbones import Backbone
+from extractors.common import FILE_TIMEOUT_S, DaemonPool
 from extractors.images import ImageError, open_rgb
 
-DECODE_TIMEOUT_S = 60.0  # one file may not hold up the run for longer than this
+DECODE_TIMEOUT_S = FILE_TIMEOUT_S  # one file may not hold up the run for longer than this
 
 
 @dataclass
@@ -152,50 +151,17 @@ class ImageFiles(Dataset):
         return i, pixels, width, height, None, time.perf_counter() - start
 
 
-class _DecodePool:
-    """Daemon decode threads (Pillow and torch release the GIL while they work).
-
-    Daemon threads, not a ThreadPoolExecutor: a file that never finishes reading (a hung
-    network mount) costs one thread, and neither the run nor the interpreter's exit waits
-    for it.
-    """
-
-    def __init__(self, threads: int):
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        for n in range(threads):
-            threading.Thread(target=self._work, name=f"decode-{n}", daemon=True).start()
-        self.threads = threads
-
-    def _work(self) -> None:
-        while (task := self.tasks.get()) is not None:
-            fn, arg, fut = task
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(arg))
-                except BaseException as exc:
-                    fut.set_exception(exc)
-
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
-        fut: Future = Future()
-        self.tasks.put((fn, arg, fut))
-        return fut
-
-    def close(self) -> None:
-        for _ in range(self.threads):
-            self.tasks.put(None)
-
-
 def _batches(
     dataset: ImageFiles, batch_size: int, threads: int, prefetch: int, timeout: float
 ) -> Iterator[list[tuple]]:
     """Items of `dataset` in order, a batch at a time, decoded `prefetch` batches ahead."""
     n = len(dataset)
     starts = list(range(0, n, batch_size))
-    if threads == 0:
+    if threads == 0 and timeout <= 0:  # in this thread: only when no time limit is asked
         for s in starts:
             yield [dataset[i] for i in range(s, min(n, s + batch_size))]
         return
-    pool = _DecodePool(threads)
+    pool = DaemonPool(max(1, threads))
     pending: collections.deque[list[tuple[int, Future]]] = collections.deque()
     try:
         for b in range(len(starts)):

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import stat
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from extractors.common import FILE_TIMEOUT_S, DaemonPool
 from extractors.images import file_sha256
 from extractors.sources import ImageRecord, Source
+
+HASH_THREADS = 4  # files hashed at once (reads; the GIL is released)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
     known = known_hashes(old, staged)
     staged_pairs = set(zip(staged["path"].to_pylist(), staged["sha256"].to_pylist(), strict=True))
     first_path_of: dict[str, str] = {}
-    for rec in sorted(source.records, key=lambda r: r.path):
+    records = sorted(source.records, key=lambda r: r.path)
+    hashing = _Hashing(records, known)
+    for rec in records:
         try:
             st = os.stat(rec.path)
             if not stat.S_ISREG(st.st_mode):
@@ -78,7 +84,12 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
             if prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
                 sha = prev[0]
             else:
-                sha = file_sha256(rec.path)
+                sha = hashing.result(rec.path)
+        except TimeoutError:
+            plan.failures.append(
+                (rec.path, f"took longer than {FILE_TIMEOUT_S:g} s to read (a hung mount?)")
+            )
+            continue
         except FileNotFoundError:
             plan.failures.append((rec.path, "file not found (moved or deleted after listing?)"))
             continue
@@ -102,4 +113,32 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
             plan.to_embed.append(rec)
             plan.staged[rec.path] = (rec.label, rec.split)
     plan.removed = sum(1 for p in committed if p not in plan.sha)
+    hashing.close()
     return plan
+
+
+class _Hashing:
+    """The files whose stored hash cannot be reused, hashed ahead on daemon threads, each
+    within FILE_TIMEOUT_S: a file on a hung mount becomes a failure, not a stalled run."""
+
+    def __init__(self, records: list[ImageRecord], known: dict[str, tuple[str, int, int]]):
+        self.pool = DaemonPool(HASH_THREADS)
+        self.futures = {}
+        for rec in records:
+            prev = known.get(rec.path)
+            try:
+                st = os.stat(rec.path)
+            except OSError:
+                continue  # reported by the plan itself
+            if not (prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns):
+                self.futures[rec.path] = self.pool.submit(file_sha256, rec.path)
+
+    def result(self, path: str) -> str:
+        future = self.futures.get(path) or self.pool.submit(file_sha256, path)
+        try:
+            return future.result(timeout=FILE_TIMEOUT_S)
+        except FutureTimeout:
+            raise TimeoutError(path) from None
+
+    def close(self) -> None:
+        self.pool.close()

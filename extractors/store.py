@@ -35,6 +35,7 @@ from extractors.layout import (
     MANIFEST,
     META_COLUMNS,
     STAGING,
+    VECTOR_IDS,
     embedding_matrix,
     schema,
 )
@@ -360,14 +361,16 @@ class Store:
         report.removed = plan.removed
         report.failed = len(report.failures)
 
-        merged = merge_rows(self.path, sch, plan, staging.parts(), staging.metadata(), seed)
-        report.kept, report.rows = merged.kept, merged.rows
-        report.embedded = report.rows - report.kept
-        write_failures(self.path, report.failures)
         previous = self.manifest() if self.exists else {}
-        entry = self._refresh_index(previous | {"dim": backbone.dim, "split_seed": seed}, index)
-        facts = ManifestInputs(source, backbone, seed, report.failed, entry)
-        write_manifest(self.path, merged.table(), facts)
+        with _Rollback(self.path) as rollback:
+            merged = merge_rows(self.path, sch, plan, staging.parts(), staging.metadata(), seed)
+            report.kept, report.rows = merged.kept, merged.rows
+            report.embedded = report.rows - report.kept
+            write_failures(self.path, report.failures)
+            entry = self._refresh_index(previous | {"dim": backbone.dim, "split_seed": seed}, index)
+            facts = ManifestInputs(source, backbone, seed, report.failed, entry)
+            write_manifest(self.path, merged.table(), facts)
+            rollback.done()
         staging.remove()
 
         stats.wall_s = time.perf_counter() - started
@@ -395,3 +398,49 @@ def _check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[st
             f"{lost[0]}; nothing was committed. With --engine dask, every worker must see the "
             f"store's staging folder ({staging.folder}) at the same path."
         )
+
+
+class _Rollback:
+    """The commit as one step: the committed files as they were (hard links: no copy, no
+    space) are put back if any write of the commit fails, a full disk included (FAISS says so
+    with RuntimeError, not OSError). Then the store is wholly the old one, and says so; the
+    staged rows stay for the next run."""
+
+    FILES = (EMBEDDINGS, FAILURES, INDEX, VECTOR_IDS, MANIFEST)
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.saved: dict[str, Path | None] = {}
+        self.committed = False
+
+    def __enter__(self) -> _Rollback:
+        for name in self.FILES:
+            path, keep = self.folder / name, self.folder / f".{name}.before-commit"
+            keep.unlink(missing_ok=True)
+            if path.exists():
+                os.link(path, keep)
+                self.saved[name] = keep
+            else:
+                self.saved[name] = None
+        return self
+
+    def done(self) -> None:
+        self.committed = True
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if not self.committed:
+            for name, keep in self.saved.items():
+                if keep is None:
+                    (self.folder / name).unlink(missing_ok=True)
+                else:
+                    os.replace(keep, self.folder / name)
+        for keep in self.saved.values():
+            if keep is not None:
+                keep.unlink(missing_ok=True)
+        if not self.committed and isinstance(exc, OSError | RuntimeError):
+            why = getattr(exc, "strerror", None) or exc
+            raise StoreError(
+                f"cannot write to store {self.folder}: {why}. The store is unchanged (the "
+                "commit was rolled back; finished batches are kept in staging/ and reused): "
+                "free disk space or fix permissions, or choose another --store, then run again."
+            ) from exc

@@ -158,3 +158,10 @@ def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
     assert small[0] is False and "do not repay" in small[1]
     assert aot.decide(eager, 32, aot.AUTO_MIN_IMAGES, None)[0] is True
     assert aot.decide(eager, 32, 10**6, False) == (False, "eager (--no-compile)")
+
+
+def test_a_layer_off_the_embedding_path_is_refused_with_the_stages() -> None:
+    bb = create_backbone("efficientnet_lite0", device="cpu")
+    with pytest.raises(BackboneError, match="does not run on the way to the embedding"):
+        bb.set_layers(["classifier"])
+    assert bb.layers == {} and bb.embed_all(bb.prepare(Image.new("RGB", (64, 64))))[1] == {}

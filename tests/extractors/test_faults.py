@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from extractors.layout import EMBEDDINGS, STAGING
 from extractors.sources import read_source
@@ -81,6 +83,10 @@ def test_sigkill_at_several_points_then_rerun_is_exactly_once(source, tmp_path) 
         "after the first staged part": lambda: len(list(staging.glob("part-*.parquet"))) >= 1,
         "after three staged parts": lambda: len(list(staging.glob("part-*.parquet"))) >= 3,
         "while committing": lambda: any(store_dir.glob(f".{EMBEDDINGS}.*.tmp")),
+        # the new Parquet in place, the failures table, index and manifest not yet
+        "after the Parquet's rename": lambda: (
+            (store_dir / EMBEDDINGS).exists() and not (store_dir / "manifest.json").exists()
+        ),
     }
     outcomes = {}
     for name, ready in points.items():
@@ -134,3 +140,59 @@ def test_two_writers_at_once_one_is_refused(source, tmp_path) -> None:
     assert Store(store_dir).verify() == []
     assert Store(store_dir).manifest()["rows"] == 100
     assert not os.path.exists(store_dir / STAGING)
+
+
+FAULTY = EMBED.replace(
+    "src, store = sys.argv[1], sys.argv[2]",
+    """src, store = sys.argv[1], sys.argv[2]
+import errno
+import extractors.commit, extractors.staging, extractors.store, extractors.store_index
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def faiss_full(*args, **kwargs):  # what FAISS raises on a failed write
+    raise RuntimeError("Error in faiss::FileIOWriter: 'ret == n' failed: write error")
+
+step = sys.argv[3]
+if step == "failures table":
+    extractors.commit.write_parquet_atomic = full
+elif step == "index":
+    extractors.store_index.write_index = faiss_full
+elif step == "manifest":
+    extractors.store.write_manifest = full
+elif step == "staging part":
+    extractors.staging.StagingWriter._seal = staticmethod(full)""",
+)
+
+
+@pytest.mark.parametrize("step", ["staging part", "failures table", "index", "manifest"])
+def test_a_full_disk_at_any_write_of_the_commit_leaves_the_old_store(source, tmp_path, step):
+    """The disk fills at one write of the update (a staging part, or after the new Parquet
+    is in place: the failures table, the index, the manifest): the run fails with one message
+    that the store is unchanged, every committed file is as before, and the next run commits
+    the new images exactly once."""
+    store_dir = tmp_path / "store"
+    assert _embed(source, store_dir).wait(timeout=300) == 0
+    before = _snapshot(store_dir)
+    rng = np.random.default_rng(5)
+    for i in range(5):  # five images of new content: to stage, commit and index
+        arr = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+        Image.fromarray(arr).save(source / "1" / f"new_{i}.png")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAULTY, str(source), str(store_dir), step],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "The store is unchanged" in err and "StoreError" in err, err[-2000:]
+    committed = {k: v for k, v in _snapshot(store_dir).items() if not k.startswith(STAGING)}
+    assert committed == {k: v for k, v in before.items() if not k.startswith(STAGING)}
+    assert Store(store_dir).verify() == []
+    again = _embed(source, store_dir)
+    assert again.wait(timeout=300) == 0
+    paths = Store(store_dir).table(["path"])["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 105

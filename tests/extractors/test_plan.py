@@ -78,3 +78,18 @@ def test_unchanged_size_and_mtime_reuse_the_stored_hash(tmp_path: Path) -> None:
     os.utime(p, ns=(1, 1))  # touched: hashed again, and the real hash differs from the stored
     plan = plan_update(_source(tmp_path, ImageRecord(str(p), "a")), old, _rows())
     assert plan.sha[str(p)] == file_sha256(p) and [r.path for r in plan.to_embed] == [str(p)]
+
+
+def test_a_file_that_takes_too_long_to_hash_is_a_failure_not_a_stall(tmp_path, monkeypatch):
+    import extractors.plan
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(400 * 2**20)  # 400 MB (sparse): far longer to read than the limit below
+    small = tmp_path / "small.png"
+    small.write_bytes(b"x")
+    monkeypatch.setattr(extractors.plan, "FILE_TIMEOUT_S", 0.001)
+    src = _source(tmp_path, ImageRecord(str(big)), ImageRecord(str(small)))
+    plan = plan_update(src, None, _rows())
+    assert dict(plan.failures)[str(big)].startswith("took longer than 0.001 s to read")
+    assert [r.path for r in plan.to_embed] == [str(small)]

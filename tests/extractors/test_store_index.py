@@ -167,3 +167,23 @@ def test_store_reindex_records_choice_and_keeps_search_working(built_store):
     finally:
         built_store.reindex(IndexSettings(kind="auto"), rebuild=True)
     assert built_store.manifest()["index"]["choice"]["kind"] == "flat"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+def test_filtered_search_finds_the_allowed_rows_however_few(tmp_path: Path, kind: str):
+    x = clustered(3000, 0)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind=kind))
+    ann = open_index(tmp_path, entry, mmap=True)
+    allowed = ids[np.random.default_rng(1).choice(3000, 30, replace=False)]  # 1% of rows
+    queries = clustered(5, 9)
+    _, found = ann.search(queries, 10, allowed=allowed)
+    assert np.isin(found, allowed).all()
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    pos = np.searchsorted(ids, allowed)
+    truth = allowed[np.argsort(-(qn @ xn[pos].T), axis=1)[:, :10]]
+    assert recall_at_k(found, truth, 10) >= 0.95  # the filter is applied before the top-k
+    few = ann.search(queries, 10, allowed=allowed[:3])[1]
+    assert (few[:, :3] >= 0).all() and (few[:, 3:] == -1).all()  # all 3, then nothing
+    assert (ann.search(queries, 10, allowed=allowed[:0])[1] == -1).all()
