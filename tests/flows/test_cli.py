@@ -69,6 +69,11 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path) -> None:
         (["index", "--recall", "1.5"], "--recall (index.recall) must be in (0, 1]"),
         (["embed", str(tmp_path), "--address", "tcp://x:1"], "add --engine dask"),
         (["run", str(tmp_path), "--head", "tree"], "--head (heads) takes logreg"),
+        (["embed", str(tmp_path), "--batch-size", "-1"], "must be at least 1, not -1"),
+        (["embed", str(tmp_path), "--workers", "-1"], "must be at least 0, not -1"),
+        (["predict", "x.jpg", "--top", "0"], "greater than or equal to 1"),
+        (["map", "--points", "0"], "greater than or equal to 2"),
+        (["serve", str(tmp_path), "--cron", "61 * * * *"], "not a valid cron schedule"),
     ]:
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2, (args, res.output)

@@ -99,6 +99,7 @@ label_smoothing = 0.0
         ('[[deployment]]\nname = "a"\nsource = "x"\ncron = "* * * * *"\ninterval = 5\n', "either"),
         ('[[deployment]]\nname = "a"\nsource = "x"\ninterval = 0\n', "> 0"),
         ('[[deployment]]\nname = "a"\nsource = "x"\ninterval = "600"\n', "number of seconds"),
+        ('[[deployment]]\nname = "a"\nsource = "x"\ncron = "61 * * * *"\n', "not a valid cron"),
         (
             HEAD + '[deployment.embed]\nbatch_size = "8"\n',
             "--batch-size \\(embed.batch_size\\) must be an integer, not '8'",
