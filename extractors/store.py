@@ -135,16 +135,10 @@ class Store:
         `vectors.f32` or `vector_ids.npy`) or out of line with the Parquet ids is rebuilt,
         under the writer's lock and with a warning: a reader never writes beside a writer
         (StoreBusy while another process updates the store)."""
-        try:
-            idx = self.index_if_consistent(mmap=mmap)
-        except (RuntimeError, OSError, ValueError):
-            idx = None
+        idx = self._readable_index(mmap)
         if idx is None:
             with self.lock():
-                try:  # the writer we waited for may have fixed it
-                    idx = self.index_if_consistent(mmap=mmap)
-                except (RuntimeError, OSError, ValueError):
-                    idx = None
+                idx = self._readable_index(mmap)  # a writer that just finished fixed it
                 if idx is None:
                     warnings.warn(
                         f"the search index of {self.path} was missing, unreadable or out of "
@@ -154,6 +148,14 @@ class Store:
                     self.reindex(rebuild=True)
                     idx = store_index.open_index(self.path, self.manifest().get("index"), mmap)
         return idx
+
+    def _readable_index(self, mmap: bool) -> ann.AnnIndex | None:
+        """The index when it opens and matches the rows; None when it is missing, corrupt
+        (FAISS's RuntimeError, a truncated memory-mapped file) or out of line."""
+        try:
+            return self.index_if_consistent(mmap=mmap)
+        except (RuntimeError, OSError, ValueError):
+            return None
 
     def index_if_consistent(self, mmap: bool = False) -> ann.AnnIndex | None:
         """The index on disk when it holds exactly the Parquet ids; else None."""
@@ -390,8 +392,8 @@ def _check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[st
     """Every file the engine was given is now a staged row or a failure; else nothing is
     committed and the run fails loudly (a file never vanishes without a trace)."""
     staged = set(staging.metadata()["path"].to_pylist())
-    lost = [r.path for r in plan.to_embed if r.path not in staged]
-    lost = sorted(set(lost) - {p for p, _ in failures})
+    failed = {p for p, _ in failures}
+    lost = sorted({r.path for r in plan.to_embed} - staged - failed)
     if lost:
         raise StoreError(
             f"{len(lost)} file(s) were neither embedded nor recorded as failures, e.g. "

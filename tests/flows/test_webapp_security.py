@@ -90,12 +90,14 @@ def test_filters_refuse_unknown_values_and_search_inside_faiss(own_store) -> Non
     assert all(h["label"] == "dog" and h["split"] == "train" for h in test_dogs)
 
 
-def test_a_row_s_file_is_served_only_while_it_is_the_embedded_file(own_store, tmp_path) -> None:
+def test_a_row_s_file_is_served_only_while_it_is_the_embedded_file(
+    own_store, backbone, tmp_path
+) -> None:
     store = Store(tmp_path / "copy")
     shutil.copytree(own_store.path, store.path)
     src = tmp_path / "src"
     shutil.copytree(Path(own_store.manifest()["source"]["root"]), src)
-    store.update(read_source(src), _backbone(), progress=False)
+    store.update(read_source(src), backbone, progress=False)
     c = _client(store)
     table = store.table(["id", "path"]).to_pylist()
     (a, b, d) = table[:3]
@@ -164,9 +166,3 @@ def fuzz_corpus(n: int, seed: int = 0) -> list[bytes]:
                 data[pos:pos] = rng.randbytes(rng.randint(1, 16))
         out.append(bytes(data))
     return out
-
-
-def _backbone():
-    from extractors.backbones import create_backbone
-
-    return create_backbone("efficientnet_lite0", device="cpu")
