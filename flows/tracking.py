@@ -349,9 +349,11 @@ def log_finetune_run(
     history: list[dict[str, float]],
     params: dict[str, Any],
     model_dir: Path,
+    skipped: list[dict[str, str]] = (),
 ) -> str:
     """A nested run for a fine-tuned network: per-epoch curves, the same test metrics as the
-    heads (same test split), plots, and the network (state dicts + config) as artifacts."""
+    heads (same test split), plots, the network (state dicts + config) as artifacts, and the
+    files it skipped because they no longer decode (`skipped_files.json`, with reasons)."""
     from heads.plots import curves_png
 
     mlflow.set_tracking_uri(tracking_uri(workspace))
@@ -375,6 +377,9 @@ def log_finetune_run(
         mlflow.log_metric("val_score", result.val_score)
         mlflow.log_metrics({m: result.metrics[m] for m in _metrics() if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
+        mlflow.log_metric("skipped_files", len(skipped))
+        if skipped:
+            mlflow.log_dict({"skipped": list(skipped)}, "skipped_files.json")
         _log_result_files(result, sweep=False)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(curves_png(history, result.name, Path(tmp) / "curves.png")))

@@ -46,9 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors.backbones import Backbone, crop_fraction, eval_transform
-from extractors.common import HeadstartError, atomic_path, exclusive, write_json_atomic
+from extractors.common import (
+    FILE_TIMEOUT_S,
+    DaemonPool,
+    HeadstartError,
+    atomic_path,
+    exclusive,
+    write_json_atomic,
+)
 from extractors.finetuned import save_network
-from extractors.images import load_rgb
+from extractors.images import ImageError, load_rgb
 from heads.evaluate import HeadResult, scored_on_test
 from heads.settings import FineTuneSettings
 
@@ -69,6 +76,7 @@ class FineTuned:
     workdir: Path  # backbone.safetensors, head.safetensors, config.json
     key: str  # the `finetuned:<key>` backbone name's id
     resumed_from_epoch: int  # 0 when trained from scratch, -1 when the finished run was reused
+    skipped: list[dict[str, str]]  # {path, split, reason}: files that no longer decode
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -84,7 +92,14 @@ class LabelledImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[i], min_side=self.min_side)), int(self.y[i])
+        try:
+            image = load_rgb(self.paths[i], min_side=self.min_side)
+        except ImageError as exc:  # checked before training: it changed since
+            raise FineTuneError(
+                f"{self.paths[i]} became unreadable during fine-tuning ({exc}); restore or "
+                "remove it and re-run (training resumes from the last finished epoch)"
+            ) from None
+        return self.transform(image), int(self.y[i])
 
 
 def train_transform(preprocessing: dict[str, Any], size: int, cfg: FineTuneSettings) -> Callable:
@@ -101,14 +116,26 @@ def train_transform(preprocessing: dict[str, Any], size: int, cfg: FineTuneSetti
     return T.Compose(steps)
 
 
-def _readable(paths: Sequence[str], y: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
-    """Drop files that can no longer be read (moved since embedding), saying which."""
-    ok = np.array([Path(p).is_file() for p in paths], dtype=bool)
-    return (
-        [p for p, k in zip(paths, ok, strict=True) if k],
-        y[ok],
-        [p for p, k in zip(paths, ok, strict=True) if not k],
-    )
+def decodable(
+    paths: Sequence[str], y: np.ndarray, min_side: int, threads: int = 4
+) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
+    """Keep the files that still decode (each within the file time limit, at the reduced
+    scale training reads them at); the others as {path, reason}: moved, deleted or corrupted
+    since they were embedded."""
+    pool = DaemonPool(threads)
+    futures = [pool.submit(lambda p: load_rgb(p, min_side=min_side).size, p) for p in paths]
+    ok, failed = np.ones(len(paths), dtype=bool), []
+    for i, (path, fut) in enumerate(zip(paths, futures, strict=True)):
+        try:
+            fut.result(timeout=FILE_TIMEOUT_S)
+        except ImageError as exc:
+            ok[i] = False
+            failed.append({"path": path, "reason": str(exc)})
+        except TimeoutError:
+            ok[i] = False
+            failed.append({"path": path, "reason": f"not read within {FILE_TIMEOUT_S} s"})
+    pool.close()
+    return [p for p, k in zip(paths, ok, strict=True) if k], y[ok], failed
 
 
 # --- network -------------------------------------------------------------------------------
@@ -209,17 +236,26 @@ def _finetune(
     workdir.mkdir(parents=True, exist_ok=True)
     prep = backbone.preprocessing
     ev_tf = eval_transform(prep, size)
-    splits = {}
+    min_side = math.floor(size / crop_fraction(prep))
+    done = workdir / DONE
+    if done.exists():
+        test = [cls_index[str(c)] for p, c in zip(*data["test"], strict=True) if Path(p).is_file()]
+        return _reuse(done, workdir, classes, cfg, np.asarray(test, dtype=np.int64))
+    splits, skipped = {}, []
     for s in ("train", "val", "test"):
         paths, labels = data[s]
         y = np.array([cls_index[str(c)] for c in labels], dtype=np.int64)
-        paths, y, gone = _readable(paths, y)
-        if gone:
-            log(f"fine-tuning skips {len(gone)} {s} file(s) that are gone: {gone[:3]}")
+        paths, y, failed = decodable(paths, y, min_side)
+        for f in failed:
+            skipped.append({"path": f["path"], "split": s, "reason": f["reason"]})
         splits[s] = (paths, y)
+    if skipped:
+        log(
+            f"fine-tuning skips {len(skipped)} file(s) that no longer decode (recorded with the "
+            f"run), e.g. {skipped[0]['path']}: {skipped[0]['reason']}"
+        )
     if not splits["train"][0] or not splits["val"][0] or not splits["test"][0]:
         raise FineTuneError("fine-tuning needs readable train, val and test images")
-    min_side = math.floor(size / crop_fraction(prep))
 
     def loader(
         s: str, tf: Callable, shuffle: bool = False, every_epoch: bool = False
@@ -243,10 +279,6 @@ def _finetune(
     train_eval, test_loader = loader("train", ev_tf), loader("test", ev_tf)
     val_loader = loader("val", ev_tf, every_epoch=True)
     train_loader = loader("train", train_transform(prep, size, cfg), True, every_epoch=True)
-
-    done = workdir / DONE
-    if done.exists():
-        return _reuse(done, workdir, classes, splits["test"][1], cfg)
 
     net = FineTuneNet(backbone, len(classes)).to(device)
     groups = layer_groups(backbone)
@@ -333,9 +365,16 @@ def _finetune(
     }
     _save_network(net, backbone, classes, cfg, size, temperature, workdir, summary)
     result = _result(cfg, classes, proba, np.asarray(classes)[test_y.numpy()], summary)
-    _write_json(done, {"summary": summary, "history": history, "test_proba": proba.tolist()})
+    saved = {
+        "summary": summary,
+        "history": history,
+        "test_proba": proba.tolist(),
+        "test_y": test_y.tolist(),
+        "skipped": skipped,
+    }
+    _write_json(done, saved)
     ckpt_path.unlink(missing_ok=True)  # optimizer state is large; the finished net is saved
-    return FineTuned(result, history, workdir, workdir.name, start_epoch)
+    return FineTuned(result, history, workdir, workdir.name, start_epoch, skipped)
 
 
 def _result(
@@ -364,13 +403,15 @@ def _result(
 
 
 def _reuse(
-    done: Path, workdir: Path, classes: list[str], test_y: np.ndarray, cfg: FineTuneSettings
+    done: Path, workdir: Path, classes: list[str], cfg: FineTuneSettings, test_y: np.ndarray
 ) -> FineTuned:
-    """A finished run with the same key: its saved outcome, no retraining."""
+    """A finished run with the same key: its saved outcome (test labels and the files it
+    skipped included; `test_y` for runs saved before they were), no retraining."""
     saved = json.loads(done.read_text())
     proba = np.asarray(saved["test_proba"], dtype=np.float64)
+    test_y = np.asarray(saved.get("test_y", test_y), dtype=np.int64)
     result = _result(cfg, classes, proba, np.asarray(classes)[test_y], saved["summary"])
-    return FineTuned(result, saved["history"], workdir, workdir.name, -1)
+    return FineTuned(result, saved["history"], workdir, workdir.name, -1, saved.get("skipped", []))
 
 
 def _param_groups(

@@ -57,7 +57,7 @@ def finetune_and_track(
         "device": result.extra["device"],
     }
     run_id = tracking.log_finetune_run(
-        parent_run_id, workspace, result, out.history, params, out.workdir
+        parent_run_id, workspace, result, out.history, params, out.workdir, out.skipped
     )
     row = _row(result, run_id, backbone=f"finetuned:{key}", path=str(out.workdir))
     row |= {
@@ -67,6 +67,7 @@ def finetune_and_track(
         "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in out.history])),
         "reused": out.resumed_from_epoch == -1,
         "resumed_from_epoch": max(0, out.resumed_from_epoch),
+        "skipped_files": len(out.skipped),
     }
     if best_head is not None:
         gain = result.metrics["accuracy"] - best_head["accuracy"]

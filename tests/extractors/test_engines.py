@@ -15,9 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from extractors.engines import DaskEngine, LocalEngine, make_engine
+from extractors.layout import EMBEDDINGS
 from extractors.settings import EmbedSettings, EngineSettings, SettingsError
 from extractors.sources import read_source
-from extractors.store import Store
+from extractors.store import Store, StoreError
 from flows.cli import app
 
 
@@ -109,3 +110,22 @@ def test_killing_a_worker_mid_run_still_embeds_every_image_once(
     _same_store(built_store, store)
     ids = pa.compute.unique(store.table(["id"])["id"])
     assert len(ids) == 100
+
+
+class _LosingEngine(LocalEngine):
+    """A local engine that never hands its last 3 files to the backbone: what a joined Dask
+    cluster whose workers cannot see the staging folder did (their shards vanished)."""
+
+    def __call__(self, staging_dir, backbone, pending, stats):
+        return super().__call__(staging_dir, backbone, pending[:-3], stats)
+
+
+def test_an_engine_that_loses_files_fails_loudly_and_commits_nothing(
+    digits_dir, backbone, tmp_path
+) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"^3 file\(s\) were neither embedded nor recorded"):
+        store.update(read_source(digits_dir), backbone, progress=False, engine=_LosingEngine())
+    assert not (store.path / EMBEDDINGS).exists()  # nothing committed
+    report = store.update(read_source(digits_dir), backbone, progress=False)
+    assert report.rows == 100 and store.manifest()["rows"] == 100

@@ -68,3 +68,50 @@ def test_heads_are_reused_only_for_the_same_data_heads_and_seed(tmp_path: Path) 
         None,
         "data changed (fingerprint f1 -> f2)",
     )
+
+
+def test_an_embed_committing_during_training_makes_the_next_run_retrain(
+    digits_dir: Path, backbone, tmp_path: Path, mlflow_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of the issue, made to happen: a real `embed` commits new rows while the heads
+    train. The training records the fingerprint of the data it read, so the next run sees
+    the change instead of reusing heads fitted on older data."""
+    import shutil
+
+    import mlflow
+
+    from extractors.sources import read_source
+    from extractors.store import Store
+    from flows.steps import training
+
+    source = tmp_path / "digits"
+    shutil.copytree(digits_dir, source)
+    late = sorted((source / "0").iterdir())[:3]
+    held = tmp_path / "held"
+    held.mkdir()
+    for f in late:
+        f.rename(held / f.name)
+    store = Store(tmp_path / "store")
+    store.update(read_source(source), backbone, progress=False)
+    before = store.manifest()["fingerprint"]
+    real_train = training.train_heads
+
+    def train_while_an_embed_commits(*args, **kwargs):
+        for f in late:
+            (held / f.name).rename(f)
+        Store(store.path).update(read_source(source), backbone, progress=False)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_heads", train_while_an_embed_commits)
+    mlflow.set_tracking_uri(mlflow_tmp)
+    mlflow.set_experiment("race")
+    with mlflow.start_run() as parent:
+        training.train_and_track(store.path, parent.info.run_id, tmp_path, heads=["logreg"])
+    after = store.manifest()["fingerprint"]
+    assert after != before and store.manifest()["rows"] == 100
+    recorded = json.loads((store.path / "heads" / LAST_TRAINING).read_text())
+    assert recorded["fingerprint"] == before  # the data it trained on, not the newer data
+    assert reusable_training(store.path, heads=["logreg"]) == (
+        None,
+        f"data changed (fingerprint {before} -> {after})",
+    )

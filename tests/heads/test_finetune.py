@@ -21,8 +21,10 @@ from heads.evaluate import METRICS
 from heads.finetune import (
     CHECKPOINT,
     DONE,
+    FineTuneError,
     FineTuneNet,
     FineTuneSettings,
+    LabelledImages,
     _frozen_groups,
     _param_groups,
     finetune,
@@ -105,6 +107,42 @@ def test_head_strategy_leaves_the_backbone_untouched(built_store, tmp_path) -> N
     assert out.result.metrics["accuracy"] > 0.5  # 4 classes; warm-started from a probe
 
 
+def test_files_that_no_longer_decode_are_skipped_and_recorded(built_store, tmp_path) -> None:
+    data, classes = _data(built_store)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (train, ty), (test, sy) = data["train"], data["test"]
+    corrupt, deleted = copies / f"corrupt{Path(train[0]).suffix}", copies / "deleted.png"
+    corrupt.write_bytes(Path(train[0]).read_bytes()[:40])  # truncated after embedding
+    deleted.write_bytes(Path(test[0]).read_bytes())
+    deleted.unlink()  # deleted after embedding
+    data["train"] = ([str(corrupt), *train[1:]], ty)
+    data["test"] = ([str(deleted), *test[1:]], sy)
+    cfg = FineTuneSettings(strategy="head", epochs=1, **SMALL)
+    lines: list[str] = []
+    bb = create_backbone("efficientnet_lite0", device="cpu")
+    out = finetune(bb, data, classes, cfg, tmp_path / "ft", progress=False, log=lines.append)
+    assert {(f["path"], f["split"]) for f in out.skipped} == {
+        (str(corrupt), "train"),
+        (str(deleted), "test"),
+    }
+    reasons = {f["split"]: f["reason"] for f in out.skipped}
+    assert "corrupt" in reasons["train"] or "truncated" in reasons["train"], reasons
+    assert "not found" in reasons["test"]
+    assert any("skips 2 file(s)" in line for line in lines)
+    assert out.result.confusion.sum() == len(test) - 1  # scored on what still decodes
+    again = finetune(bb, data, classes, cfg, tmp_path / "ft", progress=False, log=lines.append)
+    assert again.resumed_from_epoch == -1 and again.skipped == out.skipped
+    assert again.result.metrics == out.result.metrics
+
+
+def test_a_file_broken_during_training_names_itself(tmp_path) -> None:
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    with pytest.raises(FineTuneError, match=r"x\.png became unreadable during fine-tuning"):
+        LabelledImages([str(bad)], np.zeros(1, np.int64), lambda im: im, 32)[0]
+
+
 def test_full_finetune_resumes_after_sigkill_and_becomes_a_backbone(built_store, tmp_path) -> None:
     data, classes = _data(built_store)
     cfg = FineTuneSettings(strategy="full", epochs=6, patience=10, **SMALL)
@@ -125,6 +163,18 @@ finetune(create_backbone("efficientnet_lite0", device="cpu"), data, classes, cfg
     while not (workdir / CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    # A second run with the same settings while the first trains: refused, not interleaved.
+    with pytest.raises(FineTuneError, match="another fine-tuning run with the same settings"):
+        finetune(
+            create_backbone("efficientnet_lite0", device="cpu"),
+            data,
+            classes,
+            cfg,
+            workdir,
+            progress=False,
+            log=lambda _: None,
+        )
+    assert proc.poll() is None, "the first run must still be training"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (workdir / CHECKPOINT).exists() and not (workdir / DONE).exists()
