@@ -80,10 +80,15 @@ class Backbone:
     @torch.inference_mode()
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a fine-tuned network's own (temperature-scaled) classifier."""
+        return self.proba_of_features(self.embed(batch))
+
+    @torch.inference_mode()
+    def proba_of_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of the fine-tuned classifier from pooled features (`embed`'s)."""
         if self.classifier is None:
             raise BackboneError(f"{self.name} has no trained classifier; use a head to predict")
-        feats = self.embed(batch).to(self.device)
-        return torch.softmax(self.classifier(feats).float() / self.temperature, dim=1).cpu()
+        logits = self.classifier(features.to(self.device)).float()
+        return torch.softmax(logits / self.temperature, dim=1).cpu()
 
     def prepare(self, image: str | Path | Any) -> torch.Tensor:
         """One image as a batch of one, preprocessed as the model expects: a file (decoded at

@@ -40,6 +40,7 @@ class UpdatePlan:
     sha: dict[str, str] = field(default_factory=dict)
     stat: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    duplicate_of: dict[str, str] = field(default_factory=dict)  # path -> first path, same bytes
     removed: int = 0
 
     def pending(self) -> list[Pending]:
@@ -101,6 +102,7 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
             continue
         if sha in first_path_of:
             plan.failures.append((rec.path, f"duplicate content of {first_path_of[sha]}"))
+            plan.duplicate_of[rec.path] = first_path_of[sha]
             continue
         first_path_of[sha] = rec.path
         plan.sha[rec.path] = sha

@@ -35,7 +35,7 @@ class Source:
     """A resolved image source."""
 
     root: str
-    kind: str  # "folders" | "manifest" | "unlabelled"
+    kind: str  # "folders" | "manifest" | "unlabelled" | "files"
     records: tuple[ImageRecord, ...]
 
     @property
@@ -133,6 +133,22 @@ def read_source(source: str | Path, layout: str = "auto") -> Source:
             "put images in it, one sub-folder per class for training heads"
         )
     return src
+
+
+def read_sources(paths: list[str | Path], layout: str = "auto") -> Source:
+    """One folder or manifest (as `read_source`), or any number of image files (unlabelled;
+    a file that does not decode is then that file's failure, not the whole run's)."""
+    paths = [Path(p).expanduser() for p in paths]
+    if not paths:
+        raise SourceError("give a folder, a .csv/.parquet manifest, or image files")
+    if len(paths) == 1 and (paths[0].is_dir() or paths[0].suffix.lower() in (".csv", ".parquet")):
+        return read_source(paths[0], layout)
+    for p in paths:
+        if p.is_dir() or p.suffix.lower() in (".csv", ".parquet"):
+            raise SourceError(f"{p}: give one folder or manifest, or image files, not a mix")
+    records = tuple(dict.fromkeys(ImageRecord(_abspath(p)) for p in paths))
+    root = os.path.commonpath([str(Path(r.path).parent) for r in records])
+    return Source(root, "files", records)
 
 
 def stratified_split(

@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
+from extractors.settings import EmbedSettings
 from flows.cli.app import app, out
-from flows.cli.options import JsonOpt, StoreOpt, Workspace
+from flows.cli.options import Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable, index_line
 
 
@@ -43,8 +44,27 @@ def search(
 
 
 @app.command()
+@with_settings(
+    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
+)
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Images to label.")],
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files, or one folder (any depth; one sub-folder per class gives each "
+            "row its label) or a CSV/Parquet manifest with path[,label]."
+        ),
+    ],
+    embedding: EmbedSettings,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write every image's prediction to this .parquet or .csv file: path, "
+            "prediction, probability, model, error and proba_CLASS for each class. Resumable: run again "
+            "after an interruption. Without it, a table is printed.",
+        ),
+    ] = None,
     head: Annotated[
         Path | None,
         typer.Option(
@@ -54,7 +74,8 @@ def predict(
     model: Annotated[
         str | None,
         typer.Option(
-            help="A fine-tuned network, `finetuned:<id>`, instead of a head (its own classifier)."
+            help="Instead of a head: a fine-tuned network, `finetuned:<id>`, or a registered "
+            "image model, `models:/<name>@champion` or `models:/<name>/<version>`."
         ),
     ] = None,
     store: StoreOpt = None,
@@ -62,12 +83,54 @@ def predict(
     top: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
-    """Label new images with a trained head or a fine-tuned network, with probabilities."""
-    from flows.steps.inference import predict_images
+    """Label images with a trained head, a fine-tuned network or a registered model.
 
-    preds = predict_images(
-        images, head=head, store=store, workspace=workspace, top=top, model=model
+    With --out, a whole folder or manifest is scored into a table, one row per image (files
+    that cannot be read are rows with an `error`, never dropped). Embeddings the store
+    already holds for the same content are reused, the rest are embedded.
+    """
+    if out_file is None:
+        from flows.steps.scoring import predict_images
+
+        preds = predict_images(
+            sources,
+            head=head,
+            store=store,
+            workspace=workspace,
+            top=top,
+            model=model,
+            device=embedding.device,
+        )
+        _print_predictions(preds, as_json)
+        return
+    from flows.steps.scoring import predict_to_file
+
+    report = predict_to_file(
+        sources,
+        out_file,
+        model=model,
+        head=head,
+        store=store,
+        workspace=workspace,
+        embedding=embedding,
+        progress=not as_json,
     )
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    out.print(
+        Text(
+            f"{report.rows} rows -> {report.out} (model {report.model}): {report.scored} scored "
+            f"({report.reused} embeddings reused from a store, {report.embedded} embedded, "
+            f"{report.resumed} from an interrupted run), {report.duplicates} duplicates, "
+            f"{report.errors} errors; {report.seconds:.1f} s"
+        )
+    )
+    for path, why in list(report.errors_by_path.items())[:5]:
+        out.print(Text(f"  error: {path}: {why}", style="red"))
+
+
+def _print_predictions(preds: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(preds, indent=2))
         return
