@@ -61,8 +61,8 @@ def predict(
         typer.Option(
             "--out",
             help="Write every image's prediction to this .parquet or .csv file: path, "
-            "prediction, probability, model, error and proba_CLASS for each class. Resumable: run again "
-            "after an interruption. Without it, a table is printed.",
+            "prediction, probability, model, error and proba_CLASS for each class. "
+            "Resumable: run again after an interruption. Without it, a table is printed.",
         ),
     ] = None,
     head: Annotated[

@@ -86,7 +86,7 @@ def test_a_folder_is_scored_one_row_per_image_reusing_the_store(
     assert np.allclose(proba.sum(axis=1), 1) and all(r["model"] == "test-head" for r in scored)
     assert all(r["probability"] == max(p) for r, p in zip(scored, proba, strict=True))
     # The same answers as embedding each image alone (reused rows and new ones alike).
-    for r in scored[::10] + [rows[str(files["new"].resolve())]]:
+    for r in [*scored[::10], rows[str(files["new"].resolve())]]:
         alone = bound.proba_images(backbone.prepare(r["path"]))[0]
         mine = np.array([r[f"{PROBA}{c}"] for c in model.classes])
         assert np.abs(alone - mine).max() < 1e-3
