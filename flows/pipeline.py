@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from extractors import DEFAULT_WORKSPACE
@@ -134,7 +138,8 @@ def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
 
 
 def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None) -> None:
-    """Prefect artifacts of the run: its heads table and a link to its MLflow run."""
+    """Prefect artifacts of the run: its heads table, a link to its MLflow run and the
+    champion decision."""
     key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
     url = tracking.run_url(run_id, workspace)
     create_table_artifact(
@@ -143,6 +148,11 @@ def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict 
         description=f"Heads of {name}, best first: {summary['best']}. MLflow run: {url}",
     )
     create_link_artifact(url, link_text=f"MLflow run {run_id}", key=f"mlflow-{key}")
+    create_markdown_artifact(
+        runs.champion_of(summary, tuned)["line"].replace("*", "\\*"),
+        key=f"champion-{key}",
+        description=f"The champion decision of {name}'s run (flows/champion.py states the rule)",
+    )
 
 
 def _log(message: str) -> None:

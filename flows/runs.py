@@ -258,6 +258,8 @@ def pipeline(
             tuned = runner.finetune(
                 report["store"], run_id, workspace, s.finetune, best, progress=progress
             )
+    champ = champion_of(summary, tuned)
+    runner.log(champ["line"])
     runner.publish(name, run_id, workspace, summary, tuned)
     return {
         "embed": report,
@@ -265,9 +267,20 @@ def pipeline(
         "retrain_reason": why,
         "decision": decision,
         "finetune": tuned,
+        "champion": champ,
         "run_id": run_id,
         "experiment": name,
     }
+
+
+def champion_of(summary: dict[str, Any], tuned: dict[str, Any] | None) -> dict[str, Any]:
+    """The champion decision of this run: the fine-tuned network's when it ran (decided
+    last), else the heads'; none when the heads were reused and nothing was registered."""
+    if tuned and tuned.get("image_model"):
+        return tuned["image_model"]["champion"]
+    if "reused_from" in summary or not summary.get("image_model"):
+        return {"line": "champion: unchanged (nothing new was registered)", "promoted": False}
+    return summary["image_model"]["champion"]
 
 
 def finetune(

@@ -237,9 +237,11 @@ def log_head_run(
     saved_head: Path,
     context: dict[str, Any],
     example: np.ndarray,
+    test_rows: dict[str, list[Any]],
 ) -> tuple[str, str]:
     """A nested run for one head: params, the same metric names as every model, the sweep,
-    plots, and the head as an MLflow model (skops, no pickle) with an input signature.
+    plots, its test predictions, and the head as an MLflow model (skops, no pickle) with an
+    input signature.
 
     Returns (run id, model URI)."""
     mlflow.set_tracking_uri(tracking_uri(workspace))
@@ -258,6 +260,7 @@ def log_head_run(
         mlflow.log_metric("fit_seconds", result.fit_seconds)
         mlflow.log_metric("sweep_points", len(result.sweep))
         _log_result_files(result, sweep=True)
+        log_test_predictions(result, test_rows)
         mlflow.log_artifact(str(saved_head), artifact_path="head")
         mlflow.log_artifact(str(saved_head.with_suffix(".json")), artifact_path="head")
         model_uri = _log_model(result, example)
@@ -289,6 +292,35 @@ def _log_result_files(result: HeadResult, sweep: bool) -> None:
             mlflow.log_artifact(str(f))
 
 
+TEST_TABLE = "test_predictions.json"
+
+
+def log_test_predictions(result: HeadResult, test_rows: dict[str, list[Any]]) -> None:
+    """The active run's predictions on the test split, one row per image (path, sha256,
+    label, prediction, probability, correct, loss): what the champion rule compares, and
+    which images each model gets wrong, as an MLflow table."""
+    import pandas as pd
+
+    proba = np.asarray(result.test_proba, dtype=np.float64)
+    classes = np.asarray(result.classes, dtype=object)
+    labels = np.asarray([str(v) for v in test_rows["label"]], dtype=object)
+    index = {c: i for i, c in enumerate(result.classes)}
+    truth = proba[np.arange(len(labels)), [index[v] for v in labels]]
+    pred = classes[proba.argmax(axis=1)]
+    frame = pd.DataFrame(
+        {
+            "path": test_rows["path"],
+            "sha256": test_rows["sha256"],
+            "label": labels,
+            "prediction": pred,
+            "probability": proba.max(axis=1),
+            "correct": pred == labels,
+            "loss": -np.log(np.clip(truth, 1e-7, 1)),
+        }
+    )
+    mlflow.log_table(frame, TEST_TABLE)
+
+
 def _log_model(result: HeadResult, example: np.ndarray) -> str:
     """The fitted head as an MLflow sklearn model in skops format with a real-rows signature."""
     import mlflow.sklearn
@@ -297,21 +329,22 @@ def _log_model(result: HeadResult, example: np.ndarray) -> str:
     from heads.persist import TRUSTED_TYPES
 
     X = np.asarray(example[:5], dtype=np.float32)
-    with _quiet("mlflow.utils.environment"):  # "Failed to resolve installed pip version" (uv)
+    with quiet("mlflow.utils.environment"):  # "Failed to resolve installed pip version" (uv)
         info = mlflow.sklearn.log_model(
             result.estimator,
             name="model",
             serialization_format="skops",
             skops_trusted_types=sorted(TRUSTED_TYPES),
             signature=infer_signature(X, result.estimator.predict(X)),
-            pip_requirements=_requirements(),
+            pip_requirements=pinned(HEAD_REQUIREMENTS),
             code_paths=[str(ROOT / package) for package in MODEL_CODE],
         )
     return info.model_uri
 
 
 @contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
+def quiet(logger: str) -> Iterator[None]:
+    """Errors only from `logger` for the block (MLflow's warnings that do not apply here)."""
     log = logging.getLogger(logger)
     level = log.level
     log.setLevel(logging.ERROR)
@@ -321,11 +354,13 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _requirements() -> list[str]:
-    """Pinned from this environment (MLflow's own inference fails under uv)."""
+HEAD_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "scipy", "faiss-cpu", "torch")
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """`name==version` from this environment (MLflow's own inference fails under uv)."""
     from importlib import metadata
 
-    names = ("scikit-learn", "skops", "numpy", "faiss-cpu", "scipy")
     out = []
     for n in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -349,6 +384,7 @@ def log_finetune_run(
     history: list[dict[str, float]],
     params: dict[str, Any],
     model_dir: Path,
+    test_rows: dict[str, list[Any]],
     skipped: list[dict[str, str]] = (),
 ) -> str:
     """A nested run for a fine-tuned network: per-epoch curves, the same test metrics as the
@@ -378,6 +414,7 @@ def log_finetune_run(
         mlflow.log_metrics({m: result.metrics[m] for m in _metrics() if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
         mlflow.log_metric("skipped_files", len(skipped))
+        log_test_predictions(result, test_rows)
         if skipped:
             mlflow.log_dict({"skipped": list(skipped)}, "skipped_files.json")
         _log_result_files(result, sweep=False)

@@ -4,11 +4,24 @@ a head on its features, or a fine-tuned network's own classifier.
 `headstart predict`, the scheduled `score` flow and the registered MLflow image model all run
 this one class, so they give the same answers. Loading never unpickles: heads are skops
 files (heads/persist.py), networks safetensors (extractors/finetuned.py).
+
+Saved as a folder (`save`, `load`; what the MLflow image model ships as its artifact):
+
+    model.json        backbone name and weights identity, classes, feature column, name
+    head.skops        the head (+ head.json), when it is a head
+    network/          a fine-tuned network's files, when the backbone is one (its classifier,
+                      or the body a head reads)
+
+A pretrained backbone is a reference: its weights come from the bundled package or the
+model hub when loaded, and are checked against the identity recorded here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+import json
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +31,15 @@ import pyarrow as pa
 import torch
 from sklearn.base import BaseEstimator
 
-from extractors.backbones import Backbone
-from extractors.common import HeadstartError
+from extractors.backbones import Backbone, create_backbone
+from extractors.common import HeadstartError, write_json_atomic
+from extractors.images import ImageError, open_rgb
 from extractors.layout import embedding_matrix
+from extractors.predictions import PROBA
 from heads.classical import class_scores
-from heads.persist import load_head
+from heads.persist import load_head, save_head
+
+MODEL_JSON, HEAD_FILE, NETWORK = "model.json", "head.skops", "network"
 
 
 class ClassifierError(HeadstartError, ValueError):
@@ -40,6 +57,7 @@ class ImageClassifier:
     head: BaseEstimator | None = None  # None: the fine-tuned network's own classifier
     feature: str = "embedding"  # the store column the head reads
     feature_module: str | None = None  # the layer that column pools (--layers heads)
+    store: str | None = None  # the store its head was trained on (its embeddings are reused)
 
     @classmethod
     def from_head(cls, path: str | Path, name: str | None = None) -> ImageClassifier:
@@ -53,6 +71,7 @@ class ImageClassifier:
             head=estimator,
             feature=meta.get("feature", "embedding"),
             feature_module=meta.get("feature_module"),
+            store=meta.get("store"),
         )
 
     @classmethod
@@ -72,6 +91,44 @@ class ImageClassifier:
         if self.feature_module:
             backbone.set_layers([self.feature_module])
         return BoundClassifier(self, backbone)
+
+    def save(self, folder: str | Path, network: str | Path | None = None) -> Path:
+        """Write the model folder (see the module docstring); `network` is the fine-tuned
+        network's folder when the backbone is `finetuned:<id>`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.backbone.startswith("finetuned:"):
+            if network is None:
+                raise ClassifierError(f"{self.backbone}: give the fine-tuned network's folder")
+            shutil.copytree(network, folder / NETWORK, dirs_exist_ok=True)
+        if self.head is not None:
+            save_head(
+                self.head,
+                {
+                    "backbone": self.backbone,
+                    "weights": self.weights,
+                    "feature": self.feature,
+                    "feature_module": self.feature_module,
+                },
+                folder / HEAD_FILE,
+            )
+        write_json_atomic(folder / MODEL_JSON, self.as_dict())
+        return folder
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, device: str = "auto", name: str | None = None
+    ) -> BoundClassifier:
+        """A saved model folder, bound to its backbone (loaded here)."""
+        folder = Path(folder)
+        meta = json.loads((folder / MODEL_JSON).read_text())
+        weights = folder / NETWORK if (folder / NETWORK).is_dir() else None
+        backbone = create_backbone(meta["backbone"], weights=weights, device=device)
+        if meta["kind"] == "finetuned":
+            clf = cls.of_finetuned(backbone, name=name or meta["name"])
+        else:
+            clf = cls.from_head(folder / HEAD_FILE, name=name or meta["name"])
+        return clf.bind(backbone)
 
     def as_dict(self) -> dict[str, Any]:
         """What the model is, as JSON (its head is a file of its own)."""
@@ -125,8 +182,6 @@ class BoundClassifier:
         self, paths: list[str], on_error: Callable[[str, Exception], None] | None = None
     ) -> list[np.ndarray | None]:
         """Probabilities per file (None for a file that does not decode: `on_error` says)."""
-        from extractors.images import ImageError
-
         out: list[np.ndarray | None] = []
         for p in paths:
             try:
@@ -136,3 +191,42 @@ class BoundClassifier:
                     on_error(p, exc)
                 out.append(None)
         return out
+
+    def predict_items(
+        self, items: Sequence[str | bytes | None], batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """One row per item (a file path, or an encoded image's bytes): prediction,
+        probability, error (None when it decoded) and proba_<class> for every class."""
+        rows: list[dict[str, Any]] = [{} for _ in items]
+        ready: list[tuple[int, torch.Tensor]] = []
+        for i, item in enumerate(items):
+            try:
+                ready.append((i, self._prepare(item)))
+            except ImageError as exc:
+                rows[i] = self._row(None, str(exc))
+            if len(ready) == batch_size or (i == len(items) - 1 and ready):
+                proba = self.proba_images(torch.cat([t for _, t in ready]))
+                for (j, _), p in zip(ready, proba, strict=True):
+                    rows[j] = self._row(p, None)
+                ready = []
+        return rows
+
+    def _prepare(self, item: str | bytes | None) -> torch.Tensor:
+        if isinstance(item, bytes | bytearray | memoryview):
+            image = open_rgb(io.BytesIO(bytes(item)), self.backbone.decode_side)[0]
+            return self.backbone.prepare(image)
+        if not item:
+            raise ImageError("no image: give a path or the image's bytes")
+        return self.backbone.prepare(str(item))
+
+    def _row(self, proba: np.ndarray | None, error: str | None) -> dict[str, Any]:
+        if proba is None:
+            return {"prediction": None, "probability": None, "error": error} | {
+                f"{PROBA}{c}": None for c in self.classes
+            }
+        best = int(np.argmax(proba))
+        return {
+            "prediction": self.classes[best],
+            "probability": float(proba[best]),
+            "error": None,
+        } | {f"{PROBA}{c}": float(v) for c, v in zip(self.classes, proba, strict=True)}

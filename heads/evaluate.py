@@ -94,6 +94,7 @@ class HeadResult:
     report: str
     fit_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    test_proba: np.ndarray | None = None  # rows of the test split, columns `classes`
 
 
 def is_imbalanced(y: np.ndarray) -> bool:
@@ -179,6 +180,39 @@ def scored_on_test(
         "confusion": confusion_matrix(y_test, pred, labels=classes),
         "classes": [str(c) for c in classes],
         "report": classification_report(y_test, pred, labels=classes, zero_division=0),
+        "test_proba": np.asarray(proba, dtype=np.float64),
+    }
+
+
+def paired_gain(
+    new_correct: np.ndarray,
+    old_correct: np.ndarray,
+    seed: int = 0,
+    rounds: int = 2000,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Accuracy of a new model minus an old one's on the same test images, with a paired
+    bootstrap interval: the images are resampled together, so each image's two outcomes stay
+    paired and the interval is that test split's noise, not the two models' separately."""
+    d = np.asarray(new_correct, float) - np.asarray(old_correct, float)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no test images in common")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [
+            d[rng.integers(0, n, (min(200, rounds - r), n))].mean(axis=1)
+            for r in range(0, rounds, 200)
+        ]
+    )
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {
+        "images": float(n),
+        "new_accuracy": float(np.mean(new_correct)),
+        "old_accuracy": float(np.mean(old_correct)),
+        "gain": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
     }
 
 

@@ -77,6 +77,7 @@ class FineTuned:
     key: str  # the `finetuned:<key>` backbone name's id
     resumed_from_epoch: int  # 0 when trained from scratch, -1 when the finished run was reused
     skipped: list[dict[str, str]]  # {path, split, reason}: files that no longer decode
+    test_paths: list[str]  # the test images scored, in the order of result.test_proba
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -239,8 +240,10 @@ def _finetune(
     min_side = math.floor(size / crop_fraction(prep))
     done = workdir / DONE
     if done.exists():
-        test = [cls_index[str(c)] for p, c in zip(*data["test"], strict=True) if Path(p).is_file()]
-        return _reuse(done, workdir, classes, cfg, np.asarray(test, dtype=np.int64))
+        test = [(p, cls_index[str(c)]) for p, c in zip(*data["test"], strict=True)]
+        test = [(p, c) for p, c in test if Path(p).is_file()]
+        y = np.asarray([c for _, c in test], dtype=np.int64)
+        return _reuse(done, workdir, classes, cfg, y, [p for p, _ in test])
     splits, skipped = {}, []
     for s in ("train", "val", "test"):
         paths, labels = data[s]
@@ -370,11 +373,14 @@ def _finetune(
         "history": history,
         "test_proba": proba.tolist(),
         "test_y": test_y.tolist(),
+        "test_paths": splits["test"][0],
         "skipped": skipped,
     }
     _write_json(done, saved)
     ckpt_path.unlink(missing_ok=True)  # optimizer state is large; the finished net is saved
-    return FineTuned(result, history, workdir, workdir.name, start_epoch, skipped)
+    return FineTuned(
+        result, history, workdir, workdir.name, start_epoch, skipped, splits["test"][0]
+    )
 
 
 def _result(
@@ -403,7 +409,12 @@ def _result(
 
 
 def _reuse(
-    done: Path, workdir: Path, classes: list[str], cfg: FineTuneSettings, test_y: np.ndarray
+    done: Path,
+    workdir: Path,
+    classes: list[str],
+    cfg: FineTuneSettings,
+    test_y: np.ndarray,
+    test_paths: list[str],
 ) -> FineTuned:
     """A finished run with the same key: its saved outcome (test labels and the files it
     skipped included; `test_y` for runs saved before they were), no retraining."""
@@ -411,7 +422,15 @@ def _reuse(
     proba = np.asarray(saved["test_proba"], dtype=np.float64)
     test_y = np.asarray(saved.get("test_y", test_y), dtype=np.int64)
     result = _result(cfg, classes, proba, np.asarray(classes)[test_y], saved["summary"])
-    return FineTuned(result, saved["history"], workdir, workdir.name, -1, saved.get("skipped", []))
+    return FineTuned(
+        result,
+        saved["history"],
+        workdir,
+        workdir.name,
+        -1,
+        saved.get("skipped", []),
+        saved.get("test_paths", test_paths),
+    )
 
 
 def _param_groups(

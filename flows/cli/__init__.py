@@ -1,10 +1,16 @@
 """The `headstart` command line: one module per command group (embedding, training, using a
-store, scheduling), shared options in options.py, printing in render.py, and user errors
-caught once, in app.py."""
+store, the model registry, scheduling), shared options in options.py, printing in render.py,
+and user errors caught once, in app.py."""
 
 from __future__ import annotations
 
-from flows.cli import embedding, scheduling, training, using  # noqa: F401 (register commands)
+from flows.cli import (  # noqa: F401 (register commands)
+    embedding,
+    models,
+    scheduling,
+    training,
+    using,
+)
 from flows.cli.app import app
 
 __all__ = ["app", "main"]

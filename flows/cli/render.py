@@ -151,6 +151,8 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
         out.print(
             f"registry: best head is version {reg['version']} of [bold]{escape(reg['uri'])}[/]"
         )
+    if result.get("champion"):
+        out.print(Text(result["champion"]["line"], style="bold"))
     out.print(
         f"MLflow: experiment [bold]{result['experiment']}[/], run {result['run_id']}, "
         f"store {tracking.tracking_uri(workspace)}"

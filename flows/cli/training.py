@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
@@ -96,6 +97,7 @@ def train(
         print(json.dumps(result, indent=2, default=str))
         return
     out.print(heads_table(result["heads"], f"heads on {st.path.name}"))
+    out.print(Text(result["image_model"]["champion"]["line"], style="bold"))
     out.print(
         f"MLflow: experiment {result['experiment']}, run {result['run_id']}; "
         f"UI: {tracking.ui_command(workspace)}",

@@ -32,7 +32,7 @@ def finetune_and_track(
     st = Store(store)
     manifest = st.manifest()
     cfg = settings
-    meta = st.table(["path", "label", "split"])
+    meta = st.table(["path", "sha256", "label", "split"])
     labels = np.asarray(meta["label"].to_pylist(), dtype=object)
     split = np.asarray(meta["split"].to_pylist(), dtype=object)
     paths = np.asarray(meta["path"].to_pylist(), dtype=object)
@@ -56,8 +56,23 @@ def finetune_and_track(
         "image_size": result.extra["image_size"],
         "device": result.extra["device"],
     }
+    sha_of = dict(zip(meta["path"].to_pylist(), meta["sha256"].to_pylist(), strict=True))
+    label_of = dict(zip(paths.tolist(), labels.tolist(), strict=True))
+    test_rows = {
+        "path": out.test_paths,
+        "sha256": [sha_of[p] for p in out.test_paths],
+        "label": [label_of[p] for p in out.test_paths],
+    }
     run_id = tracking.log_finetune_run(
-        parent_run_id, workspace, result, out.history, params, out.workdir, out.skipped
+        parent_run_id, workspace, result, out.history, params, out.workdir, test_rows, out.skipped
+    )
+    from flows.steps.training import register_image_model
+    from heads.classifier import ImageClassifier
+
+    net = backbone_for(f"finetuned:{key}", workspace, device="cpu")
+    experiment = tracking.experiment_of(parent_run_id, workspace)
+    image = register_image_model(
+        ImageClassifier.of_finetuned(net), run_id, experiment, workspace, cfg.seed, out.workdir
     )
     row = _row(result, run_id, backbone=f"finetuned:{key}", path=str(out.workdir))
     row |= {
@@ -68,6 +83,7 @@ def finetune_and_track(
         "reused": out.resumed_from_epoch == -1,
         "resumed_from_epoch": max(0, out.resumed_from_epoch),
         "skipped_files": len(out.skipped),
+        "image_model": image,
     }
     if best_head is not None:
         gain = result.metrics["accuracy"] - best_head["accuracy"]

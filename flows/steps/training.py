@@ -8,12 +8,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import pyarrow.compute as pc
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import write_json_atomic
 from extractors.store import Store
 from flows import tracking
+from heads.classifier import ImageClassifier
 from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
 from heads.train import save_heads, splits_of, train_heads
@@ -47,6 +50,7 @@ def train_and_track(
     # reusing heads fitted on data older than what it records.
     manifest = st.manifest()
     features = {f: load_splits(st, f) for f in st.features()}
+    test_rows = _test_rows(st)
     trained = train_heads(features, heads=heads, seed=seed, progress=progress)
     results, splits = trained.results, trained.splits
     run = {"mlflow_run_id": parent_run_id}
@@ -63,11 +67,13 @@ def train_and_track(
         if feature not in examples:  # a --layers column: read once
             examples[feature] = st.arrays(where_labelled=True, feature=feature)[0][:5]
         run_id, model_uris[r.name] = tracking.log_head_run(
-            parent_run_id, workspace, r, saved[r.name], context, examples[feature]
+            parent_run_id, workspace, r, saved[r.name], context, examples[feature], test_rows
         )
         table.append(_row(r, run_id, path=str(saved[r.name])))
     experiment = tracking.experiment_of(parent_run_id, workspace)
     registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
+    best = ImageClassifier.from_head(saved[results[0].name])
+    image = register_image_model(best, table[0]["run_id"], experiment, workspace, seed)
     with tempfile.TemporaryDirectory() as tmp:
         X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
         y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
@@ -97,6 +103,8 @@ def train_and_track(
                 "best_head": results[0].name,
                 "skipped_heads": "; ".join(trained.skipped.values()) or "none",
                 "registered_model": registered["uri"],
+                "image_model": image["uri"],
+                "champion": image["champion"]["line"],
             },
             artifacts=[emap],
         )
@@ -107,6 +115,7 @@ def train_and_track(
         "skipped": trained.skipped,
         "imbalanced": trained.imbalanced,
         "registered": registered,
+        "image_model": image,
     }
     write_json_atomic(
         st.path / "heads" / LAST_TRAINING,
@@ -119,6 +128,34 @@ def train_and_track(
         },
     )
     return summary
+
+
+def _test_rows(store: Store) -> dict[str, list[Any]]:
+    """path, sha256 and label of the test split's rows, in the order heads are scored on them
+    (the labelled rows of `Store.arrays`, test split, as `load_splits` takes them)."""
+    _, meta = store.arrays(where_labelled=True)
+    test = meta.filter(pc.equal(meta["split"], "test"))
+    return {c: test[c].to_pylist() for c in ("path", "sha256", "label")}
+
+
+def register_image_model(
+    clf: ImageClassifier,
+    run_id: str,
+    experiment: str,
+    workspace: str | Path,
+    seed: int = 0,
+    network: Path | None = None,
+) -> dict[str, Any]:
+    """Log `clf` as an image model in its run, register it as a new version of
+    `<experiment>-image` (alias `newest`), and let the champion rule decide on it."""
+    from flows import champion, image_model
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    with mlflow.start_run(run_id=run_id, nested=True):
+        uri = image_model.log_image_model(clf, network=network)
+    registered = image_model.register(uri, experiment, workspace)
+    decision = champion.consider(registered["name"], registered["version"], workspace, seed)
+    return registered | {"champion": decision.as_dict() | {"line": decision.line()}}
 
 
 LAST_TRAINING = "last_training.json"
