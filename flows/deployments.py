@@ -1,4 +1,5 @@
-"""Scheduled deployments of the pipeline, declared in deployments.toml and served by `serve`.
+"""Scheduled deployments, declared in deployments.toml and served by `serve`: the training
+pipeline, and scoring with the champion.
 
 One `[[deployment]]` per source: `name`, `source`, `cron` or `interval` (seconds), optional
 `store`, `workspace` and `experiment`, the pipeline's own settings (`target`, `heads`,
@@ -19,6 +20,18 @@ One `[[deployment]]` per source: `name`, `source`, `cron` or `interval` (seconds
     [deployment.finetune]
     strategy = "partial"
 
+`kind = "score"` makes it a scoring deployment instead: each run scores the new or changed
+images of `source` with `model` (default `models:/<experiment>-image@champion`) and appends
+them to the `predictions` folder (default WORKSPACE/predictions/<experiment>); its only
+stage table is `[deployment.embed]` (batch_size, decode_threads, device):
+
+    [[deployment]]
+    name = "photos-hourly-scores"
+    kind = "score"
+    source = "incoming"
+    cron = "0 * * * *"
+    experiment = "photos"
+
 Everything is checked when the file is read (types included), before anything is served.
 """
 
@@ -35,6 +48,9 @@ from extractors.settings import SettingsError
 from flows.settings import STAGES, PipelineSettings
 
 LOCATIONS = ("store", "workspace", "experiment")  # where a run reads and records, not settings
+KINDS = ("pipeline", "score")
+SCORE_OPTIONS = ("model", "predictions")  # a score deployment's own keys
+SCORE_EMBED = ("batch_size", "decode_threads", "device")  # what a score run takes of embed
 
 
 class DeploymentError(HeadstartError, ValueError):
@@ -52,8 +68,14 @@ class DeploymentSpec:
     interval: float | None = None
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     locations: dict[str, str] = field(default_factory=dict)
+    kind: str = "pipeline"
+    options: dict[str, str] = field(default_factory=dict)  # score: model, predictions
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DeploymentError(
+                f"deployment {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}"
+            )
         if (self.cron is None) == (self.interval is None):
             raise DeploymentError(f"deployment {self.name!r}: give either cron or interval")
         if self.cron is not None:
@@ -78,7 +100,15 @@ class DeploymentSpec:
         return f"cron '{self.cron}'" if self.cron else f"every {self.interval:g} s"
 
     def parameters(self) -> dict[str, Any]:
-        """The pipeline flow's parameters (JSON: Prefect stores them and validates them)."""
+        """The flow's parameters (JSON: Prefect stores them and validates them)."""
+        if self.kind == "score":
+            return {
+                "source": self.source,
+                "embedding": self.settings.embed.as_dict(),
+                "progress": False,
+                **self.locations,
+                **self.options,
+            }
         return {
             "source": self.source,
             "settings": self.settings.as_dict(),
@@ -146,21 +176,47 @@ def read_file(path: str | Path) -> list[DeploymentSpec]:
         except KeyError as exc:
             raise DeploymentError(f"{path}: deployment #{i + 1} has no {exc.args[0]!r}") from None
         cron, interval = entry.pop("cron", None), entry.pop("interval", None)
+        kind = entry.pop("kind", "pipeline")
         locations = {k: entry.pop(k) for k in LOCATIONS if k in entry}
         for key in ("store", "workspace"):
             if key in locations:
                 locations[key] = _resolve(path, locations[key])
+        options = _score_options(path, name, kind, entry)
         embed = entry.get("embed")
         if isinstance(embed, dict) and embed.get("weights"):
             entry["embed"] = embed | {"weights": _resolve(path, embed["weights"])}
         settings = settings_of(entry, f"{path}: deployment {name!r}")
         specs.append(
-            DeploymentSpec(name, _resolve(path, source), cron, interval, settings, locations)
+            DeploymentSpec(
+                name, _resolve(path, source), cron, interval, settings, locations, kind, options
+            )
         )
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise DeploymentError(f"{path}: deployment names must be unique, got {names}")
     return specs
+
+
+def _score_options(path: Path, name: str, kind: str, entry: dict[str, Any]) -> dict[str, str]:
+    """A score deployment's model and predictions folder, taken out of `entry`; refuses the
+    training settings it would ignore."""
+    options = {k: entry.pop(k) for k in SCORE_OPTIONS if k in entry}
+    where = f"{path}: deployment {name!r}"
+    if kind != "score":
+        if options:
+            raise DeploymentError(f'{where}: {sorted(options)} are for kind = "score"')
+        return options
+    ignored = sorted(k for k in entry if k != "embed") + [
+        f"embed.{k}" for k in entry.get("embed", {}) if k not in SCORE_EMBED
+    ]
+    if ignored:
+        raise DeploymentError(
+            f"{where}: a score deployment takes model, predictions and embed."
+            f"{{{', '.join(SCORE_EMBED)}}}, not {ignored} (its model decides the backbone)"
+        )
+    if "predictions" in options:
+        options["predictions"] = _resolve(path, options["predictions"])
+    return options
 
 
 def _resolve(path: Path, value: Any) -> str:
@@ -170,16 +226,16 @@ def _resolve(path: Path, value: Any) -> str:
 
 
 def build(specs: list[DeploymentSpec]) -> list[Any]:
-    """Prefect deployments of the pipeline flow, one per spec."""
-    from flows.pipeline import pipeline
+    """Prefect deployments, one per spec: of the pipeline flow, or of the score flow."""
+    from flows import pipeline
 
     return [
-        pipeline.to_deployment(
+        getattr(pipeline, s.kind).to_deployment(
             name=s.name,
             cron=s.cron,
             interval=s.interval,
             parameters=s.parameters(),
-            description=f"headstart pipeline over {s.source}, {s.schedule}",
+            description=f"headstart {s.kind} over {s.source}, {s.schedule}",
             tags=["headstart"],
         )
         for s in specs

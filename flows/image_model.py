@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
-from flows.tracking import pinned, quiet, tracking_uri
+from flows.tracking import explicit_requirements, pinned, quiet, tracking_uri
 from heads.classifier import BoundClassifier, ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,12 +70,7 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = clf.save(Path(tmp) / "model", network=network)
-        with (
-            quiet("mlflow.utils.environment"),
-            quiet("mlflow.models.model"),
-            quiet("mlflow.utils.uv_utils"),
-            warnings.catch_warnings(),
-        ):
+        with explicit_requirements(), quiet("mlflow.models.model"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="image_model",

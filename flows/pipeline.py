@@ -1,11 +1,12 @@
-"""Prefect flows `embed`, `train-heads`, `pipeline` and `finetune`: the runs of flows/runs.py
-with their steps as Prefect tasks.
+"""Prefect flows `embed`, `train-heads`, `pipeline`, `finetune` and `score`: the runs of
+flows/runs.py with their steps as Prefect tasks.
 
 Tasks retry transient failures (a store another run is writing, a locked or unreachable
 database) with exponential backoff; the embed step is cached on the source's content, the
 backbone and the store's state (`embed_cache_key`), its result persisted
 as JSON: reports and paths pass between tasks, never arrays. Each pipeline run publishes its
-heads table and a link to its MLflow run as Prefect artifacts.
+heads table, a link to its MLflow run and the champion decision as Prefect artifacts; each
+scoring run what it scored.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from extractors.settings import EmbedSettings, IndexSettings
 from extractors.sources import read_source
 from extractors.store import StoreBusy
 from flows import runs, tracking
-from flows.steps import embedding, finetuning, training
+from flows.steps import embedding, finetuning, scoring, training
 from flows.workspace import resolve_store
 
 RETRIES = 3
@@ -127,6 +128,7 @@ train_task = task(training.train_and_track, name="train-heads", cache_policy=NO_
 decide_task = task(training.escalation_decision, name="escalation-decision", cache_policy=NO_CACHE)
 finetune_task = task(finetuning.finetune_and_track, name="fine-tune", cache_policy=NO_CACHE)
 reuse_task = task(training.reusable_training, name="reuse-check", cache_policy=NO_CACHE)
+score_task = task(scoring.score_new, name="score-new-files", cache_policy=NO_CACHE, **retrying)
 
 
 def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
@@ -155,6 +157,16 @@ def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict 
     )
 
 
+def _publish_score(name: str, report: dict) -> None:
+    """A Prefect artifact of a scoring run: what it scored, with which model, where."""
+    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
+    rows = [
+        {k: report[k] for k in ("model", "rows", "scored", "errors", "duplicates", "unchanged")}
+        | {"part": report["part"] or "nothing new", "predictions": report["predictions"]}
+    ]
+    create_table_artifact(rows, key=f"score-{key}", description=f"Scoring of {name}")
+
+
 def _log(message: str) -> None:
     get_run_logger().info(message)
 
@@ -167,6 +179,8 @@ PREFECT = runs.Runner(
     finetune=finetune_task,
     log=_log,
     publish=_publish,
+    score=score_task,
+    publish_score=_publish_score,
 )
 
 
@@ -197,3 +211,4 @@ embed = _as_flow(runs.embed)
 train_heads = _as_flow(runs.train_heads)
 pipeline = _as_flow(runs.pipeline)
 finetune = _as_flow(runs.finetune)
+score = _as_flow(runs.score)

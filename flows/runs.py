@@ -1,5 +1,5 @@
-"""The runs behind the commands, `embed`, `train-heads`, `pipeline` and `finetune`: each one
-short sequence of steps, run by a `Runner`.
+"""The runs behind the commands, `embed`, `train-heads`, `pipeline`, `finetune` and `score`:
+each one short sequence of steps, run by a `Runner`.
 
 `LOCAL` calls the steps in this process: what the CLI does when no Prefect server is set up
 (nothing to start, nothing imported). flows/pipeline.py wraps the same functions as Prefect
@@ -41,6 +41,8 @@ class Runner:
     finetune: Callable[..., dict[str, Any]]
     log: Callable[[str], None]
     publish: Callable[[str, str, str, dict, dict | None], None]  # name, run, workspace, ...
+    score: Callable[..., dict[str, Any]]
+    publish_score: Callable[[str, dict], None]  # name, the score step's report
 
 
 def _step(module: str, name: str) -> Callable[..., Any]:
@@ -65,6 +67,8 @@ LOCAL = Runner(
     finetune=_step("finetuning", "finetune_and_track"),
     log=logging.getLogger("headstart").info,
     publish=lambda *args: None,  # Prefect artifacts need a Prefect server
+    score=_step("scoring", "score_new"),
+    publish_score=lambda *args: None,
 )
 
 
@@ -305,6 +309,45 @@ def finetune(
     with tracking.closing_run(run_id, workspace):
         row = runner.finetune(store, run_id, workspace, settings, progress=progress)
     return {"finetune": row, "run_id": run_id, "experiment": name}
+
+
+def score(
+    source: str,
+    predictions: str | None = None,
+    model: str | None = None,
+    experiment: str | None = None,
+    store: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    embedding: EmbedSettings = EmbedSettings(),
+    progress: bool = True,
+    runner: Runner = LOCAL,
+) -> dict[str, Any]:
+    """Score the new or changed images of `source` with `model` (default: the champion of
+    `<experiment>-image`, the experiment defaulting to the source's name) and append them to
+    the predictions table `predictions` (default: WORKSPACE/predictions/<source name>)."""
+    from extractors.layout import slug
+
+    name = experiment or Path(source).stem
+    model = model or f"models:/{name}-image@champion"
+    predictions = predictions or str(Path(workspace) / "predictions" / slug(name))
+    report = runner.score(
+        source,
+        predictions,
+        model,
+        store=store,
+        workspace=workspace,
+        embedding=embedding,
+        progress=progress,
+    )
+    if report["nothing_new"]:
+        runner.log(f"nothing new in {source}: all {report['unchanged']} files already scored")
+    else:
+        runner.log(
+            f"scored {report['rows']} new or changed files of {source} with {report['model']} "
+            f"into {report['part']} ({report['errors']} errors)"
+        )
+    runner.publish_score(name, report)
+    return report
 
 
 def flat_params(settings: dict[str, Any]) -> dict[str, Any]:

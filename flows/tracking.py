@@ -329,7 +329,7 @@ def _log_model(result: HeadResult, example: np.ndarray) -> str:
     from heads.persist import TRUSTED_TYPES
 
     X = np.asarray(example[:5], dtype=np.float32)
-    with quiet("mlflow.utils.environment"):  # "Failed to resolve installed pip version" (uv)
+    with explicit_requirements():
         info = mlflow.sklearn.log_model(
             result.estimator,
             name="model",
@@ -340,6 +340,22 @@ def _log_model(result: HeadResult, example: np.ndarray) -> str:
             code_paths=[str(ROOT / package) for package in MODEL_CODE],
         )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def explicit_requirements() -> Iterator[None]:
+    """Log a model with only the requirements given: MLflow otherwise copies this project's
+    uv.lock and pyproject.toml (the whole headstart environment, 0.7 MB) into every model."""
+    before = os.environ.get("MLFLOW_LOG_UV_FILES")
+    os.environ["MLFLOW_LOG_UV_FILES"] = "false"
+    try:
+        with quiet("mlflow.utils.uv_utils"), quiet("mlflow.utils.environment"):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_LOG_UV_FILES", None)
+        else:
+            os.environ["MLFLOW_LOG_UV_FILES"] = before
 
 
 @contextlib.contextmanager

@@ -36,7 +36,8 @@ def serve(
             help="Deployments to serve when no SOURCE is given: one `deployment` table per "
             "source with name, source, cron or interval, store, workspace, experiment, the "
             "run settings (target, heads, ...) and [deployment.embed], [deployment.index], "
-            "[deployment.engine] and [deployment.finetune] tables (see the README)."
+            '[deployment.engine] and [deployment.finetune] tables; `kind = "score"` for one '
+            "that scores new images with the champion (see the README)."
         ),
     ] = Path("deployments.toml"),
     limit: Annotated[
@@ -46,10 +47,12 @@ def serve(
     workspace: Workspace = DEFAULT_WORKSPACE,
     experiment: Experiment = None,
 ) -> None:
-    """Serve the pipeline as scheduled Prefect deployments until Ctrl-C.
+    """Serve the pipeline (and scoring) as scheduled Prefect deployments until Ctrl-C.
 
     Each due run embeds only new or changed images, updates the index, retrains the heads only
-    when the data changed, and publishes its heads table as a Prefect artifact. Runs go to the
+    when the data changed, moves the champion only when a new model is better, and publishes
+    its heads table as a Prefect artifact. A `score` deployment scores the new or changed
+    images with the champion into a predictions table. Runs go to the
     Prefect API in PREFECT_API_URL (a standing `prefect server start`, see the README) and
     MLflow in MLFLOW_TRACKING_URI. With a SOURCE, every option of `run` applies to its runs.
     """

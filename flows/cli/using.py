@@ -14,7 +14,7 @@ from rich.text import Text
 from extractors import DEFAULT_WORKSPACE
 from extractors.settings import EmbedSettings
 from flows.cli.app import app, out
-from flows.cli.options import Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable, index_line
 
 
@@ -128,6 +128,58 @@ def predict(
     )
     for path, why in list(report.errors_by_path.items())[:5]:
         out.print(Text(f"  error: {path}: {why}", style="red"))
+
+
+@app.command()
+@with_settings(
+    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
+)
+def score(
+    source: Annotated[Path, typer.Argument(help="Folder (any depth) or CSV/Parquet manifest.")],
+    embedding: EmbedSettings,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Predictions folder the new rows are appended to, as part-NNNNNN.parquet "
+            "(default: WORKSPACE/predictions/EXPERIMENT)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model to score with (default: models:/EXPERIMENT-image@champion)."),
+    ] = None,
+    experiment: Experiment = None,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score the images of SOURCE not scored yet (new, or changed since) with the champion,
+    and append them to a predictions table: what the scheduled `kind = "score"` deployment
+    runs. Nothing new, nothing written."""
+    from flows import runs
+
+    report = runs.for_cli("score")(
+        str(source),
+        predictions=None if predictions is None else str(predictions),
+        model=model,
+        experiment=experiment,
+        store=None if store is None else str(store),
+        workspace=str(workspace),
+        embedding=embedding,
+        progress=not as_json,
+    )
+    if as_json:
+        print(json.dumps(report, indent=2))
+    elif report["nothing_new"]:
+        out.print(Text(f"nothing new: all {report['unchanged']} files were scored before"))
+    else:
+        out.print(
+            Text(
+                f"{report['rows']} new or changed files scored with {report['model']} -> "
+                f"{report['part']} ({report['errors']} errors; the table holds "
+                f"{report['total_rows']} rows)"
+            )
+        )
 
 
 def _print_predictions(preds: list[dict], as_json: bool) -> None:

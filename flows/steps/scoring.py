@@ -154,3 +154,43 @@ def read_predictions(folder: str | Path) -> pa.Table | None:
         if parts
         else None
     )
+
+
+PREVIOUS = ["path", "sha256", "bytes", "mtime_ns"]
+
+
+def score_new(
+    source: str | Path,
+    predictions: str | Path,
+    model: str,
+    store: str | Path | None = None,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+    embedding: EmbedSettings = EmbedSettings(),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score the files of `source` that the predictions folder has not scored yet (new, or
+    changed since) with `model`, appended as its next part; "nothing new" writes nothing.
+    An interrupted run's part keeps its number, so the next run continues it."""
+    folder = Path(predictions).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = read_predictions(folder)
+    done = sorted(folder.glob("part-*.parquet"))
+    out = folder / f"part-{len(done):06d}.parquet"
+    report = predict_to_file(
+        [source],
+        out,
+        model=model,
+        store=store,
+        workspace=workspace,
+        embedding=embedding,
+        previous=None if previous is None else previous.select(PREVIOUS),
+        progress=progress,
+    )
+    if report.rows == 0:
+        out.unlink(missing_ok=True)
+    return report.as_dict() | {
+        "nothing_new": report.rows == 0,
+        "part": str(out) if report.rows else None,
+        "predictions": str(folder),
+        "total_rows": report.rows + (0 if previous is None else previous.num_rows),
+    }

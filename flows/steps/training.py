@@ -74,6 +74,12 @@ def train_and_track(
     registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
     best = ImageClassifier.from_head(saved[results[0].name])
     image = register_image_model(best, table[0]["run_id"], experiment, workspace, seed)
+    latest = st.path / "heads" / "latest.json"  # predict names the registered version
+    write_json_atomic(
+        latest,
+        json.loads(latest.read_text())
+        | {"registered": {"name": image["name"], "version": image["version"]}},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
         y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])

@@ -22,10 +22,48 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_the_projects_deployments_file_is_valid() -> None:
-    (spec,) = read_file(REPO / "deployments.toml")
+    spec, scores = read_file(REPO / "deployments.toml")
     assert spec.name == "digits-hourly" and spec.cron == "0 * * * *"
     assert spec.source == str(REPO / "data" / "sample" / "digits")
     assert spec.locations["workspace"] == str(REPO / "data")
+    assert (scores.kind, scores.name, scores.locations["experiment"]) == (
+        "score",
+        "digits-hourly-scores",
+        "digits",
+    )
+    assert scores.source == spec.source
+    built = build([spec, scores])
+    assert [d.flow_name for d in built] == ["pipeline", "score"]
+    assert built[1].parameters["experiment"] == "digits"
+
+
+def test_score_deployments_take_only_what_scoring_uses(tmp_path: Path) -> None:
+    head = HEAD + 'kind = "score"\n'
+    (spec,) = read_file(
+        _write(
+            tmp_path,
+            head + 'model = "models:/m@champion"\n'
+            'predictions = "preds"\n[deployment.embed]\nbatch_size = 4\n',
+        )
+    )
+    assert spec.parameters() == {
+        "source": str(tmp_path / "x"),
+        "embedding": spec.settings.embed.as_dict(),
+        "progress": False,
+        "model": "models:/m@champion",
+        "predictions": str(tmp_path / "preds"),
+    }
+    assert spec.parameters()["embedding"]["batch_size"] == 4
+    for extra, where in (
+        ("target = 0.9\n", "target"),
+        ('[deployment.embed]\nbackbone = "x"\n', "embed.backbone"),
+    ):
+        with pytest.raises(DeploymentError, match=f"not \\['{where}'\\]"):
+            read_file(_write(tmp_path, head + extra))
+    with pytest.raises(DeploymentError, match=r"\['model'\] are for kind = \"score\""):
+        read_file(_write(tmp_path, HEAD + 'model = "m"\n'))
+    with pytest.raises(DeploymentError, match="kind 'nope' is not one of pipeline, score"):
+        read_file(_write(tmp_path, HEAD + 'kind = "nope"\n'))
 
 
 def test_relative_paths_resolve_against_the_file_and_build_schedules(tmp_path: Path) -> None:
