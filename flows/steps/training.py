@@ -16,6 +16,7 @@ from extractors import DEFAULT_WORKSPACE
 from extractors.common import write_json_atomic
 from extractors.store import Store
 from flows import tracking
+from flows.workspace import weights_file
 from heads.classifier import ImageClassifier
 from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
@@ -73,7 +74,15 @@ def train_and_track(
     experiment = tracking.experiment_of(parent_run_id, workspace)
     registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
     best = ImageClassifier.from_head(saved[results[0].name])
-    image = register_image_model(best, table[0]["run_id"], experiment, workspace, seed)
+    network = weights_file(best.backbone, workspace)  # a fine-tuned body travels with it
+    image = register_image_model(
+        best,
+        table[0]["run_id"],
+        experiment,
+        workspace,
+        seed,
+        None if network is None else Path(network),
+    )
     latest = st.path / "heads" / "latest.json"  # predict names the registered version
     write_json_atomic(
         latest,

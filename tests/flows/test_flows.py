@@ -78,7 +78,18 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     # Each head is an MLflow model (MLflow 3 keeps them as logged models of their run).
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     head_runs = {c.info.run_id for c in children if c.data.tags["headstart.kind"] == "head"}
+    image_models = [m for m in models if m.name == "image_model"]
+    models = [m for m in models if m.name != "image_model"]
     assert {m.source_run_id for m in models} == head_runs
+    # An image model beside the best head and beside the fine-tuned network, both registered.
+    tuned_run = next(c for c in children if c.data.tags["headstart.kind"] == "finetune")
+    best_run = next(c for c in children if c.info.run_id == heads_rows[0]["mlflow_run"])
+    assert {m.source_run_id for m in image_models} == {best_run.info.run_id, tuned_run.info.run_id}
+    versions = client.search_model_versions("name = 'digits-image'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert result["champion"]["line"].startswith("champion: digits-image version")
+    assert "champion_decision" in client.get_model_version("digits-image", "2").tags
+    assert _artifacts("champion-digits")[-1].data.startswith("champion: digits-image")
     for m in models:
         info = mlflow.models.get_model_info(f"models:/{m.model_id}")
         assert (
