@@ -141,8 +141,11 @@ def read_sources(paths: list[str | Path], layout: str = "auto") -> Source:
     paths = [Path(p).expanduser() for p in paths]
     if not paths:
         raise SourceError("give a folder, a .csv/.parquet manifest, or image files")
-    if len(paths) == 1 and (paths[0].is_dir() or paths[0].suffix.lower() in (".csv", ".parquet")):
-        return read_source(paths[0], layout)
+    one = paths[0]
+    if len(paths) == 1 and (
+        one.is_dir() or one.suffix.lower() in (".csv", ".parquet") or not one.exists()
+    ):
+        return read_source(one, layout)
     for p in paths:
         if p.is_dir() or p.suffix.lower() in (".csv", ".parquet"):
             raise SourceError(f"{p}: give one folder or manifest, or image files, not a mix")

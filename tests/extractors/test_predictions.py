@@ -26,7 +26,7 @@ from extractors.predictions import (
     score_source,
     work_folder,
 )
-from extractors.sources import read_source, read_sources
+from extractors.sources import SourceError, read_source, read_sources
 from heads.classifier import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +118,19 @@ def test_csv_output_files_and_only_new_files_against_a_previous_table(
     assert (again.rows, again.unchanged) == (0, 3)  # nothing new
     with pytest.raises(ScoringError, match=r"give a \.parquet or \.csv file name"):
         output_format(tmp_path / "x.json")
+    with pytest.raises(SourceError, match="does not exist"):
+        read_sources([tmp_path / "no-such-folder"])
+    gone = tmp_path / "gone.png"  # one of several files: its own error row, not the run's
+    report = score_source(
+        read_sources([*files, gone]),
+        backbone,
+        bound,
+        tmp_path / "g.parquet",
+        donor=built_store.path,
+        progress=False,
+    )
+    assert (report.rows, report.errors) == (4, 1)
+    assert "not found" in report.errors_by_path[str(gone)]
 
 
 SCORE = """
