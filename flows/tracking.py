@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Artifact downloads here are small tables and models: no progress bars among our output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # What a head's MLflow model ships as code: heads/, and extractors/ for what heads import
 # (extractors.common's normalisation and errors), so it loads outside this checkout.
 MODEL_CODE = ("heads", "extractors")
@@ -55,14 +59,25 @@ def ui_command(workspace: str | Path) -> str:
     return f"uv run mlflow ui --backend-store-uri {tracking_uri(workspace)} --port 5000"
 
 
+# The experiment tag MLflow's UI reads to open an experiment on its runs (model training)
+# rather than on the GenAI overview of traces and tokens.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str, workspace: str | Path) -> str:
-    """Get or create the experiment; with the default store its artifacts live in the workspace."""
+    """Get or create the experiment, marked as model training (`EXPERIMENT_KIND`, also on
+    experiments made before); with the default store its artifacts live in the workspace."""
     mlflow.set_tracking_uri(tracking_uri(workspace))
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(name, workspace))
+    if exp is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location(name, workspace), tags=EXPERIMENT_KIND
+        )
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def experiment_of(run_id: str, workspace: str | Path) -> str:
@@ -101,7 +116,8 @@ def run_url(run_id: str, workspace: str | Path, ui_url: str | None = None) -> st
     base = (ui_url or os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
     mlflow.set_tracking_uri(uri)
     exp = MlflowClient().get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{exp}/runs/{run_id}"
+    # workflowType: the UI opens on model training (runs), not the GenAI overview.
+    return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
 
 def start_parent_run(
@@ -131,6 +147,72 @@ def closing_run(run_id: str, workspace: str | Path) -> Iterator[None]:
         end_run(run_id, workspace, "FAILED")
         raise
     end_run(run_id, workspace, "FINISHED")
+
+
+def store_dataset(manifest: dict[str, Any], store: str | Path) -> Any:
+    """The store as an MLflow dataset: named after its source and backbone, its digest the
+    store's fingerprint (so runs on the same data group together), its source the Parquet
+    file, its profile the row, label, class and split counts."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class StoreDataset(MetaDataset):
+        @property
+        def profile(self) -> dict[str, Any]:
+            return {
+                "rows": manifest["rows"],
+                "labelled_rows": manifest.get("labelled_rows"),
+                "classes": len(manifest.get("classes", [])),
+                **{f"{k}_rows": v for k, v in manifest.get("splits", {}).items()},
+            }
+
+    with warnings.catch_warnings():  # two registered local sources: both are the same class
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(store) / "embeddings.parquet"))
+    name = f"{manifest['source']['name']} ({manifest['backbone']})"
+    return StoreDataset(source, name=name, digest=manifest["fingerprint"])
+
+
+def log_dataset(run_id: str, workspace: str | Path, manifest: dict[str, Any], store: Path) -> None:
+    """Record the store as the run's training dataset (the Dataset column of the runs table)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    entity = store_dataset(manifest, store)._to_mlflow_entity()
+    tag = InputTag(key="mlflow.data.context", value="training")
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[tag])])
+
+
+@contextlib.contextmanager
+def model_run(
+    parent_run_id: str,
+    workspace: str | Path,
+    name: str,
+    kind: str,
+    fit_seconds: float,
+    params: dict[str, Any],
+    data: tuple[dict[str, Any], Path] | None = None,
+) -> Iterator[Any]:
+    """A nested run for one model, active for the block. It spans the time the model took to
+    fit (its start is set that far back, its end that far after), so the UI's durations are
+    the fits', and it logs the parameters every model row shares: `backbone`, `model`,
+    `feature`, then `params` (`chosen.*` among them); `data` (manifest, store) is its
+    dataset input."""
+    client = MlflowClient()
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    start = int(time.time() * 1000 - fit_seconds * 1000)
+    run = client.create_run(
+        exp_id,
+        start_time=start,
+        tags={"mlflow.parentRunId": parent_run_id, "headstart.kind": kind},
+        run_name=name,
+    )
+    with mlflow.start_run(run_id=run.info.run_id) as active:
+        mlflow.log_params({k: _short(v) for k, v in params.items()})
+        if data is not None:
+            log_dataset(run.info.run_id, workspace, *data)
+        yield active
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=start + int(fit_seconds * 1000))
 
 
 def log_to_run(
@@ -245,16 +327,11 @@ def log_head_run(
 
     Returns (run id, model URI)."""
     mlflow.set_tracking_uri(tracking_uri(workspace))
-    exp_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-    with mlflow.start_run(
-        experiment_id=exp_id, run_name=result.name, nested=True, parent_run_id=parent_run_id
-    ) as run:
-        mlflow.set_tags({"headstart.kind": "head", "headstart.head": result.name})
-        params = {f"head.{k}": v for k, v in result.estimator.get_params(deep=True).items()}
-        params = {k: v for k, v in params.items() if not hasattr(v, "get_params")}
-        mlflow.log_params({k: _short(v) for k, v in {**context, **params}.items()})
-        mlflow.log_params({f"chosen.{k}": _short(v) for k, v in result.params.items()})
-        mlflow.log_param("selection_metric", result.selection_metric)
+    params = vocabulary(result, context)
+    data = (context["manifest"], Path(context["store"])) if "manifest" in context else None
+    fit = result.fit_seconds
+    with model_run(parent_run_id, workspace, result.name, "head", fit, params, data) as run:
+        mlflow.set_tags({"headstart.head": result.name})
         mlflow.log_metric("val_score", result.val_score)
         mlflow.log_metrics({m: result.metrics[m] for m in _metrics() if m in result.metrics})
         mlflow.log_metric("fit_seconds", result.fit_seconds)
@@ -265,6 +342,22 @@ def log_head_run(
         mlflow.log_artifact(str(saved_head.with_suffix(".json")), artifact_path="head")
         model_uri = _log_model(result, example)
         return run.info.run_id, model_uri
+
+
+def vocabulary(result: HeadResult, context: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of every model row, head or fine-tuned network alike: `backbone` (the
+    one its features come from), `model` (head name or fine-tuning strategy), `feature`,
+    `store`, `fingerprint`, `selection_metric` and the `chosen.*` values; no object dumps."""
+    chosen = {k: v for k, v in result.params.items() if k != "feature"}
+    return {
+        "backbone": context["backbone"],
+        "model": result.name,
+        "feature": result.params.get("feature", "embedding"),
+        "store": context.get("store"),
+        "fingerprint": context.get("fingerprint"),
+        "selection_metric": result.selection_metric,
+        **{f"chosen.{k}": v for k, v in chosen.items()},
+    }
 
 
 def _log_result_files(result: HeadResult, sweep: bool) -> None:
@@ -298,7 +391,8 @@ TEST_TABLE = "test_predictions.json"
 def log_test_predictions(result: HeadResult, test_rows: dict[str, list[Any]]) -> None:
     """The active run's predictions on the test split, one row per image (path, sha256,
     label, prediction, probability, correct, loss): what the champion rule compares, and
-    which images each model gets wrong, as an MLflow table."""
+    which images each model gets wrong, as an MLflow table; and `mistakes.png`, the gallery
+    of its worst mistakes and most confused pairs."""
     import pandas as pd
 
     proba = np.asarray(result.test_proba, dtype=np.float64)
@@ -319,6 +413,11 @@ def log_test_predictions(result: HeadResult, test_rows: dict[str, list[Any]]) ->
         }
     )
     mlflow.log_table(frame, TEST_TABLE)
+    from heads.plots import mistakes_png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = frame.to_dict("records")
+        mlflow.log_artifact(str(mistakes_png(rows, result.name, Path(tmp) / "mistakes.png")))
 
 
 def _log_model(result: HeadResult, example: np.ndarray) -> str:
@@ -409,20 +508,19 @@ def log_finetune_run(
     from heads.plots import curves_png
 
     mlflow.set_tracking_uri(tracking_uri(workspace))
-    exp_id = MlflowClient().get_run(parent_run_id).info.experiment_id
-    with mlflow.start_run(
-        experiment_id=exp_id, run_name=result.name, nested=True, parent_run_id=parent_run_id
+    shared = vocabulary(result, params)
+    rest = {k: v for k, v in params.items() if k not in shared and k != "manifest"}
+    data = (params["manifest"], Path(params["store"])) if "manifest" in params else None
+    fit = result.fit_seconds
+    with model_run(
+        parent_run_id, workspace, result.name, "finetune", fit, shared | rest, data
     ) as run:
         mlflow.set_tags(
             {
-                "headstart.kind": "finetune",
                 "headstart.head": result.name,
                 "headstart.backbone": result.extra["backbone"],
             }
         )
-        mlflow.log_params({k: _short(v) for k, v in params.items()})
-        mlflow.log_params({f"chosen.{k}": _short(v) for k, v in result.params.items()})
-        mlflow.log_param("selection_metric", result.selection_metric)
         for row in history:
             step = int(row["epoch"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
@@ -497,13 +595,45 @@ def compare_runs(
                         k.removeprefix("chosen."): v
                         for k, v in r.data.params.items()
                         if k.startswith("chosen.")
-                    },
+                    }
+                    | (
+                        {"feature": r.data.params["feature"]}
+                        if r.data.params.get("feature", "embedding") != "embedding"
+                        else {}
+                    ),
                     "run_id": r.info.run_id,
                     "val_score": m.get("val_score"),
                     **{k: m.get(k) for k in _metrics()},
                 }
             )
     return rows
+
+
+def disagreements(
+    workspace: str | Path, experiment: str | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The test images the models of the newest run disagree on: (the models, best first;
+    one row per such image: path, label and each model's prediction), from each model run's
+    test predictions table."""
+    rows = compare_runs(workspace, experiment=experiment, last=1)
+    client = MlflowClient()
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        try:
+            exp = client.get_run(r["run_id"]).info.experiment_id
+            frame = client.load_table(exp, TEST_TABLE, run_ids=[r["run_id"]])
+        except mlflow.exceptions.MlflowException:
+            continue  # a run logged before test tables existed
+        tables[r["model"]] = {t["sha256"]: t for t in frame.to_dict("records")}
+    models = list(tables)
+    if not models:
+        return [], []
+    out = []
+    for sha, first in tables[models[0]].items():
+        preds = {m: tables[m][sha]["prediction"] for m in models if sha in tables[m]}
+        if len(set(preds.values())) > 1:
+            out.append({"path": first["path"], "label": first["label"], "predictions": preds})
+    return models, sorted(out, key=lambda r: r["path"])
 
 
 def _short(value: Any) -> str:

@@ -139,3 +139,56 @@ def curves_png(history: list[dict[str, float]], title: str, path: str | Path) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def mistakes_png(
+    rows: Sequence[dict[str, Any]], title: str, path: str | Path, n: int = 16, pairs: int = 6
+) -> Path:
+    """The images a model gets most wrong: its `n` highest-loss mistakes as thumbnails (true
+    label -> prediction, probability), then its most confused (true, predicted) pairs.
+    `rows` are test predictions: path, label, prediction, probability, loss. A file that no
+    longer reads is a grey tile. Names are drawn as text, never markup or math."""
+    from collections import Counter
+
+    from extractors.images import ImageError, load_rgb
+
+    wrong = sorted((r for r in rows if r["label"] != r["prediction"]), key=lambda r: -r["loss"])
+    shown = wrong[:n]
+    cols = 4
+    grid = max(1, -(-len(shown) // cols))
+    fig = plt.figure(figsize=(2.2 * cols, 2.4 * grid + 2.2))
+    spec = fig.add_gridspec(grid + 1, cols, height_ratios=[2.4] * grid + [2.0])
+    for i in range(grid * cols):
+        ax = fig.add_subplot(spec[i // cols, i % cols])
+        ax.axis("off")
+        if i >= len(shown):
+            continue
+        r = shown[i]
+        try:
+            image = load_rgb(r["path"], min_side=96)
+            image.thumbnail((160, 160))
+            ax.imshow(np.asarray(image))
+        except ImageError:
+            ax.imshow(np.full((8, 8), 0.8), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(
+            f"{r['label']} -> {r['prediction']} ({r['probability']:.2f})\n{Path(r['path']).name}",
+            fontsize=7,
+        )
+    ax = fig.add_subplot(spec[grid, :])
+    confused = Counter((r["label"], r["prediction"]) for r in wrong).most_common(pairs)
+    if confused:
+        names = [f"{a} -> {b}" for (a, b), _ in confused]
+        ax.barh(range(len(confused)), [c for _, c in confused], color="tab:red")
+        ax.set_yticks(range(len(confused)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("test images (true -> predicted)")
+        ax.set_title("most confused pairs", fontsize=9)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes on the test split", ha="center", va="center")
+    fig.suptitle(f"{title}: {len(wrong)} of {len(rows)} test images wrong", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(Path(path).with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path).with_suffix(".png")

@@ -180,11 +180,23 @@ def compare(
     last: Annotated[
         int | None, typer.Option(help="Only the newest N pipeline/training runs.")
     ] = None,
+    errors: Annotated[
+        bool,
+        typer.Option(
+            "--errors",
+            help="Instead: the test images the newest run's models disagree on, with each "
+            "model's prediction (from their test_predictions tables).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
     (newest first), best validation score first, the same metrics as the MLflow UI."""
     from flows.steps.training import compare as compare_runs
+
+    if errors:
+        _print_disagreements(workspace, experiment, as_json)
+        return
 
     rows = compare_runs(workspace, experiment=experiment, last=last)
     if as_json:
@@ -213,4 +225,29 @@ def compare(
             chosen(r["chosen"]),
             *metric_cells(r),
         )
+    out.print(table)
+
+
+def _print_disagreements(workspace: Path, experiment: str | None, as_json: bool) -> None:
+    from flows import tracking
+
+    models, rows = tracking.disagreements(workspace, experiment)
+    if as_json:
+        print(json.dumps({"models": models, "images": rows}, indent=2))
+        return
+    if not models:
+        out.print("no test predictions in MLflow yet: run `headstart demo` or `headstart run`")
+        return
+    table = DataTable(title=f"test images the models disagree on ({len(rows)})")
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    for m in models:
+        table.add_column(m)
+    for r in rows:
+        cells = []
+        for m in models:
+            pred = r["predictions"].get(m)
+            style = "green" if pred == r["label"] else "red"
+            cells.append(Text("" if pred is None else str(pred), style=style))
+        table.add_row(r["path"], str(r["label"]), *cells)
     out.print(table)

@@ -49,7 +49,8 @@ def finetune_and_track(
     result = out.result
     result.extra["backbone"] = f"finetuned:{key}"
     params = {
-        "base_backbone": manifest["backbone"],
+        "backbone": manifest["backbone"],  # the network it started from
+        "manifest": manifest,
         "store": str(st.path),
         "fingerprint": manifest["fingerprint"],
         **{f"finetune.{k}": v for k, v in asdict(cfg).items()},
@@ -63,6 +64,7 @@ def finetune_and_track(
         "sha256": [sha_of[p] for p in out.test_paths],
         "label": [label_of[p] for p in out.test_paths],
     }
+    tracking.log_dataset(parent_run_id, workspace, manifest, st.path)
     run_id = tracking.log_finetune_run(
         parent_run_id, workspace, result, out.history, params, out.workdir, test_rows, out.skipped
     )

