@@ -166,6 +166,9 @@ def store_dataset(manifest: dict[str, Any], store: str | Path) -> Any:
                 **{f"{k}_rows": v for k, v in manifest.get("splits", {}).items()},
             }
 
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self.profile)}
+
     with warnings.catch_warnings():  # two registered local sources: both are the same class
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
         source = resolve_dataset_source(str(Path(store) / "embeddings.parquet"))

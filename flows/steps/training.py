@@ -168,8 +168,11 @@ def register_image_model(
     from flows import champion, image_model
 
     mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    client = mlflow.tracking.MlflowClient()
+    ended = client.get_run(run_id).info.end_time  # the run spans its model's fit: keep that
     with mlflow.start_run(run_id=run_id, nested=True):
         uri = image_model.log_image_model(clf, network=network)
+    client.set_terminated(run_id, "FINISHED", end_time=ended)
     registered = image_model.register(uri, experiment, workspace)
     decision = champion.consider(registered["name"], registered["version"], workspace, seed)
     return registered | {"champion": decision.as_dict() | {"line": decision.line()}}
