@@ -182,6 +182,63 @@ def score(
         )
 
 
+@app.command()
+def audit(
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write every finding to this .parquet or .csv file."),
+    ] = None,
+    store: StoreOpt = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    threshold: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Cosine similarity of near-duplicates (as dedup)."),
+    ] = 0.95,
+    top: Annotated[int, typer.Option(min=0, help="Findings to print per issue kind.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank a store's suspect images: wrong labels (cleanlab on out-of-sample probabilities of
+    the best head kind), outliers (far from every other image) and near-duplicates.
+
+    Each finding has path, id, label, split, issue (label, outlier or near_duplicate), score
+    (higher = more suspect, comparable within a kind), suggested_label and related (the
+    nearest neighbour or the near-duplicate's twin). See heads/audit.py for the protocol."""
+    from flows.steps.audit import audit_store, write_findings
+    from flows.workspace import resolve_store
+
+    st = resolve_store(store, workspace)
+    table, summary = audit_store(st.path, threshold=threshold)
+    if out_file is not None:
+        summary["out"] = str(write_findings(table, out_file))
+    if as_json:
+        print(json.dumps({"summary": summary, "findings": table.to_pylist()}, indent=2))
+        return
+    counts = summary["issues"]
+    out.print(
+        Text(
+            f"{summary['labelled_rows']} labelled of {summary['rows']} images: "
+            f"{counts['label']} label issues (estimated label noise "
+            f"{summary['label_noise_rate']:.1%}), {counts['outlier']} outliers, "
+            f"{counts['near_duplicate']} near-duplicates; {summary['head']}"
+        )
+    )
+    for kind in ("label", "outlier", "near_duplicate"):
+        rows = [r for r in table.to_pylist() if r["issue"] == kind][:top]
+        if not rows:
+            continue
+        t = DataTable(title=f"{kind} findings, most suspect first")
+        for col in ("score", "label", "split", "suggested", "path", "related"):
+            t.add_column(col, overflow="fold")
+        for r in rows:
+            t.add_row(
+                f"{r['score']:.3f}", str(r["label"]), str(r["split"]),
+                str(r["suggested_label"] or ""), r["path"], str(r["related"] or ""),
+            )  # fmt: skip
+        out.print(t)
+    if "out" in summary:
+        out.print(Text(f"all {table.num_rows} findings -> {summary['out']}"))
+
+
 def _print_predictions(preds: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(preds, indent=2))

@@ -1,0 +1,149 @@
+"""Audit stage: a store's suspect rows (wrong labels, outliers, near-duplicates) as one table,
+by the protocol of heads/audit.py, with the head kind and settings of its latest training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from extractors.common import atomic_path
+from extractors.dedup import near_duplicate_groups
+from extractors.predictions import output_format
+from extractors.store import Store
+from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
+
+FINDINGS = pa.schema(
+    [
+        ("path", pa.string()),
+        ("id", pa.int64()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("issue", pa.string()),  # label | outlier | near_duplicate
+        ("score", pa.float64()),  # higher = more suspect, comparable within an issue kind
+        ("suggested_label", pa.string()),  # label issues: the most probable class
+        ("related", pa.string()),  # the nearest neighbour's or the near-duplicate's path
+    ]
+)
+# Before any training: logistic regression on the embeddings as they are. (Standardising 1,280
+# dimensions on a hundred images overfits: every probability near 0 or 1, no ranking left.)
+DEFAULT_HEAD = ("logreg", {"pre": "none", "C": 1.0})
+
+
+def head_of(store: Store) -> tuple[str, dict[str, Any], str]:
+    """The best head kind of the store's latest training with its chosen settings (logistic
+    regression's defaults before any training), and where that choice came from."""
+    latest = store.path / "heads" / "latest.json"
+    if not latest.exists():
+        return (*DEFAULT_HEAD, "no training yet: logistic regression, default settings")
+    best = json.loads(latest.read_text())
+    meta = json.loads((store.path / best["best_path"]).with_suffix(".json").read_text())
+    params = dict(meta.get("params", {}))
+    if meta.get("selection_metric") == "balanced_accuracy":  # trained with balanced weights
+        params["class_weight"] = "balanced"
+    return meta["head"], params, f"best head of training {best['run']}: {meta['head']} {params}"
+
+
+def audit_store(
+    store: str | Path, threshold: float = 0.95, seed: int = 0
+) -> tuple[pa.Table, dict[str, Any]]:
+    """(the findings, most suspect first within each issue kind; a summary: counts per kind,
+    the estimated label-noise rate, the head and folds used)."""
+    st = Store(store)
+    head, params, why = head_of(st)
+    feature = params.get("feature", "embedding")
+    X, meta = st.arrays(where_labelled=True, feature=feature)
+    rows: list[dict[str, Any]] = []
+    y = np.asarray(meta["label"].to_pylist(), dtype=object).astype(str)
+    proba, classes = out_of_sample_proba(X, y, head, params, seed)
+    labels = label_issues(y, proba, classes)
+    info = meta.to_pylist()
+    for i, score, suggested in zip(labels.rows, labels.scores, labels.suggested, strict=True):
+        rows.append(_finding(info[i], "label", score, suggested, None))
+    X_all, meta_all = st.arrays(where_labelled=False)
+    dist, nearest, closest = _neighbour_distances(st, X_all, meta_all)
+    found, cut = outliers(dist)
+    every = meta_all.to_pylist()
+    paths = {r["id"]: r["path"] for r in every}
+    for i in found:
+        rows.append(_finding(every[i], "outlier", dist[i], None, paths.get(nearest[i])))
+    # Members of the dedup groups but each group's first; since a group is a connected
+    # component (it can chain many images), each is related to its own nearest image, with
+    # that similarity as its score.
+    groups = near_duplicate_groups(st, threshold=threshold).to_pylist()
+    position = {r["id"]: i for i, r in enumerate(every)}
+    seen: set[int] = set()
+    for g in groups:
+        if g["group"] not in seen:
+            seen.add(g["group"])
+            continue
+        i = position[g["id"]]
+        rows.append(_finding(g, "near_duplicate", closest[i], None, paths.get(nearest[i])))
+    table = pa.Table.from_pylist(rows, schema=FINDINGS)
+    counts = {
+        k: sum(1 for r in rows if r["issue"] == k) for k in ("label", "outlier", "near_duplicate")
+    }
+    summary = {
+        "store": str(st.path),
+        "rows": len(every),
+        "labelled_rows": len(info),
+        "issues": counts,
+        "label_noise_rate": labels.noise_rate,
+        "head": why,
+        "outlier_distance_cut": cut,
+        "near_duplicate_threshold": threshold,
+    }
+    return table, summary
+
+
+def _finding(
+    row: dict[str, Any], issue: str, score: float, suggested: str | None, related: str | None
+) -> dict[str, Any]:
+    return {
+        "path": row["path"],
+        "id": row["id"],
+        "label": row["label"],
+        "split": row["split"],
+        "issue": issue,
+        "score": float(score),
+        "suggested_label": suggested,
+        "related": related,
+    }
+
+
+def _neighbour_distances(
+    st: Store, X: np.ndarray, meta: pa.Table, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's mean cosine distance to its OUTLIER_K nearest other rows, through the
+    store's FAISS index; the id of its nearest other row, and their similarity."""
+    index = st.index(mmap=True)
+    ids = meta["id"].to_numpy()
+    k = min(OUTLIER_K + 1, max(index.ntotal, 1))
+    dist = np.zeros(len(X))
+    nearest = np.full(len(X), -1, np.int64)
+    closest = np.zeros(len(X))
+    for s in range(0, len(X), batch):
+        scores, found = index.search(X[s : s + batch], k)
+        for j in range(len(found)):
+            keep = (found[j] >= 0) & (found[j] != ids[s + j])
+            sims, others = scores[j][keep][:OUTLIER_K], found[j][keep]
+            dist[s + j] = float(1 - sims.mean()) if len(sims) else 0.0
+            nearest[s + j] = others[0] if len(others) else -1
+            closest[s + j] = float(sims[0]) if len(sims) else 0.0
+    return dist, nearest, closest
+
+
+def write_findings(table: pa.Table, out: str | Path) -> Path:
+    """The findings as Parquet or CSV (by extension), written atomically."""
+    fmt = output_format(out)
+    with atomic_path(out) as tmp:
+        if fmt == "csv":
+            pacsv.write_csv(table, tmp)
+        else:
+            pq.write_table(table, tmp)
+    return Path(out)

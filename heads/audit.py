@@ -1,0 +1,113 @@
+"""Auditing a labelled image set through its embeddings: wrong labels, outliers, near-duplicates.
+
+The protocol:
+
+- **label issues** come from out-of-sample class probabilities only: K-fold cross-validated
+  probabilities (stratified, seeded) of the store's best head kind refitted with its chosen
+  settings on the other folds, never a head's in-sample ones. cleanlab (confident learning:
+  `cleanlab.filter.find_label_issues`) decides which rows are issues; each is scored
+  1 - cleanlab's self-confidence label quality (higher = more suspect) and suggests the most
+  probable class. cleanlab's `estimate_noise_matrices` gives the estimated label-noise rate.
+- **outliers**: the mean cosine distance of a row to its k nearest other rows in the store's
+  FAISS index (score in [0, 2], higher = further from everything); reported for the rows above
+  the 99th percentile of that distance (at least one), with the nearest neighbour as `related`.
+- **near-duplicates**: the `dedup` groups (extractors/dedup.py); every member but the first,
+  scored by its similarity to the first (`related`).
+
+Scores are comparable within an issue kind, not across kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from extractors.common import HeadstartError
+from heads.classical import HEADS, build_head, calibrated, class_scores
+
+ISSUES = ("label", "outlier", "near_duplicate")
+FOLDS = 5
+OUTLIER_QUANTILE = 0.99
+OUTLIER_K = 10
+
+
+class AuditError(HeadstartError, ValueError):
+    """Data an audit cannot run on; the message says what to do."""
+
+
+@dataclass
+class LabelAudit:
+    """Out-of-sample label issues of labelled rows (indices into them, most suspect first)."""
+
+    rows: np.ndarray  # indices of the rows that are issues, most suspect first
+    scores: np.ndarray  # 1 - label quality, per issue row
+    suggested: list[str]  # the most probable class, per issue row
+    noise_rate: float  # cleanlab's estimated fraction of wrong labels
+    proba: np.ndarray  # out-of-sample probabilities of every labelled row
+    classes: list[str]
+
+
+def out_of_sample_proba(
+    X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any], seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """K-fold cross-validated probabilities of `head` with `params` (its chosen settings):
+    each row scored by a head that never saw it."""
+    counts = np.unique(y, return_counts=True)[1]
+    folds = int(min(FOLDS, counts.min()))
+    if folds < 2:
+        raise AuditError(
+            "every class needs at least 2 labelled images for out-of-sample probabilities; "
+            f"the smallest has {counts.min()}"
+        )
+    params = {k: v for k, v in params.items() if k not in ("feature", "best_epoch")}
+    est = build_head(head, seed=seed, **params)
+    if HEADS[head].calibrate:
+        est = calibrated(est, y)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    classes = sorted(np.unique(y).tolist())
+    if hasattr(est, "predict_proba"):
+        proba = cross_val_predict(est, X, y, cv=cv, method="predict_proba")
+    else:  # decision scores, softmaxed as class_scores does
+        proba = np.zeros((len(y), len(classes)))
+        for train, test in cv.split(X, y):
+            proba[test] = class_scores(est.fit(X[train], y[train]), X[test])
+    return np.asarray(proba, np.float64), [str(c) for c in classes]
+
+
+def label_issues(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> LabelAudit:
+    """cleanlab's confident-learning issues among labelled rows, most suspect first."""
+    from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[str(v)] for v in y])
+    quality = get_label_quality_scores(labels, proba, method="self_confidence")
+    rows = find_label_issues(labels, proba, return_indices_ranked_by="self_confidence")
+    # noise[i, j] = P(given label i | true label j); the wrong-label rate is what is off the
+    # diagonal, weighted by the estimated true-class prior.
+    py, noise, _, _ = estimate_py_and_noise_matrices_from_probabilities(labels, proba)
+    noise_rate = float(1 - np.sum(py * np.diag(noise)))
+    return LabelAudit(
+        rows=np.asarray(rows, np.int64),
+        scores=1 - quality[rows],
+        suggested=[classes[int(j)] for j in proba[rows].argmax(axis=1)],
+        noise_rate=noise_rate,
+        proba=proba,
+        classes=classes,
+    )
+
+
+def outliers(distances: np.ndarray, quantile: float = OUTLIER_QUANTILE) -> tuple[np.ndarray, float]:
+    """Rows whose mean distance to their nearest neighbours is above `quantile` of all (at
+    least the single furthest one), furthest first; and the threshold used."""
+    if not len(distances):
+        return np.zeros(0, np.int64), 0.0
+    cut = float(np.quantile(distances, quantile))
+    rows = np.flatnonzero(distances > cut)
+    if not len(rows):
+        rows = np.array([int(np.argmax(distances))])
+    return rows[np.argsort(-distances[rows], kind="stable")], cut
