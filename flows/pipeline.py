@@ -34,7 +34,7 @@ from extractors.settings import EmbedSettings, IndexSettings
 from extractors.sources import read_source
 from extractors.store import StoreBusy
 from flows import runs, tracking
-from flows.steps import embedding, finetuning, scoring, training
+from flows.steps import audit, embedding, finetuning, scoring, training
 from flows.workspace import resolve_store
 
 RETRIES = 3
@@ -129,6 +129,7 @@ decide_task = task(training.escalation_decision, name="escalation-decision", cac
 finetune_task = task(finetuning.finetune_and_track, name="fine-tune", cache_policy=NO_CACHE)
 reuse_task = task(training.reusable_training, name="reuse-check", cache_policy=NO_CACHE)
 score_task = task(scoring.score_new, name="score-new-files", cache_policy=NO_CACHE, **retrying)
+audit_task = task(audit.audit_and_track, name="audit-data", cache_policy=NO_CACHE)
 
 
 def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
@@ -181,6 +182,7 @@ PREFECT = runs.Runner(
     publish=_publish,
     score=score_task,
     publish_score=_publish_score,
+    audit=audit_task,
 )
 
 

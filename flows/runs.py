@@ -43,6 +43,7 @@ class Runner:
     publish: Callable[[str, str, str, dict, dict | None], None]  # name, run, workspace, ...
     score: Callable[..., dict[str, Any]]
     publish_score: Callable[[str, dict], None]  # name, the score step's report
+    audit: Callable[..., dict[str, Any]]
 
 
 def _step(module: str, name: str) -> Callable[..., Any]:
@@ -69,6 +70,7 @@ LOCAL = Runner(
     publish=lambda *args: None,  # Prefect artifacts need a Prefect server
     score=_step("scoring", "score_new"),
     publish_score=lambda *args: None,
+    audit=_step("audit", "audit_and_track"),
 )
 
 
@@ -256,6 +258,10 @@ def pipeline(
             params={"escalate": decision["escalate"]},
             tags={"escalation_reason": decision["reason"]},
         )
+        audited = None
+        if s.audit:
+            audited = runner.audit(report["store"], run_id, workspace, seed=seed)
+            runner.log(audited["line"])
         tuned = None
         if decision["escalate"]:
             best = next(h for h in summary["heads"] if h["head"] == summary["best"])
@@ -272,6 +278,7 @@ def pipeline(
         "decision": decision,
         "finetune": tuned,
         "champion": champ,
+        "audit": audited,
         "run_id": run_id,
         "experiment": name,
     }

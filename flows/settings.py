@@ -56,3 +56,9 @@ class PipelineSettings(Settings):
         "(by default that training's heads are reused).",
         flags=("--retrain/--no-retrain",),
     )
+    audit: bool = setting(
+        False,
+        "Audit the data after training (wrong labels, outliers, near-duplicates: `headstart "
+        "audit`) and log the findings to the run.",
+        flags=("--audit/--no-audit",),
+    )

@@ -144,6 +144,8 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     d = result["decision"]
     verdict = "[yellow]escalate to fine-tuning[/]" if d["escalate"] else "[green]no escalation[/]"
     out.print(f"decision: {verdict}: {escape(d['reason'])}", highlight=False)
+    if result.get("audit"):
+        out.print(Text(result["audit"]["line"]))
     if result.get("finetune"):
         print_finetune(result["finetune"], workspace)
     if result.get("registered"):

@@ -147,3 +147,35 @@ def write_findings(table: pa.Table, out: str | Path) -> Path:
         else:
             pq.write_table(table, tmp)
     return Path(out)
+
+
+def audit_and_track(
+    store: str | Path, parent_run_id: str, workspace: str | Path, seed: int = 0
+) -> dict[str, Any]:
+    """Audit the store and log it to the pipeline's parent run: counts per issue kind and the
+    estimated label-noise rate as metrics, the findings as the MLflow table `audit.json`."""
+    import mlflow
+
+    from flows import tracking
+
+    table, summary = audit_store(store, seed=seed)
+    counts = summary["issues"]
+    tracking.log_to_run(
+        parent_run_id,
+        workspace,
+        metrics={
+            "audit_label_issues": counts["label"],
+            "audit_outliers": counts["outlier"],
+            "audit_near_duplicates": counts["near_duplicate"],
+            "audit_label_noise_rate": summary["label_noise_rate"],
+        },
+        tags={"audit_head": summary["head"][:250]},
+    )
+    mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    mlflow.MlflowClient().log_table(parent_run_id, table.to_pandas(), "audit.json")
+    line = (
+        f"audit: {counts['label']} label issues (estimated label noise "
+        f"{summary['label_noise_rate']:.1%}), {counts['outlier']} outliers, "
+        f"{counts['near_duplicate']} near-duplicates: `headstart audit --out FILE` lists them"
+    )
+    return summary | {"line": line}

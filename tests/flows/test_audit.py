@@ -60,3 +60,23 @@ def test_flipped_labels_outliers_and_copies_are_found(digits_dir, backbone, tmp_
     res = CliRunner().invoke(app, ["audit", "--store", str(store.path), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert pq.read_table(out).num_rows == table.num_rows and "label noise" in res.stdout
+
+
+def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    ws = str(tmp_path / "ws")
+    args = ["run", str(digits_dir), "--workspace", ws, "--head", "logreg", "--audit", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    import json
+
+    result = json.loads(res.stdout)
+    assert result["audit"]["line"].startswith("audit: ")
+    assert result["audit"]["head"].startswith("best head of training")  # its chosen settings
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["audit_label_issues"] == result["audit"]["issues"]["label"]
+    assert "audit_label_noise_rate" in run.data.metrics
+    table = client.load_table(run.info.experiment_id, "audit.json", [result["run_id"]])
+    assert set(table["issue"]) <= {"label", "outlier", "near_duplicate"} and len(table) > 0
