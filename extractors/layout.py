@@ -31,6 +31,9 @@ One directory per (source, backbone):
       vectors.f32          ivf_pq only: normalised float32 rows for exact re-ranking, read
       vector_ids.npy       memory-mapped; the ids file says which id each row holds
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
+      audit.parquet        the latest audit's findings (flows/steps/audit.py: path, id, label,
+      audit.json           split, issue, score, suggested_label, related) and its summary,
+                           with the fingerprint it audited
       .lock                held while a writer updates the store
 
 Every file is written to a temporary name and renamed into place, so a reader sees the old or
@@ -56,6 +59,8 @@ INDEX = "index.faiss"
 VECTORS = "vectors.f32"  # ivf_pq: normalised rows for exact re-ranking
 VECTOR_IDS = "vector_ids.npy"
 STAGING = "staging"
+AUDIT, AUDIT_SUMMARY = "audit.parquet", "audit.json"
+AUDIT_ISSUES = ("label", "outlier", "near_duplicate")  # the kinds of audit findings
 STAGING_TAG = "staging.json"
 CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash
 

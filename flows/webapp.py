@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import mimetypes
 import os
 import secrets
@@ -44,7 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from extractors import DEFAULT_WORKSPACE
 from extractors.embed import DECODE_TIMEOUT_S
 from extractors.images import FORMATS, ImageError, open_rgb
-from extractors.layout import EMBEDDINGS, embedding_matrix
+from extractors.layout import AUDIT, AUDIT_ISSUES, AUDIT_SUMMARY, EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -274,6 +275,30 @@ class SearchService:
             raise HTTPException(404, f"{path} is not an image of this store")
         return self.by_path[candidate]
 
+    def issues(self, issue: str | None, limit: int) -> dict[str, Any]:
+        """The store's latest audit (`headstart audit`): findings, most suspect first within
+        each kind, as gallery cards with their related image; stale when the store changed."""
+        path = self.store.path / AUDIT
+        if not path.exists():
+            return {"summary": None, "stale": False, "findings": []}
+        summary = json.loads((self.store.path / AUDIT_SUMMARY).read_text())
+        table = pq.read_table(path).to_pylist()
+        if issue is not None:
+            if issue not in AUDIT_ISSUES:
+                raise HTTPException(400, f"issue takes {', '.join(AUDIT_ISSUES)}, not {issue!r}")
+            table = [r for r in table if r["issue"] == issue]
+        cards = []
+        for r in table[:limit]:
+            if r["id"] not in self.rows:
+                continue  # removed from the store since the audit
+            card = self.hit(self.rows[r["id"]], r["score"])
+            card |= {"issue": r["issue"], "suggested_label": r["suggested_label"]}
+            related = self.by_path.get(r["related"]) if r["related"] else None
+            card["related"] = None if related is None else self.hit(self.rows[related], 0.0)
+            cards.append(card)
+        stale = summary.get("fingerprint") != self.manifest["fingerprint"]
+        return {"summary": summary, "stale": stale, "findings": cards}
+
     def info(self) -> dict[str, Any]:
         m = self.manifest
         entry = m.get("index") or {}
@@ -396,6 +421,20 @@ def create_app(
     @app.get("/map", response_class=HTMLResponse)
     def map_page() -> HTMLResponse:
         return HTMLResponse((WEB / "map.html").read_text())
+
+    @app.get("/issues", response_class=HTMLResponse)
+    def issues_page() -> HTMLResponse:
+        return HTMLResponse((WEB / "issues.html").read_text())
+
+    @app.get("/api/issues")
+    def issues(
+        issue: Annotated[
+            str | None, Query(description="label, outlier or near_duplicate (default: all)")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="findings at most")] = 200,
+    ) -> dict[str, Any]:
+        """The latest audit's suspect images (`headstart audit`)."""
+        return svc.issues(issue, limit)
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:

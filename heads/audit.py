@@ -28,7 +28,6 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from extractors.common import HeadstartError
 from heads.classical import HEADS, build_head, calibrated, class_scores
 
-ISSUES = ("label", "outlier", "near_duplicate")
 FOLDS = 5
 OUTLIER_QUANTILE = 0.99
 OUTLIER_K = 10

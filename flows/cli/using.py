@@ -203,11 +203,12 @@ def audit(
     Each finding has path, id, label, split, issue (label, outlier or near_duplicate), score
     (higher = more suspect, comparable within a kind), suggested_label and related (the
     nearest neighbour or the near-duplicate's twin). See heads/audit.py for the protocol."""
-    from flows.steps.audit import audit_store, write_findings
+    from flows.steps.audit import audit_store, keep_in_store, write_findings
     from flows.workspace import resolve_store
 
     st = resolve_store(store, workspace)
     table, summary = audit_store(st.path, threshold=threshold)
+    keep_in_store(st.path, table, summary)  # the search page's issues view (`headstart ui`)
     if out_file is not None:
         summary["out"] = str(write_findings(table, out_file))
     if as_json:

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from extractors.common import atomic_path
+from extractors.common import atomic_path, write_json_atomic, write_parquet_atomic
 from extractors.dedup import near_duplicate_groups
+from extractors.layout import AUDIT, AUDIT_SUMMARY
 from extractors.predictions import output_format
 from extractors.store import Store
 from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
@@ -90,6 +91,7 @@ def audit_store(
     }
     summary = {
         "store": str(st.path),
+        "fingerprint": st.manifest()["fingerprint"],
         "rows": len(every),
         "labelled_rows": len(info),
         "issues": counts,
@@ -159,6 +161,7 @@ def audit_and_track(
     from flows import tracking
 
     table, summary = audit_store(store, seed=seed)
+    keep_in_store(store, table, summary)
     counts = summary["issues"]
     tracking.log_to_run(
         parent_run_id,
@@ -179,3 +182,12 @@ def audit_and_track(
         f"{counts['near_duplicate']} near-duplicates: `headstart audit --out FILE` lists them"
     )
     return summary | {"line": line}
+
+
+def keep_in_store(store: str | Path, table: pa.Table, summary: dict[str, Any]) -> None:
+    """The findings and summary as the store's latest audit (what the search page's issues
+    view shows), written under the store's lock."""
+    st = Store(store)
+    with st.lock():
+        write_parquet_atomic(table, st.path / AUDIT)
+        write_json_atomic(st.path / AUDIT_SUMMARY, summary)

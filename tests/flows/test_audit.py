@@ -1,12 +1,21 @@
 """Auditing real images through their embeddings: labels flipped by moving files into another
 class folder rank at the top of the label issues (cleanlab on out-of-sample probabilities), an
-image unlike the rest is the top outlier, and a re-encoded copy is a near-duplicate."""
+image unlike the rest is the top outlier, and a re-encoded copy is a near-duplicate; the
+findings in the CLI, the MLflow run and the search page's issues view (headless Chromium)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import threading
+import time
+from pathlib import Path
 
+import httpx
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
@@ -14,13 +23,17 @@ from typer.testing import CliRunner
 from extractors.sources import read_source
 from extractors.store import Store
 from flows.cli import app
-from flows.steps.audit import audit_store
 
 FLIPS = {"0": "1", "1": "2", "2": "3", "3": "0"}  # one image of each class moved to the next
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_flipped_labels_outliers_and_copies_are_found(digits_dir, backbone, tmp_path) -> None:
-    root = tmp_path / "digits"
+@pytest.fixture(scope="module")
+def audited(digits_dir, backbone, tmp_path_factory):
+    """A store of the digits with 4 flipped labels, a photo among them and a re-encoded copy,
+    audited by `headstart audit --out`."""
+    tmp = tmp_path_factory.mktemp("audit")
+    root = tmp / "digits"
     shutil.copytree(digits_dir, root)
     flipped = {}
     for src, dst in FLIPS.items():
@@ -30,14 +43,30 @@ def test_flipped_labels_outliers_and_copies_are_found(digits_dir, backbone, tmp_
         flipped[str(moved.resolve())] = src
     odd = root / "2" / "astronaut.png"  # a photo among handwritten digits
     Image.fromarray(data.astronaut()).resize((64, 64)).save(odd)
-    copy = root / "3" / "copy.jpg"
     first3 = sorted(p for p in (root / "3").iterdir() if p.suffix == ".png")[0]
+    copy = root / "3" / "copy.jpg"
     Image.open(first3).convert("RGB").save(copy, quality=90)  # a re-encoded copy
-    store = Store(tmp_path / "store")
+    store = Store(tmp / "store")
     store.update(read_source(root), backbone, progress=False)
+    out = tmp / "audit.parquet"
+    res = CliRunner().invoke(
+        app, ["audit", "--store", str(store.path), "--out", str(out), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    return {
+        "store": store,
+        "out": out,
+        "result": json.loads(res.stdout),
+        "flipped": flipped,
+        "odd": str(odd.resolve()),
+        "pair": {str(copy.resolve()), str(first3.resolve())},
+    }
 
-    table, summary = audit_store(store.path)
-    labels = [r for r in table.to_pylist() if r["issue"] == "label"]
+
+def test_flipped_labels_outliers_and_copies_are_found(audited) -> None:
+    findings, summary = audited["result"]["findings"], audited["result"]["summary"]
+    flipped = audited["flipped"]
+    labels = [r for r in findings if r["issue"] == "label"]
     top = {r["path"] for r in labels[: len(flipped)]}
     hits = len(top & set(flipped))  # at k = the number of flips, precision = recall
     print(f"flipped {len(flipped)}: precision and recall at {len(flipped)}: {hits / len(flipped)}")
@@ -47,19 +76,87 @@ def test_flipped_labels_outliers_and_copies_are_found(digits_dir, backbone, tmp_
             assert r["suggested_label"] == flipped[r["path"]]  # the class it came from
     scores = [r["score"] for r in labels]
     assert scores == sorted(scores, reverse=True)
-    outliers = [r for r in table.to_pylist() if r["issue"] == "outlier"]
-    assert outliers[0]["path"] == str(odd.resolve()) and outliers[0]["related"]
-    dups = [r for r in table.to_pylist() if r["issue"] == "near_duplicate"]
-    assert any(
-        {r["path"], r["related"]} == {str(copy.resolve()), str(first3.resolve())} for r in dups
-    )
+    outliers = [r for r in findings if r["issue"] == "outlier"]
+    assert outliers[0]["path"] == audited["odd"] and outliers[0]["related"]
+    dups = [r for r in findings if r["issue"] == "near_duplicate"]
+    assert any({r["path"], r["related"]} == audited["pair"] for r in dups)
     assert summary["issues"]["label"] == len(labels) and 0 < summary["label_noise_rate"] < 0.3
     assert summary["head"].startswith("no training yet")
+    assert pq.read_table(audited["out"]).num_rows == len(findings)
+    kept = pq.read_table(audited["store"].path / "audit.parquet")  # for the search page
+    assert kept.num_rows == len(findings)
 
-    out = tmp_path / "audit.parquet"
-    res = CliRunner().invoke(app, ["audit", "--store", str(store.path), "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert pq.read_table(out).num_rows == table.num_rows and "label noise" in res.stdout
+
+@pytest.fixture(scope="module")
+def server(audited, tmp_path_factory):
+    import uvicorn
+
+    from flows.webapp import create_app
+
+    app_ = create_app(audited["store"].path, tmp_path_factory.mktemp("ws"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/api/info", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield base
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_issues_api_lists_findings_with_their_related_images(audited, server) -> None:
+    body = httpx.get(f"{server}/api/issues", params={"issue": "label"}).json()
+    assert not body["stale"] and body["summary"]["issues"]["label"] == len(body["findings"])
+    first = body["findings"][0]
+    assert first["issue"] == "label" and first["suggested_label"]
+    assert httpx.get(f"{server}{first['thumb']}").status_code == 200
+    dups = httpx.get(f"{server}/api/issues", params={"issue": "near_duplicate"}).json()
+    assert all(f["related"] and f["related"]["thumb"] for f in dups["findings"])
+    bad = httpx.get(f"{server}/api/issues", params={"issue": "nope"})
+    assert bad.status_code == 400 and "label, outlier, near_duplicate" in bad.json()["detail"]
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="no system Chromium (apt install chromium)",
+)
+def test_the_issues_view_in_headless_chromium(audited, server) -> None:
+    """Open the issues view, pick wrong labels, see the flipped images; click one: the search
+    page opens on its nearest neighbours."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "CI must install Chromium (.ci/run does: apt-get install chromium)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{server}/issues")
+            page.wait_for_selector(".finding")
+            assert "label issues" in page.inner_text("#summary")
+            page.click("button[data-issue=label]")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.finding .kind')].every("
+                "k => k.textContent === 'label issue')"
+            )
+            names = [n.inner_text() for n in page.query_selector_all(".finding .name")]
+            flipped = {Path(p).name for p in audited["flipped"]}
+            assert len(set(names[:4]) & flipped) >= 3
+            assert page.inner_text(".finding .suggested")  # the suggested label is shown
+            page.click(".finding img")
+            page.wait_for_selector(".hit")  # the search page, on that image's neighbours
+            assert "/?id=" in page.url
+        finally:
+            browser.close()
 
 
 def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path) -> None:
@@ -69,8 +166,6 @@ def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path
     args = ["run", str(digits_dir), "--workspace", ws, "--head", "logreg", "--audit", "--json"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    import json
-
     result = json.loads(res.stdout)
     assert result["audit"]["line"].startswith("audit: ")
     assert result["audit"]["head"].startswith("best head of training")  # its chosen settings
