@@ -85,6 +85,8 @@ def audit_store(
             continue
         i = position[g["id"]]
         rows.append(_finding(g, "near_duplicate", closest[i], None, paths.get(nearest[i])))
+    kinds = ("label", "outlier", "near_duplicate")
+    rows.sort(key=lambda r: (kinds.index(r["issue"]), -r["score"]))  # most suspect first
     table = pa.Table.from_pylist(rows, schema=FINDINGS)
     counts = {
         k: sum(1 for r in rows if r["issue"] == k) for k in ("label", "outlier", "near_duplicate")
