@@ -210,7 +210,7 @@ def model_run(
         tags={"mlflow.parentRunId": parent_run_id, "headstart.kind": kind},
         run_name=name,
     )
-    with mlflow.start_run(run_id=run.info.run_id) as active:
+    with mlflow.start_run(run_id=run.info.run_id, nested=True) as active:
         mlflow.log_params({k: _short(v) for k, v in params.items()})
         if data is not None:
             log_dataset(run.info.run_id, workspace, *data)
