@@ -103,3 +103,21 @@ def write_groups(table: pa.Table, out: str | Path) -> Path:
         else:
             pq.write_table(table, tmp)
     return out
+
+
+LEAK_CHECK_MAX_ROWS = 200_000  # above this a training does not range-search the whole store
+
+
+def leaks(groups: pa.Table) -> dict[str, int]:
+    """How the near-duplicate groups straddle splits: groups with members in more than one
+    split, the images in them, and those of their images in the test split (each a test
+    image with a near-twin the heads trained or were chosen on)."""
+    by_group: dict[int, list[dict]] = {}
+    for r in groups.select(["group", "split"]).to_pylist():
+        by_group.setdefault(r["group"], []).append(r)
+    leaky = [g for g in by_group.values() if len({r["split"] for r in g}) > 1]
+    return {
+        "leaky_groups": len(leaky),
+        "leaky_images": sum(len(g) for g in leaky),
+        "leaky_test_images": sum(1 for g in leaky for r in g if r["split"] == "test"),
+    }

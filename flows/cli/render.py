@@ -146,6 +146,9 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     out.print(f"decision: {verdict}: {escape(d['reason'])}", highlight=False)
     if result.get("audit"):
         out.print(Text(result["audit"]["line"]))
+    leak = result.get("leaks") or {}
+    if leak.get("leaky_groups"):
+        out.print(Text(leak["line"], style="yellow"))
     if result.get("finetune"):
         print_finetune(result["finetune"], workspace)
     if result.get("registered"):

@@ -98,6 +98,8 @@ def train(
         return
     out.print(heads_table(result["heads"], f"heads on {st.path.name}"))
     out.print(Text(result["image_model"]["champion"]["line"], style="bold"))
+    if result.get("leaks", {}).get("leaky_groups"):
+        out.print(Text(result["leaks"]["line"], style="yellow"))
     out.print(
         f"MLflow: experiment {result['experiment']}, run {result['run_id']}; "
         f"UI: {tracking.ui_command(workspace)}",

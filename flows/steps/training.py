@@ -54,6 +54,7 @@ def train_and_track(
     test_rows = _test_rows(st)
     trained = train_heads(features, heads=heads, seed=seed, progress=progress)
     tracking.log_dataset(parent_run_id, workspace, manifest, st.path)
+    leak = split_leaks(st)
     results, splits = trained.results, trained.splits
     run = {"mlflow_run_id": parent_run_id}
     saved = save_heads(st.path, manifest, results, run_tag=parent_run_id, extra=run)
@@ -109,6 +110,7 @@ def train_and_track(
                 "selection_metric": results[0].selection_metric,
             },
             metrics={
+                **{k: v for k, v in leak.items() if isinstance(v, int)},
                 "n_train": len(splits.y_train),
                 "n_val": len(splits.y_val),
                 "n_test": len(splits.y_test),
@@ -133,6 +135,7 @@ def train_and_track(
         "imbalanced": trained.imbalanced,
         "registered": registered,
         "image_model": image,
+        "leaks": leak,
     }
     write_json_atomic(
         st.path / "heads" / LAST_TRAINING,
@@ -153,6 +156,25 @@ def _test_rows(store: Store) -> dict[str, list[Any]]:
     _, meta = store.arrays(where_labelled=True)
     test = meta.filter(pc.equal(meta["split"], "test"))
     return {c: test[c].to_pylist() for c in ("path", "sha256", "label")}
+
+
+def split_leaks(store: Store, threshold: float = 0.95) -> dict[str, Any]:
+    """Near-duplicate groups (`headstart dedup` at `threshold`) whose images sit in more than
+    one split, and a line that says so when the test score is measured on such a split."""
+    from extractors.dedup import LEAK_CHECK_MAX_ROWS, leaks, near_duplicate_groups
+
+    rows = store.manifest()["rows"]
+    if rows > LEAK_CHECK_MAX_ROWS:
+        return {"line": f"leaks: not checked at {rows:,} rows (run `headstart dedup`)"}
+    found = leaks(near_duplicate_groups(store, threshold))
+    if not found["leaky_groups"]:
+        return found | {"line": f"leaks: no near-duplicates (cosine >= {threshold}) span splits"}
+    line = (
+        f"warning: {found['leaky_groups']} near-duplicate groups (cosine >= {threshold}) span "
+        f"splits, {found['leaky_test_images']} test images among them: the test scores may be "
+        "optimistic (`headstart dedup` lists them)"
+    )
+    return found | {"line": line}
 
 
 def register_image_model(

@@ -173,5 +173,25 @@ def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path
     run = client.get_run(result["run_id"])
     assert run.data.metrics["audit_label_issues"] == result["audit"]["issues"]["label"]
     assert "audit_label_noise_rate" in run.data.metrics
+    # Near-duplicates across splits are counted and said (the digits have many at 0.95).
+    leak = result["leaks"]
+    assert run.data.metrics["leaky_groups"] == leak["leaky_groups"] > 0
+    assert leak["line"].startswith(f"warning: {leak['leaky_groups']} near-duplicate groups")
     table = client.load_table(run.info.experiment_id, "audit.json", [result["run_id"]])
     assert set(table["issue"]) <= {"label", "outlier", "near_duplicate"} and len(table) > 0
+
+
+def test_leaks_count_groups_that_straddle_splits() -> None:
+    import pyarrow as pa
+
+    from extractors.dedup import GROUP_SCHEMA, leaks
+
+    rows = [
+        {"group": 0, "split": "train"}, {"group": 0, "split": "test"},  # straddles
+        {"group": 1, "split": "val"}, {"group": 1, "split": "val"},  # one split: fine
+        {"group": 2, "split": "train"}, {"group": 2, "split": "val"}, {"group": 2, "split": "test"},
+    ]  # fmt: skip
+    full = [r | {"size": 2, "id": i, "path": str(i), "label": "a", "similarity": 1.0}
+            for i, r in enumerate(rows)]  # fmt: skip
+    found = leaks(pa.Table.from_pylist(full, schema=GROUP_SCHEMA))
+    assert found == {"leaky_groups": 2, "leaky_images": 5, "leaky_test_images": 2}
