@@ -231,8 +231,10 @@ class DaskEngine:
                 pure=False,
             )
             sizes = {f.key: len(s) for f, s in zip(futures, shards, strict=True)}
-            for fut in as_completed(futures):
-                result = fut.result()
+            # Results gathered by as_completed on the client's own loop (not fut.result() from
+            # this thread: with another client in the process, that waited on an event bound
+            # to a different loop after a worker died).
+            for fut, result in as_completed(futures, with_results=True):
                 failures.extend(tuple(f) for f in result["failures"])
                 for k in ("images", "decode_s", "model_s", "write_s"):
                     setattr(stats, k, getattr(stats, k) + result["stats"][k])

@@ -77,13 +77,11 @@ def test_killing_a_worker_mid_run_still_embeds_every_image_once(
 
     store = Store(tmp_path / "store")
     staging = store.path / "staging"
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        pids = sorted(client.run(os.getpid).values())
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with Client(cluster) as client:  # closed before the engine joins with its own
+            pids = sorted(client.run(os.getpid).values())
         killed: dict[str, int] = {}
 
         def kill_after_first_shard() -> None:
@@ -105,7 +103,8 @@ def test_killing_a_worker_mid_run_still_embeds_every_image_once(
         watcher.join(timeout=5)
         assert killed, "the worker was not killed during the run"
         assert killed["shards_done"] < 10, "the kill came after the last shard"
-        assert pids[0] not in client.run(os.getpid).values()  # really dead, since restarted
+        with Client(cluster) as client:
+            assert pids[0] not in client.run(os.getpid).values()  # really dead, restarted
     assert report.rows == report.embedded == 100 and report.failed == 0
     _same_store(built_store, store)
     ids = pa.compute.unique(store.table(["id"])["id"])
