@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +20,7 @@ from typer.testing import CliRunner
 from extractors.sources import read_source
 from extractors.store import Store
 from flows.cli import app
+from tests.flows.live import serving
 
 FLIPS = {"0": "1", "1": "2", "2": "3", "3": "0"}  # one image of each class moved to the next
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -89,27 +87,8 @@ def test_flipped_labels_outliers_and_copies_are_found(audited) -> None:
 
 @pytest.fixture(scope="module")
 def server(audited, tmp_path_factory):
-    import uvicorn
-
-    from flows.webapp import create_app
-
-    app_ = create_app(audited["store"].path, tmp_path_factory.mktemp("ws"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/api/info", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(audited["store"].path, tmp_path_factory.mktemp("ws")) as base:
+        yield base
 
 
 def test_the_issues_api_lists_findings_with_their_related_images(audited, server) -> None:

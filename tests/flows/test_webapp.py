@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+
+from tests.flows.live import serving
 
 ARTIFACTS = Path(
     os.environ.get("HEADSTART_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
@@ -22,27 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(built_store, tmp_path_factory):
-    import uvicorn
-
-    from flows.webapp import create_app
-
-    app = create_app(built_store.path, tmp_path_factory.mktemp("ws"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/api/info", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(built_store.path, tmp_path_factory.mktemp("ws")) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

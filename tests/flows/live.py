@@ -1,0 +1,40 @@
+"""A search service for tests: uvicorn on a free loopback port, in a thread, for a block."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+@contextlib.contextmanager
+def serving(store: Path, workspace: Path) -> Iterator[str]:
+    """The base URL of `flows.webapp.create_app(store, workspace)`, answering."""
+    import uvicorn
+
+    from flows.webapp import create_app
+
+    app = create_app(store, workspace)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/api/info", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
