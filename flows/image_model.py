@@ -139,9 +139,10 @@ def load_registered(
     """A registered image model as the classifier `predict` runs, named `<name>/<version>`,
     and the store its head was trained on (None for a fine-tuned network)."""
     name, version = resolve(uri, workspace)
-    local = Path(tempfile.mkdtemp(prefix="headstart-model-"))
-    path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(local))
-    folder = Path(path) / "artifacts" / "model"
-    bound = ImageClassifier.load(folder, device=device, name=f"{name}/{version}")
+    # The head and the network are read into memory on load: the download is then spent.
+    with tempfile.TemporaryDirectory(prefix="headstart-model-") as local:
+        path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=local)
+        folder = Path(path) / "artifacts" / "model"
+        bound = ImageClassifier.load(folder, device=device, name=f"{name}/{version}")
     store = bound.model.store
     return bound, Path(store) if store else None
