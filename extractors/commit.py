@@ -7,26 +7,45 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from extractors.backbones import Backbone
-from extractors.common import ROW_GROUP, atomic_path, write_bytes_atomic, write_parquet_atomic
+from extractors.common import (
+    ROW_GROUP,
+    atomic_path,
+    normalize,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
+from extractors.grouping import (
+    Edge,
+    Grouping,
+    assign_splits,
+    exact_search,
+    group_rows,
+    knn_edges,
+)
 from extractors.layout import (
     EMBEDDINGS,
     FAILURE_SCHEMA,
     FAILURES,
     FORMAT_VERSION,
     MANIFEST,
+    content_id,
+    embedding_matrix,
     fingerprint,
 )
 from extractors.plan import UpdatePlan
-from extractors.sources import Source, stratified_split
+from extractors.sources import Source
 
 
 @dataclass
@@ -75,31 +94,119 @@ class _Writer:
         self.merged.meta["split"] += splits
 
 
-def new_splits(plan: UpdatePlan, new_paths: list[str], seed: int) -> dict[str, str | None]:
-    """The split of each new row: the one the source gives, else a seeded stratified one."""
-    given = [plan.staged[p][1] for p in new_paths]
-    splits = dict(zip(new_paths, given, strict=True))
-    auto = [i for i, g in enumerate(given) if g is None]
-    if auto:
-        assigned = stratified_split(
-            [plan.sha[new_paths[i]] for i in auto],
-            [plan.staged[new_paths[i]][0] for i in auto],
-            seed,
-        )
-        splits.update({new_paths[i]: s for i, s in zip(auto, assigned, strict=True)})
-    return splits
+def new_paths(plan: UpdatePlan, staged: pa.Table) -> list[str]:
+    """The paths that become new rows: those the plan stages, one row each (the first)."""
+    use = pc.is_in(staged["path"], value_set=pa.array(list(plan.staged), pa.string()))
+    staged = staged.filter(use) if staged.num_rows else staged
+    return list(dict.fromkeys(staged["path"].to_pylist()))
+
+
+@dataclass
+class Committed:
+    """The store's rows before this update that it keeps (id, path, label, split), and a
+    search over their vectors (scores, ids), for new rows to join their groups."""
+
+    rows: pa.Table
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None
+
+
+def new_splits(
+    plan: UpdatePlan,
+    paths: list[str],
+    parts: list[Path],
+    seed: int,
+    grouping: Grouping,
+    committed: Committed | None = None,
+) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """The split of each new row, and what the grouping did (extractors/grouping.py): the one
+    the source gives, else a seeded stratified one that keeps near-duplicate groups (and a
+    manifest's groups) in one split, committed rows' groups included."""
+    given = {p: plan.staged[p][1] for p in paths}
+    auto = [p for p in paths if given[p] is None]
+    record: dict[str, Any] = grouping.record() | {"groups": 0, "grouped_rows": 0, "joined": 0}
+    if not auto:
+        return given, record
+    ids = {p: content_id(plan.sha[p]) for p in paths}
+    labels = {ids[p]: plan.staged[p][0] for p in paths}
+    fixed = {ids[p]: s for p, s in given.items() if s is not None}
+    keys = {ids[p]: plan.sha[p] for p in paths}
+    edges: list[Edge] = []
+    same: dict[int, str] = {}
+    sizes = Counter(lab for lab in labels.values() if lab is not None)
+    if grouping.by != "none":
+        same = {ids[p]: plan.groups[p] for p in paths if p in plan.groups}
+        vec_ids, vectors = _new_vectors(parts, plan, paths)
+        auto_ids = {ids[p] for p in auto}
+        queries = np.isin(vec_ids, np.fromiter(auto_ids, np.int64, len(auto_ids)))
+        q_ids, q_vectors = vec_ids[queries], vectors[queries]
+        edges = knn_edges(exact_search(vectors, vec_ids), q_vectors, q_ids, grouping.threshold)
+        if committed is not None and committed.rows.num_rows:
+            old = committed.rows.to_pydict()
+            old_split = dict(zip(old["id"], old["split"], strict=True))
+            old_path = dict(zip(old["id"], old["path"], strict=True))
+            sizes.update(plan.keep[p][0] for p in old["path"] if plan.keep[p][0] is not None)
+            if committed.search is not None:
+                found = knn_edges(committed.search, q_vectors, q_ids, grouping.threshold)
+                edges += [e for e in found if e[1] in old_split]
+            keyed = set(same.values())
+            for i, p in zip(old["id"], old["path"], strict=True):
+                if plan.groups.get(p) in keyed:
+                    same[i] = plan.groups[p]
+            for i in {e[1] for e in edges} | set(same):
+                if i in old_split:
+                    fixed[i] = old_split[i]
+                    labels.setdefault(i, plan.keep[old_path[i]][0])
+    groups = group_rows(labels, edges, grouping.threshold, same, sizes)
+    assigned, joined = assign_splits(groups, labels, keys, fixed, seed)
+    splits = {p: given[p] or assigned[ids[p]] for p in paths}
+    multi = [g for g in groups.members if len(g) > 1]
+    record |= {
+        "groups": len(multi),
+        "grouped_rows": sum(len(g) for g in multi),
+        "joined": joined,
+        "regrouped": groups.regrouped,
+        "note": groups.note(grouping.threshold),
+    }
+    return splits, record
+
+
+def _new_vectors(
+    parts: list[Path], plan: UpdatePlan, paths: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, normalised embeddings) of the new rows, read from the staged parts."""
+    wanted = set(paths)
+    seen: set[str] = set()
+    ids, vectors = [], []
+    for part in parts:
+        t = pq.read_table(part, columns=["id", "path", "sha256", "embedding"])
+        keep = []
+        for p, h in zip(t["path"].to_pylist(), t["sha256"].to_pylist(), strict=True):
+            ok = p in wanted and p not in seen and plan.sha.get(p) == h
+            keep.append(ok)
+            if ok:
+                seen.add(p)
+        t = t.filter(pa.array(keep, pa.bool_()))
+        if t.num_rows:
+            ids.append(t["id"].to_numpy())
+            vectors.append(normalize(embedding_matrix(t)))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, 1), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors)
 
 
 def merge_rows(
-    folder: Path, sch: pa.Schema, plan: UpdatePlan, parts: list[Path], staged: pa.Table, seed: int
+    folder: Path,
+    sch: pa.Schema,
+    plan: UpdatePlan,
+    parts: list[Path],
+    paths: list[str],
+    splits: dict[str, str | None],
 ) -> Merged:
     """Write `folder`/embeddings.parquet anew: the old file's kept rows (labels and given
     splits refreshed from the source), then each new path's first staged row whose content
-    is still the planned one, in bounded memory."""
-    use = pc.is_in(staged["path"], value_set=pa.array(list(plan.staged), pa.string()))
-    staged = staged.filter(use) if staged.num_rows else staged
-    new_paths = list(dict.fromkeys(staged["path"].to_pylist()))  # one row per path, first kept
-    splits = new_splits(plan, new_paths, seed)
+    is still the planned one (`paths`, see `new_paths`), with its split from `splits`, in bounded
+    memory."""
+    new_paths = paths
     with atomic_path(folder / EMBEDDINGS) as tmp:
         out = _Writer(pq.ParquetWriter(tmp, sch, compression="zstd"), sch, plan)
         try:
@@ -142,6 +249,7 @@ class ManifestInputs:
     seed: int
     failed: int
     index: dict[str, Any]
+    split_groups: dict[str, Any] = field(default_factory=dict)
 
 
 def write_manifest(folder: Path, rows: pa.Table, what: ManifestInputs) -> None:
@@ -168,6 +276,7 @@ def write_manifest(folder: Path, rows: pa.Table, what: ManifestInputs) -> None:
         "fingerprint": fingerprint(rows),
         "source": {"root": source.root, "kind": source.kind, "name": source.name},
         "split_seed": what.seed,
+        "split_groups": {k: v for k, v in what.split_groups.items() if k != "note"},
         "layers": {col: {"module": bb.layers[col], "dim": d} for col, d in bb.layer_dims.items()},
         "index": what.index,
         "created": created,

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from extractors.ann import flat_copy
 from extractors.common import atomic_path, normalize
+from extractors.grouping import SPLIT_ORDER, Grouping, Groups, group_rows, knn_edges
 from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
 
@@ -121,3 +122,61 @@ def leaks(groups: pa.Table) -> dict[str, int]:
         "leaky_images": sum(len(g) for g in leaky),
         "leaky_test_images": sum(1 for g in leaky for r in g if r["split"] == "test"),
     }
+
+
+def store_grouping(store: Store) -> Grouping:
+    """The grouping the store's split used (its manifest), the default for older stores."""
+    kept = store.manifest().get("split_groups") or {}
+    if kept.get("by") == "none":
+        return Grouping("none")
+    return Grouping(threshold=kept.get("threshold") or Grouping().threshold)
+
+
+def split_groups(store: Store, grouping: Grouping | None = None) -> tuple[Groups, pa.Table]:
+    """The groups a split keeps together over the whole store (its own grouping unless
+    given: near-duplicate links, too-large guard included, as each update applies them), and
+    the rows' id, path, label and split. A manifest's group keys are the source's, not the
+    store's: they are not part of this."""
+    grouping = grouping or store_grouping(store)
+    meta = store.table(["id", "path", "label", "split"])
+    labels = dict(zip(meta["id"].to_pylist(), meta["label"].to_pylist(), strict=True))
+    if grouping.by == "none" or not meta.num_rows:
+        return Groups([[i] for i in labels]), meta
+    index = flat_copy(store.batches(), store.manifest()["dim"])
+    search = lambda q, k: index.search(q, min(k, index.ntotal))  # noqa: E731
+    edges = []
+    for vectors, ids in store.batches():
+        edges += knn_edges(search, vectors, ids, grouping.threshold)
+    return group_rows(labels, edges, grouping.threshold), meta
+
+
+def groups_table(groups: Groups, meta: pa.Table) -> pa.Table:
+    """The groups of more than one row, one row per member (group, id, path, label, split)."""
+    of = {i: g for g, group in enumerate(groups.members) if len(group) > 1 for i in group}
+    rows = [dict(r, group=of[r["id"]]) for r in meta.to_pylist() if r["id"] in of]
+    names = ["group", "id", "path", "label", "split"]
+    return (
+        pa.Table.from_pylist([{k: r[k] for k in names} for r in rows])
+        if rows
+        else pa.table({"group": pa.array([], pa.int32()), "split": pa.array([], pa.string())})
+    )
+
+
+def split_moves(groups: Groups, meta: pa.Table) -> list[dict]:
+    """The moves that put each group spanning splits into one: the split most of its rows
+    outside test have (ties: train, then val), so test rows move out, never in."""
+    split_of = dict(zip(meta["id"].to_pylist(), meta["split"].to_pylist(), strict=True))
+    path_of = dict(zip(meta["id"].to_pylist(), meta["path"].to_pylist(), strict=True))
+    moves = []
+    for n, group in enumerate(groups.members):
+        splits = [split_of[i] for i in group]
+        if len(set(splits)) < 2:
+            continue
+        outside = [s for s in splits if s != "test"]
+        target = min(set(outside), key=lambda s: (-outside.count(s), SPLIT_ORDER.index(s)))
+        moves += [
+            {"id": i, "path": path_of[i], "group": n, "from": split_of[i], "to": target}
+            for i in group
+            if split_of[i] != target
+        ]
+    return moves

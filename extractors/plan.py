@@ -41,6 +41,7 @@ class UpdatePlan:
     stat: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     duplicate_of: dict[str, str] = field(default_factory=dict)  # path -> first path, same bytes
+    groups: dict[str, str] = field(default_factory=dict)  # path -> a manifest's group key
     removed: int = 0
 
     def pending(self) -> list[Pending]:
@@ -107,6 +108,8 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
         first_path_of[sha] = rec.path
         plan.sha[rec.path] = sha
         plan.stat[rec.path] = (st.st_size, st.st_mtime_ns)
+        if rec.group is not None:
+            plan.groups[rec.path] = rec.group
         if rec.path in committed and committed[rec.path][0] == sha:
             plan.keep[rec.path] = (rec.label, rec.split)
         elif (rec.path, sha) in staged_pairs:

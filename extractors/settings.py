@@ -13,13 +13,17 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from extractors.common import HeadstartError
+
+if TYPE_CHECKING:
+    from extractors.grouping import Grouping
 
 ENGINES = ("local", "dask")
 INDEX_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
 DEFAULT_RECALL = 0.95  # recall@10 an index is tuned to unless asked otherwise
+GROUP_THRESHOLD = 0.80  # cosine that makes two images one group of the split (grouping.py)
 Check = Callable[[Any], str | None]  # a message when the value is wrong, else None
 
 
@@ -222,6 +226,27 @@ class EmbedSettings(Settings):
     seed: int = setting(
         0, "Seed of the stratified train/val/test split (and of the heads trained on it)."
     )
+    split_groups: str = setting(
+        "near-duplicates",
+        "How the split keeps images together: near-duplicates (each group of near-duplicate "
+        "images, and each `group` of a manifest, goes to one split, so no test image has a "
+        "near-twin in train) or none (row by row). Rows already in the store keep their "
+        "splits; new rows that join their groups take them.",
+        choices=("near-duplicates", "none"),
+    )
+    split_threshold: float = setting(
+        GROUP_THRESHOLD,
+        "Cosine similarity at or above which two images count as near-duplicates for the "
+        "split (measured in bench/grouping.py: re-encoded, resized copies of a photo score "
+        "0.70-1.00, different photos at most 0.58).",
+        check=in_range(0.0, 1.0),
+    )
+
+    def grouping(self) -> Grouping:
+        """The group-aware split these settings ask for."""
+        from extractors.grouping import Grouping
+
+        return Grouping(self.split_groups, self.split_threshold)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,11 +23,13 @@ class SourceError(HeadstartError, ValueError):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a source: where it is, its label (None when unlabelled) and given split."""
+    """One image of a source: where it is, its label (None when unlabelled), given split, and
+    the group it belongs to (a manifest's `group` column: rows of a group share one split)."""
 
     path: str
     label: str | None = None
     split: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,14 @@ def _from_manifest(path: Path) -> Source:
     if "path" not in cols:
         raise SourceError(
             f"manifest {path} has no 'path' column (columns: {sorted(cols)}); "
-            "expected path,label[,split]"
+            "expected path,label[,split][,group]"
         )
     paths = table.column("path").to_pylist()
     labels = table.column("label").to_pylist() if "label" in cols else [None] * len(paths)
     splits = table.column("split").to_pylist() if "split" in cols else [None] * len(paths)
+    groups = table.column("group").to_pylist() if "group" in cols else [None] * len(paths)
     records = []
-    for i, (p, lab, spl) in enumerate(zip(paths, labels, splits, strict=True)):
+    for i, (p, lab, spl, grp) in enumerate(zip(paths, labels, splits, groups, strict=True)):
         if p is None or str(p).strip() == "":
             raise SourceError(f"manifest {path}: row {i + 2} has an empty path")
         full = Path(p) if Path(p).is_absolute() else path.parent / p
@@ -105,7 +108,8 @@ def _from_manifest(path: Path) -> Source:
                 f"manifest {path}: row {i + 2} has split {spl!r}; use one of {', '.join(SPLITS)}"
             )
         lab = None if lab is None or str(lab).strip() == "" else str(lab)
-        records.append(ImageRecord(str(full.resolve()), lab, spl))
+        grp = None if grp is None or str(grp).strip() == "" else str(grp)
+        records.append(ImageRecord(str(full.resolve()), lab, spl, grp))
     return Source(str(path.resolve()), "manifest", tuple(records))
 
 
@@ -114,7 +118,8 @@ def read_source(source: str | Path, layout: str = "auto") -> Source:
 
     auto: a folder whose top level holds only sub-folders is read as one class per sub-folder;
     a folder with images at its top level is read as unlabelled (searched recursively);
-    a .csv or .parquet file is a manifest with columns path,label[,split].
+    a .csv or .parquet file is a manifest with columns path,label[,split][,group] (rows of one
+    group, e.g. the photos of one patient or one product, are kept in one split).
     """
     path = Path(source).expanduser()
     if not path.exists():

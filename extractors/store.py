@@ -7,6 +7,7 @@ it from a source: plan (extractors/plan.py) -> engine (extractors/engines.py) ->
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import time
@@ -23,10 +24,25 @@ import pyarrow.parquet as pq
 
 from extractors import ann, store_index
 from extractors.backbones import Backbone
-from extractors.commit import ManifestInputs, merge_rows, write_failures, write_manifest
-from extractors.common import ROW_GROUP, HeadstartError, exclusive, write_bytes_atomic
+from extractors.commit import (
+    Committed,
+    ManifestInputs,
+    merge_rows,
+    new_paths,
+    new_splits,
+    write_failures,
+    write_manifest,
+)
+from extractors.common import (
+    ROW_GROUP,
+    HeadstartError,
+    atomic_path,
+    exclusive,
+    write_bytes_atomic,
+)
 from extractors.embed import EmbedStats
 from extractors.engines import Engine, LocalEngine
+from extractors.grouping import Grouping
 from extractors.layout import (
     EMBEDDINGS,
     FAILURE_SCHEMA,
@@ -37,6 +53,7 @@ from extractors.layout import (
     STAGING,
     VECTOR_IDS,
     embedding_matrix,
+    fingerprint,
     schema,
 )
 from extractors.plan import UpdatePlan, plan_update
@@ -68,6 +85,7 @@ class UpdateReport:
     model_path: str = ""  # how the network ran: compiled or eager, and why
     failures: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)  # images/s and ms per image per stage
+    grouping: dict[str, Any] = field(default_factory=dict)  # what the group-aware split did
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -309,6 +327,7 @@ class Store:
         progress: bool = True,
         index: IndexSettings | None = None,
         engine: Engine | None = None,
+        grouping: Grouping | None = None,
     ) -> UpdateReport:
         """Bring the store in line with `source`: embed new or changed files, drop deleted ones.
 
@@ -319,7 +338,9 @@ class Store:
         rows and the staged rows into a new Parquet file, row group by row group. Rows of
         unchanged files (same path and content) keep their embedding, with label and given
         split refreshed from the source; new rows without a given split get a seeded
-        stratified split. The Parquet, the failures table, the index (`index`: what to change
+        stratified split that keeps near-duplicate groups in one split (`grouping`, see
+        extractors/grouping.py; committed rows keep their splits, and new rows that join
+        their groups take them). The Parquet, the failures table, the index (`index`: what to change
         of the store's index settings) and the manifest are replaced atomically, in that
         order; the staging folder is removed last. Disk errors leave the previous store as it
         was. Any engine's staged parts go through the same commit, so exactly-once holds for
@@ -330,7 +351,7 @@ class Store:
             self.check_backbone(backbone.name, backbone.weights)
             self.check_layers(backbone.layer_dims)
             try:
-                return self._update(source, backbone, seed, engine, index)
+                return self._update(source, backbone, seed, engine, index, grouping or Grouping())
             except OSError as exc:
                 raise StoreError(
                     f"cannot write to store {self.path}: {exc.strerror or exc}. The store is "
@@ -345,6 +366,7 @@ class Store:
         seed: int,
         engine: Engine,
         index: IndexSettings | None,
+        grouping: Grouping,
     ) -> UpdateReport:
         started = time.perf_counter()
         sch = schema(backbone.dim, backbone.layer_dims)
@@ -364,13 +386,19 @@ class Store:
         report.failed = len(report.failures)
 
         previous = self.manifest() if self.exists else {}
+        paths = new_paths(plan, staging.metadata())
+        committed = self._committed(plan) if plan.keep and grouping.by != "none" else None
+        splits, grouped = new_splits(plan, paths, staging.parts(), seed, grouping, committed)
+        report.grouping = grouped
+        if not grouped["groups"] and not grouped["joined"] and "split_groups" in previous:
+            grouped = previous["split_groups"] | grouping.record()  # keep the last counts
         with _Rollback(self.path) as rollback:
-            merged = merge_rows(self.path, sch, plan, staging.parts(), staging.metadata(), seed)
+            merged = merge_rows(self.path, sch, plan, staging.parts(), paths, splits)
             report.kept, report.rows = merged.kept, merged.rows
             report.embedded = report.rows - report.kept
             write_failures(self.path, report.failures)
             entry = self._refresh_index(previous | {"dim": backbone.dim, "split_seed": seed}, index)
-            facts = ManifestInputs(source, backbone, seed, report.failed, entry)
+            facts = ManifestInputs(source, backbone, seed, report.failed, entry, grouped)
             write_manifest(self.path, merged.table(), facts)
             rollback.done()
         staging.remove()
@@ -379,6 +407,49 @@ class Store:
         report.stats = stats.metrics() | {"seconds": stats.wall_s}
         report.model_path = stats.path
         return report
+
+    def move_splits(self, moves: dict[int, str], note: dict[str, Any]) -> dict[str, Any]:
+        """Put the rows `moves` names (id -> split) in those splits: embeddings.parquet
+        rewritten (atomically, row group by row group, under the writer's lock), then the
+        manifest's split counts and fingerprint from it (so the next run retrains). `note` is
+        recorded in the manifest's split_groups. Returns the new manifest."""
+        with self.lock():
+            path = self.path / EMBEDDINGS
+            reader = pq.ParquetFile(path)
+            if moves:
+                out = atomic_path(path)
+                schema_ = reader.schema_arrow
+                with out as tmp, pq.ParquetWriter(tmp, schema_, compression="zstd") as w:
+                    for rb in reader.iter_batches(ROW_GROUP):
+                        t = pa.Table.from_batches([rb])
+                        ids, old = t["id"].to_pylist(), t["split"].to_pylist()
+                        new = [moves.get(i, s) for i, s in zip(ids, old, strict=True)]
+                        at = t.schema.get_field_index("split")
+                        w.write_table(t.set_column(at, "split", pa.array(new, pa.string())))
+            # From the file itself, so a re-run after a crash here completes the manifest.
+            meta = pq.read_table(path, columns=["sha256", "label", "split"])
+            splits = meta["split"].to_pylist()
+            m = self.manifest()
+            m["splits"] = {s: splits.count(s) for s in ("train", "val", "test")}
+            m["fingerprint"] = fingerprint(meta)
+            m["split_groups"] = m.get("split_groups", {}) | note
+            m["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            write_bytes_atomic(self.path / MANIFEST, json.dumps(m, indent=2).encode())
+            return m
+
+    def _committed(self, plan: UpdatePlan) -> Committed:
+        """The rows this update keeps, and a search over the committed vectors (the index
+        on disk, else an exact copy), for the group-aware split."""
+        rows = self.table(["id", "path", "split"])
+        rows = rows.filter(pc.is_in(rows["path"], value_set=pa.array(list(plan.keep))))
+        try:
+            ann_index = self.index_if_consistent(mmap=True)
+        except RuntimeError:  # unreadable: the update rebuilds it
+            ann_index = None
+        if ann_index is not None:
+            return Committed(rows, ann_index.search)
+        flat = ann.flat_copy(self.batches(), self.manifest()["dim"])
+        return Committed(rows, lambda q, k: flat.search(q, min(k, flat.ntotal)))
 
     def _metadata(self) -> pa.Table | None:
         """Every column but the embeddings, or None when nothing was committed yet."""

@@ -639,6 +639,37 @@ def disagreements(
     return models, sorted(out, key=lambda r: r["path"])
 
 
+def runs_scored_on(workspace: str | Path, store: str, fingerprint: str) -> list[dict[str, Any]]:
+    """The trainings (parent runs, newest first) whose models were scored on the store's rows
+    as they are now (`fingerprint`): each its run id, name, start and link."""
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    client = MlflowClient()
+    found: dict[str, Any] = {}
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    models = client.search_runs(
+        experiments, f"params.fingerprint = '{fingerprint}' and params.store = '{store}'"
+    )
+    for r in models:
+        if "model" not in r.data.params:  # an embed run: it scored nothing
+            continue
+        parent = r.data.tags.get("mlflow.parentRunId", r.info.run_id)
+        found.setdefault(parent, None)
+    out = []
+    for run_id in found:
+        run = client.get_run(run_id)
+        out.append(
+            {
+                "run_id": run_id,
+                "name": run.info.run_name,
+                "started": run.info.start_time,
+                "url": run_url(run_id, workspace),
+            }
+        )
+    return sorted(out, key=lambda r: -r["started"])
+
+
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 500 else text[:497] + "..."

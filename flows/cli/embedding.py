@@ -19,7 +19,7 @@ Source = Annotated[
     Path,
     typer.Argument(
         help="Folder (one sub-folder per class, or unlabelled images) or a CSV/Parquet "
-        "manifest with path,label[,split]."
+        "manifest with path,label[,split][,group] (rows of one group share a split)."
     ),
 ]
 

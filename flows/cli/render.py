@@ -111,6 +111,16 @@ def print_embed(report: dict[str, Any]) -> None:
         )
     if report["embedded"] and report.get("model_path"):
         out.print(f"  network: {report['model_path']}", highlight=False)
+    grouped = report.get("grouping") or {}
+    if grouped.get("groups") or grouped.get("joined"):
+        out.print(
+            f"  split: {grouped['grouped_rows']} images in {grouped['groups']} near-duplicate "
+            f"groups (cosine >= {grouped['threshold']}) kept in one split each; "
+            f"{grouped['joined']} new images took the split of their group in the store",
+            highlight=False,
+        )
+    if grouped.get("note"):
+        out.print(f"  {escape(grouped['note'])}", highlight=False)
     if report.get("index"):
         out.print("  " + index_line(report["index"]), highlight=False)
         changed = report["embedded"] or report["removed"]

@@ -266,22 +266,44 @@ def dedup(
             min=0.0,
             max=1.0,
             help="Cosine similarity at or above which two images count as near-duplicates: "
-            "0.95 catches re-saved, resized and re-encoded copies of one photo; lower values "
-            "also group crops and edits.",
+            "0.95 catches re-saved copies and most resized ones; lower values also group "
+            "crops and edits (the split groups at 0.80, see --fix-splits).",
         ),
     ] = 0.95,
     out_file: Annotated[
         Path | None,
         typer.Option("--out", help="Write the groups to this .parquet or .csv file."),
     ] = None,
+    fix_splits: Annotated[
+        bool,
+        typer.Option(
+            "--fix-splits",
+            help="Propose the moves that keep each near-duplicate group in one split (as the "
+            "split of new stores groups them: the store's --split-threshold, 0.80 for older "
+            "stores; test rows move out, never in), and list the trainings scored on the "
+            "leaking split. Changes nothing without --apply.",
+        ),
+    ] = False,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply", help="With --fix-splits: make the moves (the next `run` retrains)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find groups of near-duplicate images in a store (before training: duplicates leak
-    between train and test splits). Exact duplicates are already in `headstart info`."""
+    between train and test splits), and with --fix-splits put each group in one split.
+    Exact duplicates are already in `headstart info`."""
     from extractors.dedup import near_duplicate_groups, write_groups
     from flows.workspace import resolve_store
 
     st = resolve_store(store, workspace)
+    if apply and not fix_splits:
+        raise typer.BadParameter("--apply makes the moves of --fix-splits: give both")
+    if fix_splits:
+        _fix_splits(st.path, workspace, apply, as_json)
+        return
     groups = near_duplicate_groups(st, threshold=threshold)
     written = write_groups(groups, out_file) if out_file is not None else None
     rows = groups.to_pylist()
@@ -302,7 +324,49 @@ def dedup(
     out.print(
         f"{n_groups} group(s), {len(rows)} images; {leaks} group(s) span more than one split"
         + (f"; written to {written}" if written else "")
+        + ("; `--fix-splits` proposes the moves that fix it" if leaks else "")
     )
+
+
+def _fix_splits(store: Path, workspace: Path, apply: bool, as_json: bool) -> None:
+    from flows.steps.audit import fix_splits
+
+    result = fix_splits(store, workspace, apply=apply)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    moves = result["moves"]
+    if result["note"]:
+        out.print(escape(result["note"]), highlight=False)
+    if not moves:
+        out.print(
+            f"no near-duplicate group (cosine >= {result['threshold']}) spans splits: "
+            "nothing to move"
+        )
+        return
+    table = DataTable(title=f"moves that keep each group in one split ({len(moves)})")
+    for col in ("group", "from", "to", "path"):
+        table.add_column(col, overflow="fold")
+    for m in moves[:60]:
+        table.add_row(str(m["group"]), m["from"], m["to"], m["path"])
+    out.print(table)
+    if len(moves) > 60:
+        out.print(f"... and {len(moves) - 60} more (--json lists them all)")
+    out.print(
+        f"{result['leaky_groups']} group(s) span splits: {len(moves)} move(s), "
+        f"{result['out_of_test']} of them out of the test split",
+        highlight=False,
+    )
+    for r in result["runs_on_leaking_split"]:
+        out.print(
+            f"  scored on this leaking split: run {r['run_id']} ({escape(r['name'])}) {r['url']}",
+            highlight=False,
+        )
+    if result["applied"]:
+        old, new = result["fingerprint"]
+        out.print(f"moved; fingerprint {old} -> {new}: the next `run` retrains the heads")
+    else:
+        out.print("nothing changed: add --apply to make these moves")
 
 
 @app.command()
@@ -333,6 +397,15 @@ def info(
     ):
         table.add_row(key, str(data.get(key)))
     table.add_row("source", f"{data['source']['root']} ({data['source']['kind']})")
+    grouped = data.get("split_groups") or {}
+    if grouped:
+        how = "row by row" if grouped["by"] == "none" else f"cosine >= {grouped['threshold']}"
+        table.add_row(
+            "split groups",
+            f"{how}; last update: {grouped.get('grouped_rows', 0)} images in "
+            f"{grouped.get('groups', 0)} groups, {grouped.get('joined', 0)} joined a group"
+            + (f"; fixed: {grouped['fixed']['moved']} moved" if "fixed" in grouped else ""),
+        )
     if data.get("index"):
         table.add_row("index", Text.from_markup(index_line(data["index"], "")))
         table.add_row("index history", data["index"]["history"][-1]["action"])

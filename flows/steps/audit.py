@@ -186,6 +186,40 @@ def audit_and_track(
     return summary | {"line": line}
 
 
+def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) -> dict[str, Any]:
+    """The moves that stop the store's near-duplicate groups spanning splits (test rows move
+    out, never in; extractors/dedup.py `split_moves`), the trainings whose test scores were
+    measured on the split as it is, and, with `apply`, the moves made."""
+    from extractors.dedup import split_groups, split_moves, store_grouping
+    from extractors.grouping import Grouping
+    from flows import tracking
+
+    st = Store(store)
+    grouping = store_grouping(st)
+    if grouping.by == "none":  # the store was split row by row: check at the default
+        grouping = Grouping()
+    before = st.manifest()
+    groups, meta = split_groups(st, grouping)
+    moves = split_moves(groups, meta)
+    leaky = len({m["group"] for m in moves})
+    runs = tracking.runs_scored_on(workspace, str(st.path), before["fingerprint"]) if moves else []
+    result: dict[str, Any] = {
+        "store": str(st.path),
+        "threshold": grouping.threshold,
+        "leaky_groups": leaky,
+        "moves": moves,
+        "out_of_test": sum(1 for m in moves if m["from"] == "test"),
+        "runs_on_leaking_split": runs,
+        "applied": False,
+        "note": groups.note(grouping.threshold),
+    }
+    if apply:
+        note = {"fixed": {"moved": len(moves), "groups": leaky, "threshold": grouping.threshold}}
+        after = st.move_splits({m["id"]: m["to"] for m in moves}, note)
+        result |= {"applied": True, "fingerprint": [before["fingerprint"], after["fingerprint"]]}
+    return result
+
+
 def keep_in_store(store: str | Path, table: pa.Table, summary: dict[str, Any]) -> None:
     """The findings and summary as the store's latest audit (what the search page's issues
     view shows), written under the store's lock."""

@@ -87,7 +87,9 @@ def embed_source(
     bb.set_layers(layers or [])
     weights = weights_file(backbone, workspace, embedding.weights)
     runner = make_engine(engine, embedding, progress, weights)
-    report = st.update(src, bb, seed=embedding.seed, index=index, engine=runner)
+    report = st.update(
+        src, bb, seed=embedding.seed, index=index, engine=runner, grouping=embedding.grouping()
+    )
     return _report(st, report, src, engine.kind, compiled=bb.compiled)  # False where it fell back
 
 

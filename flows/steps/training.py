@@ -158,21 +158,33 @@ def _test_rows(store: Store) -> dict[str, list[Any]]:
     return {c: test[c].to_pylist() for c in ("path", "sha256", "label")}
 
 
-def split_leaks(store: Store, threshold: float = 0.95) -> dict[str, Any]:
-    """Near-duplicate groups (`headstart dedup` at `threshold`) whose images sit in more than
-    one split, and a line that says so when the test score is measured on such a split."""
-    from extractors.dedup import LEAK_CHECK_MAX_ROWS, leaks, near_duplicate_groups
+def split_leaks(store: Store) -> dict[str, Any]:
+    """Near-duplicate groups (as the store's split groups them, extractors/grouping.py) whose
+    images sit in more than one split, and a line that says so when the test score is
+    measured on such a split."""
+    from extractors.dedup import (
+        LEAK_CHECK_MAX_ROWS,
+        groups_table,
+        leaks,
+        split_groups,
+        store_grouping,
+    )
+    from extractors.grouping import Grouping
 
     rows = store.manifest()["rows"]
     if rows > LEAK_CHECK_MAX_ROWS:
         return {"line": f"leaks: not checked at {rows:,} rows (run `headstart dedup`)"}
-    found = leaks(near_duplicate_groups(store, threshold))
+    grouping = store_grouping(store)
+    if grouping.by == "none":  # split row by row: still check, at the default threshold
+        grouping = Grouping()
+    found = leaks(groups_table(*split_groups(store, grouping)))
+    at = f"cosine >= {grouping.threshold}"
     if not found["leaky_groups"]:
-        return found | {"line": f"leaks: no near-duplicates (cosine >= {threshold}) span splits"}
+        return found | {"line": f"leaks: no near-duplicate groups ({at}) span splits"}
     line = (
-        f"warning: {found['leaky_groups']} near-duplicate groups (cosine >= {threshold}) span "
-        f"splits, {found['leaky_test_images']} test images among them: the test scores may be "
-        "optimistic (`headstart dedup` lists them)"
+        f"warning: {found['leaky_groups']} near-duplicate groups ({at}) span splits, "
+        f"{found['leaky_test_images']} test images among them: the test scores may be "
+        "optimistic (`headstart dedup --fix-splits` proposes the moves that fix it)"
     )
     return found | {"line": line}
 

@@ -141,9 +141,11 @@ def test_the_issues_view_in_headless_chromium(audited, server) -> None:
 def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from flows.steps.training import split_leaks
+
     ws = str(tmp_path / "ws")
     args = ["run", str(digits_dir), "--workspace", ws, "--head", "logreg", "--audit", "--json"]
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, [*args, "--split-groups", "none"])  # the split of old stores
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     assert result["audit"]["line"].startswith("audit: ")
@@ -152,12 +154,27 @@ def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path
     run = client.get_run(result["run_id"])
     assert run.data.metrics["audit_label_issues"] == result["audit"]["issues"]["label"]
     assert "audit_label_noise_rate" in run.data.metrics
-    # Near-duplicates across splits are counted and said (the digits have many at 0.95).
+    table = client.load_table(run.info.experiment_id, "audit.json", [result["run_id"]])
+    assert set(table["issue"]) <= {"label", "outlier", "near_duplicate"} and len(table) > 0
+    # Split row by row, near-duplicates straddle splits: counted, logged and said.
     leak = result["leaks"]
     assert run.data.metrics["leaky_groups"] == leak["leaky_groups"] > 0
     assert leak["line"].startswith(f"warning: {leak['leaky_groups']} near-duplicate groups")
-    table = client.load_table(run.info.experiment_id, "audit.json", [result["run_id"]])
-    assert set(table["issue"]) <= {"label", "outlier", "near_duplicate"} and len(table) > 0
+    # `dedup --fix-splits` proposes the moves and names this training; --apply makes them.
+    store = result["store"]
+    fix = ["dedup", "--store", store, "--workspace", ws, "--fix-splits", "--json"]
+    res = CliRunner().invoke(app, fix)
+    assert res.exit_code == 0, res.output
+    proposed = json.loads(res.stdout)
+    assert proposed["leaky_groups"] == leak["leaky_groups"] and not proposed["applied"]
+    assert [r["run_id"] for r in proposed["runs_on_leaking_split"]] == [result["run_id"]]
+    assert all(m["to"] != "test" for m in proposed["moves"])
+    assert proposed["out_of_test"] == leak["leaky_test_images"]
+    res = CliRunner().invoke(app, [*fix, "--apply"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["applied"], res.output
+    assert split_leaks(Store(store))["leaky_groups"] == 0
+    res = CliRunner().invoke(app, fix)  # nothing left to move, no run on this split yet
+    assert json.loads(res.stdout)["moves"] == [] and res.exit_code == 0
 
 
 def test_leaks_count_groups_that_straddle_splits() -> None:
