@@ -77,11 +77,12 @@ class Groups:
         if not self.regrouped:
             return ""
         big = max(self.regrouped, key=lambda r: r["size"])
+        of = f"class {big['label']!r}" if big["classes"] == 1 else f"{big['classes']} classes"
         return (
             f"note: {len(self.regrouped)} near-duplicate group(s) at cosine >= {threshold} "
-            f"were too large to keep in one split (the largest: {big['size']} images, class "
-            f"{big['label']!r}, as links chain similar images); they were regrouped at a "
-            f"stricter cosine (up to {max(r['regrouped_at'] for r in self.regrouped):.3f})"
+            f"were too large to keep in one split (the largest: {big['size']} images of {of}: "
+            "links chain similar images); they were regrouped at a stricter cosine (up to "
+            f"{max(r['regrouped_at'] for r in self.regrouped):.3f})"
         )
 
 
@@ -182,7 +183,10 @@ def group_rows(
             continue
         stricter = t + (1 - t) / 2
         if t == threshold:
-            regrouped.append({"size": len(group), "label": label, "regrouped_at": stricter})
+            classes = len({labels[i] for i in group} - {None})
+            regrouped.append(
+                {"size": len(group), "label": label, "classes": classes, "regrouped_at": stricter}
+            )
         else:
             regrouped[-1]["regrouped_at"] = max(regrouped[-1]["regrouped_at"], stricter)
         if t >= STRICTEST:

@@ -115,8 +115,12 @@ def print_embed(report: dict[str, Any]) -> None:
     if grouped.get("groups") or grouped.get("joined"):
         out.print(
             f"  split: {grouped['grouped_rows']} images in {grouped['groups']} near-duplicate "
-            f"groups (cosine >= {grouped['threshold']}) kept in one split each; "
-            f"{grouped['joined']} new images took the split of their group in the store",
+            f"groups (cosine >= {grouped['threshold']}) kept in one split each"
+            + (
+                f"; {grouped['joined']} new images took the split of their group in the store"
+                if grouped["joined"]
+                else ""
+            ),
             highlight=False,
         )
     if grouped.get("note"):

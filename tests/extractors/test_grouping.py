@@ -161,9 +161,9 @@ def test_a_chain_too_large_to_keep_whole_is_regrouped_stricter() -> None:
     chain = [(i, i + 1, 0.85) for i in range(99)]  # links a whole class at 0.80
     twins = [(10, 11, 0.99), (40, 41, 0.97)]  # two true near-duplicate pairs within it
     groups = group_rows(labels, chain + twins, 0.8)
-    assert groups.regrouped == [{"size": 100, "label": "a", "regrouped_at": 0.9}]
+    assert groups.regrouped == [{"size": 100, "label": "a", "classes": 1, "regrouped_at": 0.9}]
     assert [10, 11] in groups.members and [40, 41] in groups.members
-    assert len(groups.members) == 98 and "too large" in groups.note(0.8)
+    assert len(groups.members) == 98 and "100 images of class 'a'" in groups.note(0.8)
     split, _ = assign_splits(groups, labels, {i: f"{i:x}" for i in range(100)}, {}, 0)
     assert split[10] == split[11] and split[40] == split[41]
 
