@@ -387,7 +387,8 @@ class Store:
 
         previous = self.manifest() if self.exists else {}
         paths = new_paths(plan, staging.metadata())
-        committed = self._committed(plan) if plan.keep and grouping.by != "none" else None
+        grouped_too = plan.keep and grouping.by != "none"
+        committed = self._committed(plan, backbone.dim) if grouped_too else None
         splits, grouped = new_splits(plan, paths, staging.parts(), seed, grouping, committed)
         report.grouping = grouped
         if not grouped["groups"] and not grouped["joined"] and "split_groups" in previous:
@@ -437,7 +438,7 @@ class Store:
             write_bytes_atomic(self.path / MANIFEST, json.dumps(m, indent=2).encode())
             return m
 
-    def _committed(self, plan: UpdatePlan) -> Committed:
+    def _committed(self, plan: UpdatePlan, dim: int) -> Committed:
         """The rows this update keeps, and a search over the committed vectors (the index
         on disk, else an exact copy), for the group-aware split."""
         rows = self.table(["id", "path", "split"])
@@ -448,7 +449,7 @@ class Store:
             ann_index = None
         if ann_index is not None:
             return Committed(rows, ann_index.search)
-        flat = ann.flat_copy(self.batches(), self.manifest()["dim"])
+        flat = ann.flat_copy(self.batches(), dim)  # (a crash may have left no manifest)
         return Committed(rows, lambda q, k: flat.search(q, min(k, flat.ntotal)))
 
     def _metadata(self) -> pa.Table | None:
