@@ -281,6 +281,21 @@ class AnnIndex:
     def ntotal(self) -> int:
         return self.index.ntotal
 
+    def stored(self, row_id: int) -> np.ndarray | None:
+        """A row's (normalised) vector as the index keeps it: the re-rank file of ivf_pq, the
+        codes of flat and HNSW; None where it keeps none (ivf_flat) or not this row."""
+        if self.reranker is not None and len(self.reranker.ids):
+            at = self.reranker.rows(np.array([row_id], np.int64))[0]
+            if self.reranker.ids[at] == row_id:
+                return np.asarray(self.reranker.vectors[at], np.float32)[None]
+            return None
+        if self.kind in ("flat", "hnsw"):
+            try:
+                return self.index.reconstruct(int(row_id))[None]
+            except RuntimeError:  # not one of its ids
+                return None
+        return None
+
     def set_params(self, params: dict[str, int]) -> None:
         self.params = dict(params)
         faiss_params = {k: v for k, v in params.items() if k in ("nprobe", "efSearch")}
@@ -381,8 +396,11 @@ def write_index(index: faiss.Index, path: str | Path) -> None:
 
 
 def read_index(path: str | Path, mmap: bool = False) -> faiss.Index:
-    """Read an index; `mmap=True` maps it read-only so processes can share it."""
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    """Read an index; `mmap=True` maps it read-only so processes share one copy in the page
+    cache. IO_FLAG_MMAP_IFC maps every kind in place (flat codes and HNSW storage as well as
+    IVF lists; IO_FLAG_MMAP alone maps only IVF lists and reads a flat or HNSW index into
+    each process's own memory)."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     return faiss.read_index(str(path), flags)
 
 

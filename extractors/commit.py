@@ -11,14 +11,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from extractors.backbones import Backbone
 from extractors.common import (
     ROW_GROUP,
     atomic_path,
@@ -46,6 +45,9 @@ from extractors.layout import (
 )
 from extractors.plan import UpdatePlan
 from extractors.sources import Source
+
+if TYPE_CHECKING:
+    from extractors.backbones import Backbone
 
 
 @dataclass

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from extractors.common import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 BODY = "backbone.safetensors"
 HEAD = "head.safetensors"
@@ -53,6 +54,7 @@ def has_network(folder: Path) -> bool:
 def read_network(folder: Path) -> tuple[dict[str, Any], torch.nn.Linear]:
     """(config, the classifier as an eval-mode Linear layer); the body's weights are
     `folder / BODY`, loaded by the base backbone's own constructor."""
+    import torch
     from safetensors.torch import load_file
 
     config = json.loads((Path(folder) / CONFIG).read_text())

@@ -13,8 +13,10 @@ Protocol (each update, for the rows it assigns a split to: new rows without a gi
   within each class (a group's most common label) groups are ordered by a seeded hash and fill
   test, then val, then train. Without near-duplicates this is exactly the row-wise split.
 - Too large. Links chain: at a low threshold a whole class of similar images (the demo's 8x8
-  digits) can become one group. A group that holds more than MAX_SHARE of its class (and more
-  than MIN_TOO_LARGE rows) is regrouped from its own links at a stricter threshold, halfway to
+  digits) can become one group. A group is too large when it holds more than MAX_SHARE of its
+  class, except that up to SMALL_GROUP rows may hold twice that share (in a class of 10, a group
+  of 4 still leaves rows for every split; one of 5 could leave train none). It is regrouped
+  from its own links at a stricter threshold, halfway to
   1, until its pieces fit; past STRICTEST its rows are split one by one. The update says so.
 
 The threshold: `bench/grouping.py` measures, with the default backbone, 256-px crops of real
@@ -40,7 +42,7 @@ from extractors.settings import GROUP_THRESHOLD
 
 NEIGHBOURS = 16  # links looked for per row
 MAX_SHARE = 0.2  # a group may hold at most this share of its class (the test split's share)...
-MIN_TOO_LARGE = 10  # ...unless it has at most this many rows
+SMALL_GROUP = 10  # ...or, up to this many rows, twice that share
 STRICTEST = 0.995  # past this, a group still too large is split row by row
 EXACT_ROWS = 20_000  # new rows linked by an exact scan up to this many, else by an IVF index
 SPLIT_ORDER = ("train", "val", "test")  # ties between splits a group straddles go to the first
@@ -170,7 +172,9 @@ def group_rows(
         if not named:
             return None
         label, _ = named.most_common(1)[0]
-        return label if len(group) > max(MIN_TOO_LARGE, MAX_SHARE * per_class[label]) else None
+        n = per_class[label]
+        limit = max(MAX_SHARE * n, min(SMALL_GROUP, 2 * MAX_SHARE * n))
+        return label if len(group) > limit else None
 
     done: list[list[int]] = []
     regrouped: list[dict[str, Any]] = []

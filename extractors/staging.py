@@ -11,17 +11,19 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extractors.backbones import Backbone
 from extractors.common import write_bytes_atomic
-from extractors.embed import EmbeddedBatch, EmbedStats
 from extractors.layout import META_COLUMNS, STAGING, STAGING_TAG, content_id
 from extractors.plan import Pending
+
+if TYPE_CHECKING:
+    from extractors.backbones import Backbone
+    from extractors.embed import EmbeddedBatch, EmbedStats
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:

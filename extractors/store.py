@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from extractors import ann, store_index
-from extractors.backbones import Backbone
 from extractors.commit import (
     Committed,
     ManifestInputs,
@@ -40,8 +39,6 @@ from extractors.common import (
     exclusive,
     write_bytes_atomic,
 )
-from extractors.embed import EmbedStats
-from extractors.engines import Engine, LocalEngine
 from extractors.grouping import Grouping
 from extractors.layout import (
     EMBEDDINGS,
@@ -60,6 +57,10 @@ from extractors.plan import UpdatePlan, plan_update
 from extractors.settings import IndexSettings
 from extractors.sources import Source
 from extractors.staging import Staging, remove_temp_files
+
+if TYPE_CHECKING:
+    from extractors.backbones import Backbone
+    from extractors.engines import Engine
 
 
 class StoreError(HeadstartError, ValueError):
@@ -346,6 +347,8 @@ class Store:
         was. Any engine's staged parts go through the same commit, so exactly-once holds for
         all.
         """
+        from extractors.engines import LocalEngine  # torch: only where rows are embedded
+
         engine = engine or LocalEngine(progress=progress)
         with self.lock():
             self.check_backbone(backbone.name, backbone.weights)
@@ -376,6 +379,8 @@ class Store:
         plan = plan_update(source, self._metadata(), staging.metadata())
         report.failures.extend(plan.failures)
         report.resumed = len(plan.staged) - len(plan.to_embed)
+
+        from extractors.embed import EmbedStats
 
         stats = EmbedStats()
         if plan.to_embed:

@@ -7,26 +7,53 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from extractors.common import write_bytes_atomic
+from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
 
 MAX_POINTS = 3000
 PAGE = Path(__file__).parent / "web" / "map.html"
 
 
+def sample(store: Store, max_points: int, seed: int = 0) -> tuple[np.ndarray, pa.Table, int]:
+    """(vectors, id/label/split/path, rows in all) of up to `max_points` rows drawn uniformly
+    with `seed`, read one Parquet row group at a time, only the groups that hold a drawn row:
+    memory is one row group plus the sample, never the whole matrix."""
+    path = store.path / EMBEDDINGS
+    if not path.exists():
+        raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
+    reader = pq.ParquetFile(path)
+    n = reader.metadata.num_rows
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, size=min(max_points, n), replace=False))
+    vectors, metas, start = [], [], 0
+    for g in range(reader.num_row_groups):
+        size = reader.metadata.row_group(g).num_rows
+        inside = pick[(pick >= start) & (pick < start + size)] - start
+        if len(inside):
+            t = reader.read_row_group(g, columns=["id", "label", "split", "path", "embedding"])
+            t = t.take(pa.array(inside))
+            vectors.append(embedding_matrix(t))
+            metas.append(t.drop_columns(["embedding"]))
+        start += size
+    if not vectors:
+        return np.zeros((0, 1), np.float32), pa.table({}), n
+    return np.concatenate(vectors), pa.concat_tables(metas), n
+
+
 def project(store: Store, max_points: int = MAX_POINTS, seed: int = 0) -> dict[str, Any]:
-    """t-SNE (PCA to 50-d first) of up to `max_points` rows sampled with `seed`; PCA alone
-    below 50 rows. Returns {"method", "points": [{id, x, y, label, split, path}]}."""
+    """t-SNE (PCA to 50-d first) of up to `max_points` rows sampled with `seed` (`sample`);
+    PCA alone below 50 rows. Returns {"method", "points": [{id, x, y, label, split, path}]}."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    x, meta = store.arrays(where_labelled=False)
+    x, meta, n = sample(store, max_points, seed)
     if not len(x):
         raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(x), size=min(max_points, len(x)), replace=False))
-    x = x[pick] / np.maximum(np.linalg.norm(x[pick], axis=1, keepdims=True), 1e-12)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) < 3:
         xy, method = np.zeros((len(x), 2)), "none"
     elif len(x) < 50:
@@ -38,12 +65,12 @@ def project(store: Store, max_points: int = MAX_POINTS, seed: int = 0) -> dict[s
         xy, method = tsne.fit_transform(reduced), "tsne"
     span = np.ptp(xy, axis=0)
     xy = (xy - xy.min(axis=0)) / np.where(span > 0, span, 1)
-    rows = meta.take(pick).select(["id", "label", "split", "path"]).to_pylist()
+    rows = meta.select(["id", "label", "split", "path"]).to_pylist()
     points = [
         {**r, "x": round(float(px), 5), "y": round(float(py), 5)}
         for r, (px, py) in zip(rows, xy, strict=True)
     ]
-    return {"method": method, "rows": len(meta), "points": points}
+    return {"method": method, "rows": n, "points": points}
 
 
 def write_png(data: dict[str, Any], path: str | Path, title: str = "") -> Path:

@@ -7,11 +7,17 @@ pixels and decoded with the same checks as extraction; a bad one gets a 4xx with
 
     GET  /                      gallery page (drop, pick or paste an image; click to re-query)
     GET  /map                   interactive embedding map (t-SNE), coloured by label
+    GET  /issues                the latest audit's suspect images
+    GET  /api/docs              the API reference (rendered here from the OpenAPI schema)
     GET  /api/info              store summary: rows, classes, splits, backbone, index
-    POST /api/search            body: the image bytes; ?k=&label=&split=
-    GET  /api/search/id/{id}    neighbours of a stored row; ?k=&label=&split=
+    POST /api/search            body: the image bytes
+    GET  /api/search/id/{id}    neighbours of a stored row
     GET  /api/search/path       ?path= a path that is a row of the store (absolute, or
                                 relative to the source root)
+    POST /api/query             JSON: like / unlike examples (ids, paths, vectors, images)
+    POST /api/query/batch       JSON: several queries, one result list each
+    (every search takes k, offset, label, split, ids and path_prefix; one answer shape:
+     {"query": {...}, "hits": [...]}, extractors/query.py)
     GET  /api/row/{id}          the row's Parquet metadata (no vector) and where it lives
     GET  /api/image/{id}        the row's image file;  /api/thumb/{id}?size=  a JPEG thumbnail
     GET  /api/map               the map's points (computed once per process)
@@ -19,6 +25,8 @@ pixels and decoded with the same checks as extraction; a bad one gets a 4xx with
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import io
 import json
@@ -31,21 +39,35 @@ import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as FPath
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.embed import DECODE_TIMEOUT_S
+from extractors.common import FILE_TIMEOUT_S as DECODE_TIMEOUT_S  # as extraction's
 from extractors.images import FORMATS, ImageError, open_rgb
-from extractors.layout import AUDIT, AUDIT_ISSUES, AUDIT_SUMMARY, EMBEDDINGS, embedding_matrix
+from extractors.layout import AUDIT, AUDIT_ISSUES, AUDIT_SUMMARY, EMBEDDINGS
+from extractors.query import (
+    MAX_EXAMPLES,
+    MAX_RESULTS,
+    Example,
+    Filters,
+    NotFound,
+    QueryError,
+    hit,
+    parse_vector,
+    searcher_for,
+)
+from extractors.query import Query as Search
 from extractors.store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -58,9 +80,146 @@ TOKEN_COOKIE = "headstart_token"
 WEB = Path(__file__).parent / "web"
 META = ["id", "path", "sha256", "label", "split", "width", "height", "bytes", "mtime_ns"]
 
-K = Annotated[int, Query(ge=1, le=MAX_K, description="number of neighbours")]
-LabelQ = Annotated[str | None, Query(description="only rows with this label")]
-SplitQ = Annotated[str | None, Query(description="only rows of this split")]
+MAX_QUERY_BYTES = 64 * 2**20  # a JSON query (base64 images included)
+MAX_BATCH = 16  # queries of one batch
+
+
+RowId = Annotated[
+    str, FPath(description="a row id (`id` of a hit)", examples=["7383510266719186681"])
+]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Which ranks of the results: `k` of them from rank `offset` (0 = the best)."""
+
+    k: int = 12
+    offset: int = 0
+
+
+def paging(
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="results per page", examples=[12])] = 12,
+    offset: Annotated[
+        int,
+        Query(ge=0, le=MAX_RESULTS - 1, description="rank of the first result", examples=[0]),
+    ] = 0,
+) -> Page:
+    """The page of a GET or upload query, from its query string."""
+    return Page(k, offset)
+
+
+def filters(
+    label: Annotated[
+        str | None, Query(description="only rows with this label", examples=["cat"])
+    ] = None,
+    split: Annotated[
+        str | None, Query(description="only rows of this split", examples=["test"])
+    ] = None,
+    ids: Annotated[
+        str | None,
+        Query(description="only these rows: ids, comma-separated", examples=["123,456"]),
+    ] = None,
+    path_prefix: Annotated[
+        str | None,
+        Query(
+            description="only rows whose path starts with this (absolute, or relative to the "
+            "source root)",
+            examples=["cat/"],
+        ),
+    ] = None,
+) -> Filters:
+    """The filters of a GET or upload query, from its query string."""
+    id_list = None if ids is None else tuple(_row_id(i, 400) for i in ids.split(",") if i.strip())
+    return Filters(label, split, id_list, path_prefix)
+
+
+class ExampleIn(BaseModel):
+    """One example of a query: exactly one of its fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(
+        None, description="a row id (a string: JSON numbers lose precision)", examples=["123"]
+    )
+    path: str | None = Field(
+        None, description="a path that is a row of the store", examples=["cat/chelsea.png"]
+    )
+    vector: list[float] | None = Field(
+        None, description="a vector of the store's dimension", examples=[[0.1, 0.0, 0.3]]
+    )
+    vector_b64: str | None = Field(
+        None, description="base64 of the vector as little-endian float32", examples=["AACAPw=="]
+    )
+    image_b64: str | None = Field(
+        None, description="base64 of an image file (JPEG, PNG, WebP...)", examples=["iVBORw0..."]
+    )
+
+    def example(self, svc: SearchService) -> Example:
+        given = [k for k, v in self.__dict__.items() if v is not None]
+        if len(given) != 1:
+            raise QueryError(
+                "each example takes exactly one of id, path, vector, vector_b64, image_b64 "
+                f"(this one has {', '.join(given) or 'none'})"
+            )
+        dim = svc.manifest["dim"]
+        if self.id is not None:
+            return Example(id=_row_id(self.id, 400))
+        if self.path is not None:
+            return Example(id=svc.rows.by_path(self.path))
+        if self.vector is not None or self.vector_b64 is not None:
+            value = self.vector if self.vector is not None else self.vector_b64
+            return Example(vector=parse_vector(value, dim))
+        try:
+            data = base64.b64decode(self.image_b64 or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise QueryError("image_b64 is not valid base64") from None
+        return Example(image=data, name="upload")
+
+
+class QueryBody(BaseModel):
+    """A query: more like `like`, less like `unlike`, `k` results from rank `offset`, among the
+    rows that pass every filter given."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"like": [{"id": "123"}, {"path": "cat/chelsea.png"}], "unlike": [{"id": "456"}],
+                 "k": 12, "offset": 0, "split": "test"}
+            ]
+        },
+    )  # fmt: skip
+
+    like: list[ExampleIn] = Field(min_length=1, max_length=MAX_EXAMPLES)
+    unlike: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    k: int = Field(12, ge=1, le=MAX_K, description="results per page")
+    offset: int = Field(0, ge=0, le=MAX_RESULTS - 1, description="rank of the first result")
+    label: str | None = Field(None, description="only rows with this label", examples=["cat"])
+    split: str | None = Field(None, description="only rows of this split", examples=["test"])
+    ids: list[str | int] | None = Field(
+        None, description="only these rows", examples=[["123", "456"]]
+    )
+    path_prefix: str | None = Field(
+        None, description="only rows whose path starts with this", examples=["cat/"]
+    )
+
+    def to_query(self, svc: SearchService) -> Search:
+        ids = None if self.ids is None else tuple(_row_id(i, 400) for i in self.ids)
+        return Search(
+            [e.example(svc) for e in self.like],
+            [e.example(svc) for e in self.unlike],
+            k=self.k,
+            offset=self.offset,
+            filters=Filters(self.label, self.split, ids, self.path_prefix),
+        )
+
+
+class BatchBody(BaseModel):
+    """Several queries, answered in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[QueryBody] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class SearchService:
@@ -71,25 +230,8 @@ class SearchService:
         self.manifest = store.manifest()
         if not (store.path / EMBEDDINGS).exists():
             raise StoreError(f"store {store.path} holds no images yet; run `headstart embed`")
-        self.ann = store.index(mmap=True)
-        meta = store.table(META)
-        self.rows = {r["id"]: r for r in meta.to_pylist()}
-        self.by_path = {r["path"]: r["id"] for r in self.rows.values()}
-        self.position = {i: n for n, i in enumerate(meta["id"].to_pylist())}
-        all_ids = meta["id"].to_numpy()
-        self.ids_of = {
-            column: {
-                value: all_ids[np.asarray(meta[column].to_pylist(), dtype=object) == value]
-                for value in set(meta[column].to_pylist()) - {None}
-            }
-            for column in ("label", "split")
-        }
-        self._parquet = pq.ParquetFile(store.path / EMBEDDINGS)
-        sizes = [
-            self._parquet.metadata.row_group(i).num_rows
-            for i in range(self._parquet.num_row_groups)
-        ]
-        self._group_starts = np.cumsum([0, *sizes])[:-1]
+        self.searcher = searcher_for(store, self.embed_image)
+        self.ann, self.rows = self.searcher.index, self.searcher.rows
         self._backbone = None
         self._lock = threading.Lock()
         self._decoding = threading.BoundedSemaphore(DECODING)
@@ -152,62 +294,19 @@ class SearchService:
         with self._lock:
             return bb.embed(bb.prepare(img)).numpy()
 
-    def vector_of(self, row_id: int) -> np.ndarray:
-        if row_id not in self.rows:
-            raise HTTPException(404, f"no row with id {row_id} in this store")
-        # Read just the row group that holds the row (ids are hashes: no statistics to prune).
-        pos = self.position[row_id]
-        group = int(np.searchsorted(self._group_starts, pos, side="right") - 1)
-        table = self._parquet.read_row_group(group, columns=["id", "embedding"])
-        return embedding_matrix(table.filter(pc.equal(table["id"], row_id)))
+    def embed_image(self, image: bytes | str | Path) -> np.ndarray:
+        if not isinstance(image, bytes):
+            raise QueryError("this service embeds uploaded images only, not paths")
+        return self.embed_upload(image)
 
-    def search(
-        self,
-        vector: np.ndarray,
-        k: int,
-        label: str | None = None,
-        split: str | None = None,
-        exclude: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Top-k rows, filtered by label/split inside FAISS (extractors.ann.AnnIndex.search):
-        a filter costs about what no filter does. A label or split the store does not have
-        is refused (400), never searched for."""
-        allowed = None
-        for column, value in (("label", label), ("split", split)):
-            if value is None:
-                continue
-            known = self.ids_of[column]
-            if value not in known:
-                names = ", ".join(sorted(known)[:20]) or "none"
-                raise HTTPException(400, f"no {column} {value!r} in this store; it has {names}")
-            allowed = known[value] if allowed is None else np.intersect1d(allowed, known[value])
-        scores, ids = self.ann.search(vector, k + (exclude is not None), allowed=allowed)
-        hits = [
-            self.hit(self.rows[int(i)], float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if int(i) in self.rows and int(i) != exclude
-        ]
-        return hits[:k]
-
-    def hit(self, row: dict[str, Any], score: float) -> dict[str, Any]:
-        i = row["id"]
-        return {
-            "id": str(i),  # JSON numbers lose int64 precision in browsers
-            "score": round(score, 5),
-            "label": row["label"],
-            "split": row["split"],
-            "path": row["path"],
-            "name": Path(row["path"]).name,
-            "thumb": f"/api/thumb/{i}",
-            "image": f"/api/image/{i}",
-            "row": f"/api/row/{i}",
-        }
+    def query(self, q: Search) -> dict[str, Any]:
+        """One query (extractors/query.py), filtered inside FAISS: a filter costs about what
+        no filter does; a label or split the store does not have is refused (400)."""
+        return self.searcher.run(q)
 
     def row(self, row_id: int) -> dict[str, Any]:
-        if row_id not in self.rows:
-            raise HTTPException(404, f"no row with id {row_id} in this store")
-        r = self.rows[row_id]
-        out = {**r, "id": str(r["id"]), "row_number": self.position[row_id]}
+        r = self.searcher.vector_of.read(row_id, META).to_pylist()[0]  # NotFound: 404
+        out = {**r, "id": str(r["id"]), "row_number": self.rows.position(row_id)}
         out["parquet"] = str(self.store.path / EMBEDDINGS)
         out["store"] = str(self.store.path)
         if self.mlflow_url:
@@ -219,9 +318,7 @@ class SearchService:
         path, not a symbolic link now (opened with O_NOFOLLOW, so a link swapped in after a
         check is not followed either), a regular file of the recorded size and mtime. Else
         404 (gone) or 410 (replaced), with the reason."""
-        if row_id not in self.rows:
-            raise HTTPException(404, f"no row with id {row_id} in this store")
-        row = self.rows[row_id]
+        row = self.rows.get(row_id)  # NotFound: 404
         path = Path(row["path"])
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -267,14 +364,6 @@ class SearchService:
                 self._thumbs.popitem(last=False)
         return buf.getvalue()
 
-    def by_store_path(self, path: str) -> int:
-        root = Path(self.manifest["source"]["root"])
-        p = Path(path).expanduser()
-        candidate = str((p if p.is_absolute() else root / p).resolve(strict=False))
-        if candidate not in self.by_path:
-            raise HTTPException(404, f"{path} is not an image of this store")
-        return self.by_path[candidate]
-
     def issues(self, issue: str | None, limit: int) -> dict[str, Any]:
         """The store's latest audit (`headstart audit`): findings, most suspect first within
         each kind, as gallery cards with their related image; stale when the store changed."""
@@ -291,10 +380,13 @@ class SearchService:
         for r in table[:limit]:
             if r["id"] not in self.rows:
                 continue  # removed from the store since the audit
-            card = self.hit(self.rows[r["id"]], r["score"])
+            card = hit(self.rows.get(r["id"]), r["score"])
             card |= {"issue": r["issue"], "suggested_label": r["suggested_label"]}
-            related = self.by_path.get(r["related"]) if r["related"] else None
-            card["related"] = None if related is None else self.hit(self.rows[related], 0.0)
+            try:
+                related = self.rows.by_path(r["related"]) if r["related"] else None
+            except NotFound:
+                related = None
+            card["related"] = None if related is None else hit(self.rows.get(related), 0.0)
             cards.append(card)
         stale = summary.get("fingerprint") != self.manifest["fingerprint"]
         return {"summary": summary, "stale": stale, "findings": cards}
@@ -340,11 +432,11 @@ def _bearer(request: Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _row_id(text: str) -> int:
+def _row_id(text: str | int, status: int = 404) -> int:
     try:
         return int(text)
     except ValueError:
-        raise HTTPException(404, f"{text!r} is not a row id") from None
+        raise HTTPException(status, f"{text!r} is not a row id") from None
 
 
 def host_name(host_header: str) -> str:
@@ -374,7 +466,12 @@ def create_app(
     `?token=` once (it is then kept in an HttpOnly, SameSite=Strict cookie), the cookie, or
     `Authorization: Bearer <token>`."""
     svc = SearchService(Store(store), workspace, mlflow_url)
-    app = FastAPI(title="headstart search", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="headstart search",
+        docs_url=None,  # Swagger UI loads from a CDN; /api/docs below needs nothing
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     app.state.service = svc
     allowed = {host_name(h) for h in hosts}
 
@@ -405,6 +502,13 @@ def create_app(
                     },
                     401,
                 )
+        if request.method == "POST" and request.url.path.startswith("/api/query"):
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return JSONResponse({"detail": "send the query with a Content-Length"}, 411)
+            if int(length) > MAX_QUERY_BYTES:
+                limit = MAX_QUERY_BYTES // 2**20
+                return JSONResponse({"detail": f"a query body is at most {limit} MB"}, 413)
         response = await call_next(request)
         if from_query:
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
@@ -422,6 +526,12 @@ def create_app(
     def map_page() -> HTMLResponse:
         return HTMLResponse((WEB / "map.html").read_text())
 
+    @app.get("/api/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        from flows.api_docs import render
+
+        return HTMLResponse(render(app.openapi()))
+
     @app.get("/issues", response_class=HTMLResponse)
     def issues_page() -> HTMLResponse:
         return HTMLResponse((WEB / "issues.html").read_text())
@@ -429,9 +539,14 @@ def create_app(
     @app.get("/api/issues")
     def issues(
         issue: Annotated[
-            str | None, Query(description="label, outlier or near_duplicate (default: all)")
+            str | None,
+            Query(
+                description="label, outlier or near_duplicate (default: all)", examples=["label"]
+            ),
         ] = None,
-        limit: Annotated[int, Query(ge=1, le=1000, description="findings at most")] = 200,
+        limit: Annotated[
+            int, Query(ge=1, le=1000, description="findings at most", examples=[200])
+        ] = 200,
     ) -> dict[str, Any]:
         """The latest audit's suspect images (`headstart audit`)."""
         return svc.issues(issue, limit)
@@ -440,43 +555,72 @@ def create_app(
     def info() -> dict[str, Any]:
         return svc.info()
 
+    @app.exception_handler(QueryError)
+    async def bad_query(request: Request, exc: QueryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 404 if isinstance(exc, NotFound) else 400)
+
     @app.post("/api/search")
     async def search_upload(
-        request: Request, k: K = 12, label: LabelQ = None, split: SplitQ = None
+        request: Request,
+        page: Annotated[Page, Depends(paging)],
+        where: Annotated[Filters, Depends(filters)],
     ) -> dict[str, Any]:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload over {MAX_UPLOAD_BYTES // 2**20} MB")
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_UPLOAD_BYTES:
-                raise HTTPException(413, f"upload over {MAX_UPLOAD_BYTES // 2**20} MB")
-        vector = await _in_thread(svc.embed_upload, bytes(data))
-        return {"query": "upload", "hits": await _in_thread(svc.search, vector, k, label, split)}
+        """Rows most like the uploaded image (the request body: the image file's bytes)."""
+        data = await _body(request, MAX_UPLOAD_BYTES)
+        q = Search(
+            [Example(image=data, name="upload")], k=page.k, offset=page.offset, filters=where
+        )
+        return await _in_thread(svc.query, q)
 
     @app.get("/api/search/id/{row_id}")
-    def search_id(row_id: str, k: K = 12, label: LabelQ = None, split: SplitQ = None):
-        rid = _row_id(row_id)
-        hits = svc.search(svc.vector_of(rid), k, label, split, exclude=rid)
-        return {"query": svc.hit(svc.rows[rid], 1.0), "hits": hits}
+    def search_id(
+        row_id: RowId,
+        page: Annotated[Page, Depends(paging)],
+        where: Annotated[Filters, Depends(filters)],
+    ) -> dict[str, Any]:
+        """Rows most like a stored row (itself left out)."""
+        q = Search([Example(id=_row_id(row_id))], k=page.k, offset=page.offset, filters=where)
+        return svc.query(q)
 
     @app.get("/api/search/path")
-    def search_path(path: str, k: K = 12, label: LabelQ = None, split: SplitQ = None):
-        rid = svc.by_store_path(path)
-        hits = svc.search(svc.vector_of(rid), k, label, split, exclude=rid)
-        return {"query": svc.hit(svc.rows[rid], 1.0), "hits": hits}
+    def search_path(
+        path: Annotated[
+            str,
+            Query(
+                description="a path that is a row of the store: absolute, or relative to the "
+                "source root",
+                examples=["cat/chelsea.png"],
+            ),
+        ],
+        page: Annotated[Page, Depends(paging)],
+        where: Annotated[Filters, Depends(filters)],
+    ) -> dict[str, Any]:
+        """Rows most like the stored row of a path (itself left out)."""
+        ex = Example(id=svc.rows.by_path(path))
+        return svc.query(Search([ex], k=page.k, offset=page.offset, filters=where))
+
+    @app.post("/api/query")
+    async def query(request: Request, body: QueryBody) -> dict[str, Any]:
+        """The general query: by row ids, paths, vectors (a list, or base64 float32) and images
+        (base64), more like `like` and less like `unlike`, filtered and paged."""
+        return await _in_thread(svc.query, body.to_query(svc))
+
+    @app.post("/api/query/batch")
+    async def query_batch(request: Request, body: BatchBody) -> dict[str, Any]:
+        """Several queries at once (say, several images): one result list each, in order."""
+        queries = [b.to_query(svc) for b in body.queries]
+        return {"results": [await _in_thread(svc.query, q) for q in queries]}
 
     @app.get("/api/row/{row_id}")
-    def row(row_id: str) -> dict[str, Any]:
+    def row(row_id: RowId) -> dict[str, Any]:
         return svc.row(_row_id(row_id))
 
     @app.get("/api/image/{row_id}")
-    def image(row_id: str) -> StreamingResponse:
+    def image(row_id: RowId) -> StreamingResponse:
         # Streamed from the verified open file, never by path; no Range support (so none of
         # Starlette's FileResponse Range parsing, CVE-2025-62727, is reachable).
         fh = svc.open_file(_row_id(row_id))
-        name = Path(svc.rows[_row_id(row_id)]["path"]).name
+        name = Path(svc.rows.get(_row_id(row_id))["path"]).name
         kind = mimetypes.guess_type(name)[0]
         return StreamingResponse(
             _chunks(fh),
@@ -489,7 +633,12 @@ def create_app(
         )
 
     @app.get("/api/thumb/{row_id}")
-    def thumb(row_id: str, size: Annotated[int, Query(ge=16, le=512)] = 160) -> Response:
+    def thumb(
+        row_id: RowId,
+        size: Annotated[
+            int, Query(ge=16, le=512, description="longest side in pixels", examples=[160])
+        ] = 160,
+    ) -> Response:
         data = svc.thumb(_row_id(row_id), size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
@@ -498,6 +647,18 @@ def create_app(
         return svc.embedding_map()
 
     return app
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is over `limit` bytes."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise HTTPException(413, f"request body over {limit // 2**20} MB")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise HTTPException(413, f"request body over {limit // 2**20} MB")
+    return bytes(data)
 
 
 async def _in_thread(fn, *args):

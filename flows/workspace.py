@@ -4,11 +4,14 @@ latest) and fine-tuned networks (`finetuned/<id>`), and the backbone a name stan
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE, finetuned
-from extractors.backbones import Backbone, create_backbone
 from extractors.layout import default_store_dir
 from extractors.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from extractors.backbones import Backbone
 
 
 def resolve_store(
@@ -42,6 +45,8 @@ def backbone_for(
     device: str = "auto",
 ) -> Backbone:
     """create_backbone, with `finetuned:<id>` found in the workspace's finetuned/ folder."""
+    from extractors.backbones import create_backbone  # torch: only where a network runs
+
     return create_backbone(name, weights=weights_file(name, workspace, weights), device=device)
 
 

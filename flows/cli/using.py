@@ -20,27 +20,81 @@ from flows.cli.render import DataTable, index_line
 
 @app.command()
 def search(
-    image: Annotated[Path, typer.Argument(help="Query image.")],
-    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Number of neighbours.")] = 5,
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Query images: one result list each (or, with --like/--unlike, examples of "
+            "one query)."
+        ),
+    ] = None,
+    like: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--like", help="More like this stored image: a row id or a path (repeatable)."
+        ),
+    ] = None,
+    unlike: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--unlike", help="Less like this stored image: a row id or a path (repeatable)."
+        ),
+    ] = None,
+    vector: Annotated[
+        Path | None,
+        typer.Option(help="Search by a vector: a .npy file, or a JSON list of numbers."),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Number of results.")] = 5,
+    offset: Annotated[
+        int, typer.Option(min=0, max=999, help="Rank of the first result (paging).")
+    ] = 0,
+    label: Annotated[str | None, typer.Option(help="Only rows with this label.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only rows of this split.")] = None,
+    ids: Annotated[str | None, typer.Option(help="Only these rows: ids, comma-separated.")] = None,
+    path_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="Only rows whose path starts with this (absolute, or relative to the source root)."
+        ),
+    ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the images in a store most similar to IMAGE (cosine similarity of embeddings)."""
-    from flows.steps.inference import search_image
+    """Find the images in a store most similar to IMAGES, to stored rows (--like, --unlike)
+    or to a vector (cosine similarity of embeddings), filtered inside the index. --json gives
+    what the search service's API answers: {"query": ..., "hits": [...]}, and
+    {"results": [...]} for several images."""
+    from flows.steps.inference import search_store
 
-    hits = search_image(image, store=store, k=k, workspace=workspace)
+    results = search_store(
+        [str(p) for p in images or []],
+        like=like or [],
+        unlike=unlike or [],
+        vector=vector,
+        k=k,
+        offset=offset,
+        filters={"label": label, "split": split, "ids": ids, "path_prefix": path_prefix},
+        store=store,
+        workspace=workspace,
+    )
     if as_json:
-        print(json.dumps(hits, indent=2))
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}, indent=2))
         return
-    table = DataTable(title=f"nearest to {image}")
-    for col in ("rank", "score", "label", "split", "id", "path"):
-        table.add_column(col)
-    for n, h in enumerate(hits, 1):
-        table.add_row(
-            str(n), f"{h['score']:.4f}", str(h["label"]), h["split"], str(h["id"]), h["path"]
-        )
-    out.print(table)
+    for answer, title in zip(results, _titles(images or [], like or [], vector), strict=True):
+        table = DataTable(title=title)
+        for col in ("rank", "score", "label", "split", "id", "path"):
+            table.add_column(col, overflow="fold")
+        for n, h in enumerate(answer["hits"], offset + 1):
+            table.add_row(
+                str(n), f"{h['score']:.4f}", str(h["label"]), str(h["split"]), h["id"], h["path"]
+            )
+        out.print(table)
+
+
+def _titles(images: list[Path], like: list[str], vector: Path | None) -> list[str]:
+    if like or (vector is not None and not images):
+        return ["nearest to " + ", ".join([*map(str, images), *like] or [str(vector)])]
+    return [f"nearest to {p}" for p in images]
 
 
 @app.command()

@@ -7,43 +7,83 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from extractors import DEFAULT_WORKSPACE
-from extractors.ann import search
+from extractors.query import Example, Filters, Query, QueryError, parse_vector, searcher_for
 from extractors.store import StoreError
 from flows.workspace import backbone_for, resolve_store
 
 
-def search_image(
-    image: str | Path,
-    store: str | Path | None = None,
+def search_store(
+    images: list[str],
+    like: list[str] = (),
+    unlike: list[str] = (),
+    vector: str | Path | None = None,
     k: int = 5,
+    offset: int = 0,
+    filters: dict[str, Any] | None = None,
+    store: str | Path | None = None,
     workspace: str | Path = DEFAULT_WORKSPACE,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Nearest images in the store to `image`, embedded with the store's own backbone."""
+    """Answers in the search service's shape (extractors/query.py), one per query: each image
+    alone, or, with `like`/`unlike` (row ids or stored paths) or a `vector`, one query of them
+    all. Images are embedded with the store's own backbone."""
     st = resolve_store(store, workspace)
     m = st.manifest()
-    bb = backbone_for(m["backbone"], workspace, device=device)
-    if bb.weights != m["weights"]:
-        raise StoreError(f"store weights {m['weights']} differ from {bb.weights}")
-    query = bb.embed(bb.prepare(image)).numpy()
-    index = st.index(mmap=True)
-    if index.ntotal == 0:
-        return []
-    scores, ids = search(index, query, k)
-    meta = st.table(["id", "path", "label", "split"])
-    rows = {i: r for i, r in zip(meta["id"].to_pylist(), meta.to_pylist(), strict=True)}
-    return [
-        {
-            "id": int(i),
-            "path": rows[int(i)]["path"],
-            "label": rows[int(i)]["label"],
-            "split": rows[int(i)]["split"],
-            "score": round(float(s), 6),
-        }
-        for s, i in zip(scores[0], ids[0], strict=True)
-        if i >= 0
-    ]
+    backbone = None
+
+    def embed(image: bytes | str | Path) -> np.ndarray:
+        nonlocal backbone
+        if backbone is None:
+            backbone = backbone_for(m["backbone"], workspace, device=device)
+            if backbone.weights != m["weights"]:
+                raise StoreError(f"store weights {m['weights']} differ from {backbone.weights}")
+        return backbone.embed(backbone.prepare(image)).numpy()
+
+    searcher = searcher_for(st, embed)
+    f = dict(filters or {})
+    if isinstance(f.get("ids"), str):
+        f["ids"] = tuple(_row_id(i) for i in f["ids"].split(",") if i.strip())
+    where = Filters(**f)
+
+    def stored(ref: str) -> Example:
+        return (
+            Example(id=int(ref))
+            if ref.lstrip("-").isdigit()
+            else Example(id=searcher.rows.by_path(ref))
+        )
+
+    examples = [Example(image=p, name=str(p)) for p in images]
+    if vector is not None:
+        examples.append(Example(vector=_read_vector(vector, m["dim"]), name=str(vector)))
+    if like or unlike or vector is not None:
+        q = Query([*examples, *map(stored, like)], list(map(stored, unlike)), k, offset, where)
+        return [searcher.run(q)]
+    if not examples:
+        raise QueryError("give query images, --like/--unlike stored images, or --vector")
+    return [searcher.run(Query([ex], k=k, offset=offset, filters=where)) for ex in examples]
+
+
+def _row_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise QueryError(f"{text!r} is not a row id") from None
+
+
+def _read_vector(path: str | Path, dim: int) -> np.ndarray:
+    """A query vector from a .npy file or a file holding a JSON list of numbers."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            value = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1).tolist()
+        else:
+            value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise QueryError(f"cannot read a vector from {path}: {exc}") from None
+    return parse_vector(value, dim)
 
 
 def store_info(

@@ -169,8 +169,21 @@ def test_a_chain_too_large_to_keep_whole_is_regrouped_stricter() -> None:
 
 
 def test_a_group_joins_the_split_most_of_its_committed_rows_have() -> None:
+    from collections import Counter
+
     labels = dict.fromkeys(range(5), "a")
-    groups = group_rows(labels, [(0, 1, 0.9), (0, 2, 0.9), (0, 3, 0.9)], 0.8)
+    links = [(0, 1, 0.9), (0, 2, 0.9), (0, 3, 0.9)]
+    groups = group_rows(labels, links, 0.8, class_sizes=Counter(a=100))  # the store's class
     fixed = {1: "test", 2: "val", 3: "val"}  # committed rows (a leak already)
     split, joined = assign_splits(groups, labels, {i: str(i) for i in range(5)}, fixed, 0)
     assert split[0] == "val" and joined == 1 and 1 not in split
+
+
+def test_in_small_classes_a_group_never_takes_a_whole_split() -> None:
+    labels = {i: str(i // 5) for i in range(50)}  # 10 classes of 5, each one chained group
+    edges = [(i, i + 1, 0.85) for i in range(49) if i // 5 == (i + 1) // 5]
+    groups = group_rows(labels, edges, 0.8)
+    assert max(len(g) for g in groups.members) <= 2
+    split, _ = assign_splits(groups, labels, {i: f"{i:x}" for i in range(50)}, {}, 0)
+    for c in range(10):
+        assert {split[i] for i in range(5 * c, 5 * c + 5)} == {"train", "val", "test"}

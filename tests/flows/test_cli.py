@@ -97,7 +97,7 @@ def test_demo_then_search_predict_info(prefect_server, mlflow_tmp, tmp_path) -> 
     tuned = next(r["finetuned_backbone"] for r in rows if r["kind"] == "finetune")
     query = sorted((tmp_path / "ws" / "sample" / "digits" / "3").iterdir())[0]
 
-    hits = json.loads(_ok(["search", str(query), "-k", "3", "--workspace", ws, "--json"]))
+    hits = json.loads(_ok(["search", str(query), "-k", "3", "--workspace", ws, "--json"]))["hits"]
     assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
     assert len(hits) == 3
     assert "nearest to" in _ok(["search", str(query), "--workspace", ws])
@@ -140,7 +140,7 @@ def test_embed_train_run_on_a_folder(prefect_server, mlflow_tmp, digits_dir, tmp
     assert heads["heads"][0]["accuracy"] > 0.5
     query = sorted((digits_dir / "1").iterdir())[0]
     args = ["search", str(query), "--store", store, "--workspace", ws, "-k", "3", "--json"]
-    hits = json.loads(_ok(args))  # searched with the adapted embeddings
+    hits = json.loads(_ok(args))["hits"]  # searched with the adapted embeddings
     assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
 
     # `finetune` on a store by itself, and settings it refuses.
@@ -292,7 +292,7 @@ def test_index_choice_tuning_and_map(prefect_server, mlflow_tmp, digits_dir, tmp
     text = _ok(["info", "--store", store, "--workspace", ws])
     assert "IVF" in text and "asked for ivf_pq" in text
     query = sorted((digits_dir / "3").iterdir())[1]
-    hits = json.loads(_ok(["search", str(query), "--store", store, "-k", "2", "--json"]))
+    hits = json.loads(_ok(["search", str(query), "--store", store, "-k", "2", "--json"]))["hits"]
     assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
     auto = json.loads(_ok(["index", "--store", store, "--index", "auto", "--json"]))
     assert auto["choice"]["kind"] == "flat"  # 100 rows: exact search

@@ -52,7 +52,7 @@ def test_first_commands_succeed_on_a_fresh_home(tmp_path: Path) -> None:
     query = sorted((digits / "3").iterdir())[0]
     hits = _headstart(["search", str(query), "--workspace", str(ws), "--json"], env, tmp_path)
     assert hits.returncode == 0, hits.stderr[-3000:]
-    assert json.loads(hits.stdout)[0]["path"] == str(query.resolve())
+    assert json.loads(hits.stdout)["hits"][0]["path"] == str(query.resolve())
 
     preds = _headstart(["predict", str(query), "--workspace", str(ws), "--json"], env, tmp_path)
     assert preds.returncode == 0, preds.stderr[-3000:]

@@ -48,7 +48,7 @@ def test_the_pipeline_and_every_command_take_hostile_names(tmp_path, mlflow_tmp)
     assert CLASSES[0] in found
     predicted = ok("predict", str(query))
     assert "[red]x" in predicted  # the class name, not red text
-    hits = json.loads(ok("search", str(query), "-k", "1", "--json"))
+    hits = json.loads(ok("search", str(query), "-k", "1", "--json"))["hits"]
     assert hits[0]["label"] == CLASSES[0]
     ok("dedup")
     ok("map", "--out", str(tmp_path / "map.png"), "--points", "25")

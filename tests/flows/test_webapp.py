@@ -53,7 +53,7 @@ def test_search_by_id_and_by_path(client, built_store):
     rows = _rows(built_store)
     q = rows[3]
     by_id = client.get(f"/api/search/id/{q['id']}?k=6").json()
-    assert by_id["query"]["id"] == str(q["id"]) and len(by_id["hits"]) == 6
+    assert by_id["query"]["like"] == [{"id": str(q["id"])}] and len(by_id["hits"]) == 6
     assert str(q["id"]) not in [h["id"] for h in by_id["hits"]]  # not its own neighbour
     root = Path(built_store.manifest()["source"]["root"])
     rel = Path(q["path"]).relative_to(root)
@@ -185,3 +185,145 @@ def test_gallery_in_headless_chromium(server, built_store):
         finally:
             browser.close()
     assert (ARTIFACTS / "ui-gallery.png").stat().st_size > 10_000
+
+
+def _by_label(store) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in _rows(store):
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def test_queries_by_vector_examples_and_pages(client, built_store) -> None:
+    import base64
+
+    import numpy as np
+
+    rows = _by_label(built_store)
+    a, b = rows["0"][0], rows["1"][0]
+    first = client.get(f"/api/search/id/{a['id']}?k=8").json()["hits"]
+    page = client.get(f"/api/search/id/{a['id']}?k=3&offset=2").json()
+    assert [h["id"] for h in page["hits"]] == [h["id"] for h in first[2:5]]
+    assert page["query"] == {
+        "like": [{"id": str(a["id"])}], "unlike": [], "k": 3, "offset": 2, "filters": {}
+    }  # fmt: skip
+    # A stored row's vector, as a JSON list and as base64 float32, finds the row itself first.
+    vectors = {int(i): v for vs, ids in built_store.batches() for v, i in zip(vs, ids, strict=True)}
+    vector = vectors[a["id"]]
+    b64 = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    for ex in ({"vector": vector.tolist()}, {"vector_b64": b64}):
+        got = client.post("/api/query", json={"like": [ex], "k": 9}).json()["hits"]
+        assert got[0]["id"] == str(a["id"]) and got[1:] == first[:8]
+    # More like a "0", less like a "1": the results move away from the "1".
+    like = client.post("/api/query", json={"like": [{"id": str(a["id"])}], "k": 20}).json()
+    both = {"like": [{"id": str(a["id"])}], "unlike": [{"id": str(b["id"])}], "k": 20}
+    pushed = client.post("/api/query", json=both).json()
+    assert pushed["query"]["unlike"] == [{"id": str(b["id"])}]
+    unit = {i: v / np.linalg.norm(v) for i, v in vectors.items()}
+
+    def closeness(hits):
+        return np.mean([unit[int(h["id"])] @ unit[b["id"]] for h in hits])
+
+    assert closeness(pushed["hits"]) < closeness(like["hits"])
+    assert str(b["id"]) not in [h["id"] for h in pushed["hits"]]  # examples are left out
+    # Several images at once, by path and upload: one result list each, in order.
+    upload = base64.b64encode(Path(b["path"]).read_bytes()).decode()
+    batch = {"queries": [{"like": [{"path": a["path"]}], "k": 2},
+                         {"like": [{"image_b64": upload}], "k": 2}]}  # fmt: skip
+    results = client.post("/api/query/batch", json=batch).json()["results"]
+    assert [r["hits"][0]["id"] for r in results] == [first[0]["id"], str(b["id"])]
+
+
+def test_filters_by_id_list_and_path_prefix(client, built_store) -> None:
+    rows = _by_label(built_store)
+    a = rows["2"][0]
+    some = [r["id"] for r in rows["3"][:4]] + [r["id"] for r in rows["0"][:2]]
+    ids = ",".join(map(str, some))
+    got = client.get(f"/api/search/id/{a['id']}?k=10&ids={ids}").json()["hits"]
+    assert sorted(int(h["id"]) for h in got) == sorted(some)  # every allowed row, no other
+    three = client.get(f"/api/search/id/{a['id']}?k=10&ids={ids}&label=3").json()["hits"]
+    assert sorted(int(h["id"]) for h in three) == sorted(some[:4])
+    root = built_store.manifest()["source"]["root"]
+    for prefix in ("1/", f"{root}/1/"):  # relative to the source root, or absolute
+        hits = client.get(f"/api/search/id/{a['id']}", params={"k": 30, "path_prefix": prefix})
+        paths = [h["path"] for h in hits.json()["hits"]]
+        assert len(paths) == 25 and all(p.startswith(f"{root}/1/") for p in paths)
+    body = {"like": [{"id": str(a["id"])}], "ids": [str(i) for i in some], "path_prefix": "0/"}
+    both = client.post("/api/query", json=body).json()["hits"]
+    assert sorted(int(h["id"]) for h in both) == sorted(some[4:])
+
+
+def test_bad_queries_say_what_they_take(client, built_store) -> None:
+    a = _rows(built_store)[0]
+    cases = [
+        ({"like": []}, 422),
+        ({"like": [{"id": str(a["id"]), "path": a["path"]}]}, 400),  # two kinds in one example
+        ({"like": [{"vector": [0.1, 0.2]}]}, 400),  # not the store's dimension
+        ({"like": [{"vector_b64": "%%%"}]}, 400),
+        ({"like": [{"image_b64": "aGVsbG8="}]}, 415),  # "hello" is not an image
+        ({"like": [{"id": "42"}]}, 404),
+        ({"like": [{"path": "/etc/passwd"}]}, 404),
+        ({"like": [{"id": str(a["id"])}], "label": "zzz"}, 400),
+        ({"like": [{"id": str(a["id"])}], "ids": ["42"]}, 404),
+        ({"like": [{"id": str(a["id"])}], "k": 100, "offset": 950}, 400),
+        ({"like": [{"id": str(a["id"])}], "sort": "up"}, 422),  # unknown field
+    ]
+    for body, status in cases:
+        res = client.post("/api/query", json=body)
+        assert res.status_code == status, (body, res.text)
+        assert res.json()["detail"]
+    chunked = client.post("/api/query", content=iter([b'{"like": []}']))
+    assert chunked.status_code == 411
+    huge = client.post("/api/query", content=b" " * (64 * 2**20 + 1))
+    assert huge.status_code == 413
+
+
+def test_the_api_reference_works_offline(client) -> None:
+    import re
+
+    spec = client.get("/api/openapi.json").json()
+    page = client.get("/api/docs").text
+    assert "<script" not in page and not re.search(r"(src|href)=['\"]https?://", page)
+    for path, methods in spec["paths"].items():
+        assert path in page
+        for op in methods.values():
+            for p in op.get("parameters", []):
+                if path.startswith("/api/search") or path.startswith("/api/issues"):
+                    assert p.get("description"), (path, p["name"])
+                    if p["name"] != "row_id" or path.startswith("/api/search"):
+                        assert (
+                            "example" in p
+                            or p.get("schema", {}).get("examples")
+                            or (p.get("examples"))
+                        ), (path, p["name"])
+    assert "vector_b64" in page and "path_prefix" in page
+
+
+def test_search_on_the_command_line_answers_what_the_api_answers(client, built_store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    rows = _by_label(built_store)
+    a, b = rows["0"][1], rows["2"][1]
+    store = ["--store", str(built_store.path), "--workspace", str(tmp_path)]
+    args = ["search", "--like", str(a["id"]), "--unlike", b["path"], "-k", "4", "--offset", "1"]
+    res = CliRunner().invoke(app, [*args, "--split", "train", "--json", *store])
+    assert res.exit_code == 0, res.output
+    body = {"like": [{"id": str(a["id"])}], "unlike": [{"id": str(b["id"])}], "k": 4,
+            "offset": 1, "split": "train"}  # fmt: skip
+    assert json.loads(res.stdout) == client.post("/api/query", json=body).json()
+    # Several images: one result list each, as the batch API; the query image itself first.
+    images = [rows["1"][0]["path"], rows["3"][0]["path"]]
+    res = CliRunner().invoke(app, ["search", *images, "-k", "2", "--json", *store])
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)["results"]
+    assert [r["hits"][0]["path"] for r in results] == images
+    table = CliRunner().invoke(app, ["search", "--like", a["path"], "-k", "3", *store])
+    assert table.exit_code == 0 and "nearest to" in table.output
+    bad = CliRunner().invoke(app, ["search", "--like", "42", *store])
+    assert bad.exit_code == 2 and "no row with id 42" in bad.output
+    bad = CliRunner().invoke(app, ["search", "--like", str(a["id"]), "--label", "zzz", *store])
+    assert bad.exit_code == 2 and "no label 'zzz'" in bad.output
