@@ -10,6 +10,12 @@
   parameters with the *new* rows as queries before adding them, re-tune when it fell below the
   target, rebuild when re-tuning cannot reach it; then add the new rows. HNSW cannot delete,
   so a removal rebuilds it.
+- **old regions**: the build's held-out rows stay the store's fixed recall queries
+  (`held_out` in the entry: drawn once, topped up from the older rows as rows are deleted).
+  After every update they are asked again, with their own row left out of both the answer
+  and the truth; when their recall falls below the target the index is rebuilt (trained
+  anew on the store as it is now), so a store that grows 10x with new content cannot lose
+  recall where it started.
 
 Ids in the index always equal the Parquet ids (as a set; IVF keeps them list by list).
 """
@@ -45,6 +51,7 @@ from extractors.recall import (
     Tuning,
     check,
     held_out,
+    recall_at_k,
     tune,
 )
 from extractors.settings import IndexSettings
@@ -192,7 +199,8 @@ def _build(
     if len(q_ids):
         index.add_with_ids(queries, q_ids)
     write_index(index, folder / INDEX)
-    return _entry(choice, settings, tuning, f"built ({why})", folder)
+    entry = _entry(choice, settings, tuning, f"built ({why})", folder)
+    return entry | {"held_out": [int(i) for i in q_ids]}
 
 
 def _update(
@@ -254,8 +262,69 @@ def _update(
             ann.index.add_with_ids(queries, np.ascontiguousarray(q_ids, np.int64))
             vf.add(queries, q_ids)
         vf.commit()
+    if choice.kind == "ivf_pq":
+        ann.reranker = Reranker(folder, choice.dim)
+    held = _held_out(previous.get("held_out"), ids, added, removed, choice)
+    if len(held) >= MIN_CHECK_QUERIES and (len(added) or len(removed)):
+        old = old_recall(ann, batches, held)
+        tuning["old_rows_recall"] = old
+        action += f", recall@{K} on {len(held)} older rows: {old:.3f}"
+        if old < settings.recall:
+            return (
+                f"recall@{K} on the {len(held)} older rows kept as queries fell to {old:.3f}, "
+                f"below {settings.recall}"
+            )
     write_index(ann.index, folder / INDEX)
-    return _entry(choice, settings, tuning, action, folder, previous.get("history"))
+    entry = _entry(choice, settings, tuning, action, folder, previous.get("history"))
+    return entry | {"held_out": [int(i) for i in held]}
+
+
+def _held_out(
+    kept: list[int] | None,
+    ids: np.ndarray,
+    added: np.ndarray,
+    removed: np.ndarray,
+    choice: IndexChoice,
+) -> np.ndarray:
+    """The store's fixed recall queries: those still in the store, topped up (seeded) to their
+    number from rows that were there before this update (a store indexed before they were
+    kept draws them now); none for an exact index."""
+    if choice.kind == "flat":
+        return np.zeros(0, np.int64)
+    held = np.asarray(kept or [], np.int64)
+    want = len(held) if kept else min(TUNE_QUERIES, max(len(ids) // 10, 1))
+    held = held[np.isin(held, ids)]
+    if len(held) < want:
+        older = np.setdiff1d(np.setdiff1d(ids, added), held)
+        rng = np.random.default_rng(len(removed))
+        extra = rng.choice(older, size=min(want - len(held), len(older)), replace=False)
+        held = np.concatenate([held, extra])
+    return np.sort(held)
+
+
+def old_recall(ann: AnnIndex, batches: Batches, held: np.ndarray, k: int = K) -> float:
+    """Recall@k of rows that are in the index, each asked for its k nearest other rows (its
+    own row left out of the answer and of the exact truth)."""
+    vecs, got = [], []
+    for vectors, b_ids in batches():
+        mask = np.isin(b_ids, held)
+        vecs.append(normalize(vectors[mask]))
+        got.append(b_ids[mask])
+    queries, q_ids = np.concatenate(vecs), np.concatenate(got)
+    truth = ExactTopK(queries, k + 1)
+    for vectors, b_ids in batches():
+        truth.add(normalize(vectors), b_ids)
+    _, found = ann.search(queries, k + 1)
+    return recall_at_k(_without(found, q_ids, k), _without(truth.result(), q_ids, k), k)
+
+
+def _without(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first k ids other than its own (-1 where fewer)."""
+    out = np.full((len(found), k), -1, np.int64)
+    for r, (row, me) in enumerate(zip(found, own, strict=True)):
+        others = row[row != me][:k]
+        out[r, : len(others)] = others
+    return out
 
 
 class _VectorFile:

@@ -201,3 +201,45 @@ def test_filtered_search_finds_the_allowed_rows_however_few(
     few = ann.search(queries, 10, allowed=allowed[:3])[1]
     assert (few[:, :3] >= 0).all() and (few[:, 3:] == -1).all()  # all 3, then nothing
     assert (ann.search(queries, 10, allowed=allowed[:0])[1] == -1).all()
+
+
+def test_a_store_grown_tenfold_keeps_recall_on_its_old_queries(tmp_path: Path):
+    """The build's held-out rows stay the store's recall queries: after each update they are
+    asked again (their own row left out), and the target holds on the old region while the
+    store grows 10x with a new cluster, whatever the update had to do for it."""
+    from extractors.store_index import old_recall
+
+    x = clustered(2000, 0)
+    ids = np.arange(2000, dtype=np.int64)
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_flat"))
+    held = entry["held_out"]
+    assert len(held) >= 20 and set(held) <= set(ids.tolist())
+    far = np.random.default_rng(5).standard_normal((40, DIM)).astype(np.float32) * 1.5
+    actions = []
+    for step in range(3):  # 2,000 -> 20,000 rows, the new ones all from a new cluster set
+        new = clustered(6000, 10 + step, centres=far)
+        x = np.concatenate([x, new])
+        ids = np.concatenate([ids, 100_000 * (step + 1) + np.arange(6000)])
+        entry = refresh(tmp_path, stream(x, ids), ids, DIM, previous=entry)
+        action = entry["history"][-1]["action"]
+        assert "older rows" in action or action.startswith("built"), action
+        if action.startswith("built"):  # retrained on the grown store: queries drawn anew
+            held = entry["held_out"]
+        else:
+            assert entry["held_out"] == held  # the same queries, drawn once
+            assert entry["tuning"]["old_rows_recall"] >= 0.95
+        actions.append(action)
+    assert any("older rows" in a for a in actions), actions  # measured, not only rebuilt
+    ann = open_index(tmp_path, entry)
+    assert old_recall(ann, stream(x, ids), np.array(entry["held_out"])) >= 0.95
+    # Rows deleted: the queries that left are replaced from the older rows, never new ones.
+    keep = ~np.isin(ids, held[:10])
+    entry = refresh(tmp_path, stream(x[keep], ids[keep]), ids[keep], DIM, previous=entry)
+    assert len(entry["held_out"]) == len(held) and not set(held[:10]) & set(entry["held_out"])
+
+
+def test_old_query_recall_leaves_the_query_row_out() -> None:
+    from extractors.store_index import _without
+
+    found = np.array([[5, 1, 2], [9, 3, 7]])
+    assert _without(found, np.array([5, 3]), 2).tolist() == [[1, 2], [9, 7]]
