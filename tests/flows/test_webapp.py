@@ -177,6 +177,30 @@ def test_gallery_in_headless_chromium(server, built_store):
             page.wait_for_function(
                 "[...document.querySelectorAll('.hit .label')].every((e) => e.textContent === '1')"
             )
+            page.select_option("#label", "")
+            page.wait_for_function("document.querySelectorAll('.hit').length === 12")
+
+            # More like one result, less like another: both become examples of the query.
+            liked = cards.nth(0).get_attribute("data-id")
+            cards.nth(0).locator("button.like").click()
+            page.wait_for_function("document.querySelectorAll('#examples .chip').length === 2")
+            unliked = cards.nth(2).get_attribute("data-id")
+            cards.nth(2).locator("button.unlike").click()
+            page.wait_for_function("document.querySelector('#status').textContent.includes('less')")
+            page.wait_for_function(f"!document.querySelector('.hit[data-id=\"{unliked}\"]')")
+            ids = page.eval_on_selector_all(".hit", "els => els.map(e => e.dataset.id)")
+            assert liked not in ids and unliked not in ids and len(ids) == 12  # examples left out
+            page.locator("#more").click()  # the next page, appended
+            page.wait_for_function("document.querySelectorAll('.hit').length === 24")
+            ids = page.eval_on_selector_all(".hit", "els => els.map(e => e.dataset.id)")
+            assert len(set(ids)) == 24
+            page.fill("#path_prefix", "3/")
+            page.dispatch_event("#path_prefix", "change")
+            page.wait_for_function(
+                "document.querySelectorAll('.hit').length === 12 && "
+                "[...document.querySelectorAll('.hit .label')].every((e) => e.textContent === '3')"
+            )
+            page.fill("#path_prefix", "")
 
             page.goto(f"{server}/map")
             page.wait_for_function("document.querySelector('#meta').textContent.includes('tsne')")
