@@ -28,6 +28,11 @@ One directory per (source, backbone):
                            hnsw, ivf_flat, ivf_pq), why it was chosen, the tuned search
                            parameters and the recall curve are the manifest's "index" entry
                            (extractors/store_index.py)
+      rows.arrow           the rows' metadata for serving (id, path, label, split, width,
+                           height, bytes, mtime_ns, row = position in embeddings.parquet),
+                           sorted by id, label and split dictionary-encoded: an uncompressed
+                           Arrow IPC file that search processes memory-map (one copy in the
+                           page cache), stamped with the Parquet file it was made from
       vectors.f32          ivf_pq only: normalised float32 rows for exact re-ranking, read
       vector_ids.npy       memory-mapped; the ids file says which id each row holds
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
@@ -56,6 +61,7 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.parquet"
 FAILURES = "failures.parquet"
 INDEX = "index.faiss"
+ROWS = "rows.arrow"
 VECTORS = "vectors.f32"  # ivf_pq: normalised rows for exact re-ranking
 VECTOR_IDS = "vector_ids.npy"
 STAGING = "staging"

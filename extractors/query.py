@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from extractors.common import HeadstartError, normalize
 
 ROW_COLUMNS = ["id", "path", "label", "split", "width", "height", "bytes", "mtime_ns"]
+STAMP = b"headstart.parquet"  # schema metadata of rows.arrow: the Parquet's size and mtime
 UNLIKE_WEIGHT = 0.5  # how far the unlike examples push the query away (Rocchio's gamma)
 MAX_RESULTS = 1000  # offset + k at most
 MAX_EXAMPLES = 64  # like + unlike examples of one query
@@ -92,30 +93,77 @@ class Query:
             )
 
 
+def rows_table(meta: pa.Table) -> pa.Table:
+    """The serving table of a store's metadata (ROW_COLUMNS of embeddings.parquet, in its
+    order): `row` added (the Parquet position), sorted by id, label and split
+    dictionary-encoded."""
+    meta = meta.select(ROW_COLUMNS).append_column(
+        "row", pa.array(np.arange(meta.num_rows, dtype=np.int64))
+    )
+    meta = meta.take(pc.sort_indices(meta["id"]))
+    for column in ("label", "split"):
+        at = meta.schema.get_field_index(column)
+        meta = meta.set_column(at, column, pc.dictionary_encode(meta[column]))
+    return meta.combine_chunks()
+
+
+def write_rows(folder: Path, parquet: Path, meta: pa.Table) -> None:
+    """rows.arrow for `parquet` (written just before), atomically, stamped with its stat."""
+    import pyarrow.ipc as ipc
+
+    from extractors.common import atomic_path
+    from extractors.layout import ROWS
+
+    st = os.stat(parquet)
+    table = rows_table(meta)
+    table = table.replace_schema_metadata({STAMP: f"{st.st_size}:{st.st_mtime_ns}".encode()})
+    with atomic_path(Path(folder) / ROWS) as tmp, ipc.new_file(str(tmp), table.schema) as w:
+        w.write_table(table)
+
+
+def read_rows(folder: Path, parquet: Path) -> pa.Table | None:
+    """rows.arrow memory-mapped (zero-copy: shared by every process that maps it) when it is
+    the one made from `parquet` as it is now; else None."""
+    import pyarrow.ipc as ipc
+
+    from extractors.layout import ROWS
+
+    path = Path(folder) / ROWS
+    try:
+        st = os.stat(parquet)
+        table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    stamp = (table.schema.metadata or {}).get(STAMP)
+    return table if stamp == f"{st.st_size}:{st.st_mtime_ns}".encode() else None
+
+
 class Rows:
-    """The store's rows as Arrow columns (no vectors, no hashes), looked up by id or path."""
+    """The store's rows as Arrow columns (no vectors, no hashes), sorted by id (`rows_table`),
+    looked up by id or path; memory-mapped from rows.arrow where the store has it."""
 
     def __init__(self, table: pa.Table, root: str):
-        self.table = table.select(ROW_COLUMNS).combine_chunks()
+        self.table = table if "row" in table.column_names else rows_table(table)
         self.root = root
-        self.ids = self.table["id"].to_numpy()
-        self._order = np.argsort(self.ids, kind="stable")
-        self._sorted = self.ids[self._order]
+        self.ids = _numpy(self.table["id"])
         self._codes: dict[str, tuple[list[str], np.ndarray]] = {}
         for column in ("label", "split"):
-            encoded = pc.dictionary_encode(self.table[column]).combine_chunks()
-            codes = encoded.indices.to_numpy(zero_copy_only=False)
-            codes = np.where(encoded.is_null().to_numpy(zero_copy_only=False), -1, codes)
-            self._codes[column] = (encoded.dictionary.to_pylist(), codes.astype(np.int32))
+            encoded = self.table[column].combine_chunks()
+            codes = _numpy(encoded.indices.fill_null(-1))
+            self._codes[column] = (encoded.dictionary.to_pylist(), codes)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def position(self, row_id: int) -> int | None:
-        at = int(np.searchsorted(self._sorted, row_id))
-        if at < len(self._sorted) and self._sorted[at] == row_id:
-            return int(self._order[at])
-        return None
+        """Where the row is in this table (sorted by id), or None."""
+        at = int(np.searchsorted(self.ids, row_id))
+        return at if at < len(self.ids) and self.ids[at] == row_id else None
+
+    def parquet_row(self, row_id: int) -> int | None:
+        """Where the row is in embeddings.parquet, or None."""
+        at = self.position(row_id)
+        return None if at is None else int(self.table["row"][at].as_py())
 
     def __contains__(self, row_id: int) -> bool:
         return self.position(row_id) is not None
@@ -124,11 +172,11 @@ class Rows:
         at = self.position(row_id)
         if at is None:
             raise NotFound(f"no row with id {row_id} in this store")
-        return self.table.slice(at, 1).to_pylist()[0]
+        return self.table.slice(at, 1).drop_columns(["row"]).to_pylist()[0]
 
     def take(self, row_ids: Sequence[int]) -> list[dict[str, Any]]:
         positions = [self.position(i) for i in row_ids]
-        return self.table.take(pa.array(positions, pa.int64())).to_pylist()
+        return self.table.take(pa.array(positions, pa.int64())).drop_columns(["row"]).to_pylist()
 
     def values(self, column: str) -> list[str]:
         return sorted(self._codes[column][0])
@@ -164,13 +212,20 @@ class Rows:
             if len(f.ids) > MAX_IDS:
                 raise QueryError(f"an id list filter takes at most {MAX_IDS:,} ids")
             wanted = np.unique(np.asarray(f.ids, np.int64))
-            known = wanted[np.isin(wanted, self._sorted)]
+            known = wanted[np.isin(wanted, self.ids)]
             if not len(known):
                 raise NotFound(
                     f"none of the {len(wanted)} ids of the filter is a row of this store"
                 )
             allowed = known if allowed is None else np.intersect1d(allowed, known)
         return allowed
+
+
+def _numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy, zero-copy where it is one chunk without nulls (a mapped file's)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column.to_numpy(zero_copy_only=False)
 
 
 def _and(mask: np.ndarray | None, other: np.ndarray) -> np.ndarray:
@@ -269,7 +324,7 @@ class StoredVectors:
         self.starts = np.cumsum([0, *sizes])[:-1]
 
     def read(self, row_id: int, columns: list[str]) -> pa.Table:
-        at = self.rows.position(row_id)
+        at = self.rows.parquet_row(row_id)
         if at is None:
             raise NotFound(f"no row with id {row_id} in this store")
         group = int(np.searchsorted(self.starts, at, side="right") - 1)
@@ -293,7 +348,10 @@ def searcher_for(
     from extractors.layout import EMBEDDINGS
 
     manifest = store.manifest()
-    rows = Rows(store.table(ROW_COLUMNS), manifest["source"]["root"])
+    parquet = store.path / EMBEDDINGS
+    shared = read_rows(store.path, parquet)  # else (an older store) built in this process
+    table = shared if shared is not None else store.table(ROW_COLUMNS)
+    rows = Rows(table, manifest["source"]["root"])
 
     def no_images(_: bytes | str | Path) -> np.ndarray:
         raise QueryError("this query cannot embed images; give row ids or vectors")

@@ -47,6 +47,7 @@ from extractors.layout import (
     INDEX,
     MANIFEST,
     META_COLUMNS,
+    ROWS,
     STAGING,
     VECTOR_IDS,
     embedding_matrix,
@@ -122,7 +123,9 @@ class Store:
             layers = {c: v["dim"] for c, v in m.get("layers", {}).items()}
             empty = schema(max(m.get("dim", 0), 1), layers).empty_table()
             return empty.select(list(columns)) if columns else empty
-        return pq.read_table(path, columns=list(columns) if columns else None)
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports
+        # pandas (~30 MB in every process that only reads a store, the search service's too).
+        return pq.ParquetFile(path).read(columns=list(columns) if columns else None)
 
     def failures(self) -> pa.Table:
         path = self.path / FAILURES
@@ -400,6 +403,7 @@ class Store:
             grouped = previous["split_groups"] | grouping.record()  # keep the last counts
         with _Rollback(self.path) as rollback:
             merged = merge_rows(self.path, sch, plan, staging.parts(), paths, splits)
+            self._write_rows()
             report.kept, report.rows = merged.kept, merged.rows
             report.embedded = report.rows - report.kept
             write_failures(self.path, report.failures)
@@ -432,6 +436,7 @@ class Store:
                         new = [moves.get(i, s) for i, s in zip(ids, old, strict=True)]
                         at = t.schema.get_field_index("split")
                         w.write_table(t.set_column(at, "split", pa.array(new, pa.string())))
+            self._write_rows()  # also after a crash before it: the Parquet's, stamped
             # From the file itself, so a re-run after a crash here completes the manifest.
             meta = pq.read_table(path, columns=["sha256", "label", "split"])
             splits = meta["split"].to_pylist()
@@ -442,6 +447,12 @@ class Store:
             m["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             write_bytes_atomic(self.path / MANIFEST, json.dumps(m, indent=2).encode())
             return m
+
+    def _write_rows(self) -> None:
+        """rows.arrow for the embeddings file just written (extractors/query.py)."""
+        from extractors.query import ROW_COLUMNS, write_rows
+
+        write_rows(self.path, self.path / EMBEDDINGS, self.table(ROW_COLUMNS))
 
     def _committed(self, plan: UpdatePlan, dim: int) -> Committed:
         """The rows this update keeps, and a search over the committed vectors (the index
@@ -485,7 +496,7 @@ class _Rollback:
     with RuntimeError, not OSError). Then the store is wholly the old one, and says so; the
     staged rows stay for the next run."""
 
-    FILES = (EMBEDDINGS, FAILURES, INDEX, VECTOR_IDS, MANIFEST)
+    FILES = (EMBEDDINGS, ROWS, FAILURES, INDEX, VECTOR_IDS, MANIFEST)
 
     def __init__(self, folder: Path):
         self.folder = folder

@@ -306,7 +306,7 @@ class SearchService:
 
     def row(self, row_id: int) -> dict[str, Any]:
         r = self.searcher.vector_of.read(row_id, META).to_pylist()[0]  # NotFound: 404
-        out = {**r, "id": str(r["id"]), "row_number": self.rows.position(row_id)}
+        out = {**r, "id": str(r["id"]), "row_number": self.rows.parquet_row(row_id)}
         out["parquet"] = str(self.store.path / EMBEDDINGS)
         out["store"] = str(self.store.path)
         if self.mlflow_url:
