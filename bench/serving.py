@@ -86,6 +86,11 @@ def write_store(folder: Path, n: int) -> dict:
                     schema=sch,
                 )
                 w.write_table(table, ROW_GROUP)
+    from extractors.query import ROW_COLUMNS, write_rows
+
+    meta = pq.ParquetFile(folder / EMBEDDINGS).read(columns=ROW_COLUMNS)
+    write_rows(folder, folder / EMBEDDINGS, meta)  # as a store's commit does
+    del meta
     ids = np.concatenate([i for _, i in coll.batches()])
     t = time.perf_counter()
     entry = refresh(folder, coll.batches, ids, DIM)

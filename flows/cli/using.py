@@ -508,7 +508,9 @@ def ui(
 
     import uvicorn
 
-    from flows.webapp import LOOPBACK, create_app, is_loopback
+    from flows.webapp import LOOPBACK, create_app, is_loopback, without_pandas
+
+    without_pandas()
     from flows.workspace import resolve_store
 
     if token is None and not is_loopback(host):
