@@ -356,25 +356,18 @@ def test_search_on_the_command_line_answers_what_the_api_answers(client, built_s
 def test_the_ui_command_serves_without_pandas(built_store, tmp_path) -> None:
     """`headstart ui` keeps pyarrow from importing pandas (48 MB a process); every endpoint,
     an upload (torch) and the map (scikit-learn) still work in that process."""
-    import socket
     import subprocess
     import sys
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.flows.live import free_port, wait_until_answering
+
+    port = free_port()
     cmd = [sys.executable, "-m", "flows.cli", "ui", "--store", str(built_store.path),
            "--workspace", str(tmp_path), "--port", str(port)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
+        wait_until_answering(base)
         row = _rows(built_store)[5]
         assert httpx.get(f"{base}/api/search/id/{row['id']}?k=3").json()["hits"]
         with open(row["path"], "rb") as fh:
