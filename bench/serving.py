@@ -115,6 +115,7 @@ def write_store(folder: Path, n: int) -> dict:
         "created": "",
         "updated": "",
     }
+    manifest["index"]["build_s"] = build_s
     write_bytes_atomic(folder / MANIFEST, json.dumps(manifest).encode())
     return entry | {"build_s": build_s}
 
@@ -196,11 +197,15 @@ def latencies(base: str, ids: np.ndarray, label: str | None, clients: int, per: 
     }
 
 
-def run_size(n: int, keep: bool) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix=f"hs-bench-serving-{n}-"))
+def run_size(n: int, keep: bool, reuse: Path | None = None) -> dict:
+    folder = reuse / str(n) if reuse else Path(tempfile.mkdtemp(prefix=f"hs-bench-serving-{n}-"))
     try:
         t = time.perf_counter()
-        entry = write_store(folder / "store", n)
+        if reuse and (folder / "store" / "manifest.json").exists():
+            m = json.loads((folder / "store" / "manifest.json").read_text())
+            entry = m["index"] | {"build_s": m["index"].get("build_s", float("nan"))}
+        else:
+            entry = write_store(folder / "store", n)
         print(
             f"\n== {n:,} rows: store written and indexed in {time.perf_counter() - t:.0f} s "
             f"({entry['type']}, index {entry['file_bytes'] / 2**20:.0f} MB) ==",
@@ -246,7 +251,7 @@ def run_size(n: int, keep: bool) -> dict:
         report(result)
         return result
     finally:
-        if not keep:
+        if not keep and not reuse:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -274,9 +279,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the generated stores")
+    ap.add_argument("--reuse", type=Path, help="a folder to keep the stores in and reuse")
     args = ap.parse_args()
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    results = [run_size(int(n), args.keep) for n in args.sizes.split(",")]
+    results = [run_size(int(n), args.keep, args.reuse) for n in args.sizes.split(",")]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -17,7 +17,9 @@ by `extractors.recall` to reach a recall target; `AnnIndex` applies them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -218,9 +220,14 @@ class Reranker:
     def _map(self) -> np.ndarray:
         if not len(self.ids):
             return np.zeros((0, self.dim), np.float32)
-        return np.memmap(
+        vectors = np.memmap(
             self.folder / VECTORS, np.float32, mode="r", shape=(len(self.ids), self.dim)
         )
+        # Re-ranking reads a few hundred random rows a query: without this the kernel reads
+        # ahead around each, and a long-running service ends up holding the whole file.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            vectors._mmap.madvise(mmap.MADV_RANDOM)
+        return vectors
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self._sorted, ids)

@@ -149,7 +149,8 @@ class Rows:
         self._codes: dict[str, tuple[list[str], np.ndarray]] = {}
         for column in ("label", "split"):
             encoded = self.table[column].combine_chunks()
-            codes = _numpy(encoded.indices.fill_null(-1))
+            indices = encoded.indices
+            codes = _numpy(indices.fill_null(-1) if indices.null_count else indices)
             self._codes[column] = (encoded.dictionary.to_pylist(), codes)
 
     def __len__(self) -> int:
