@@ -3,15 +3,17 @@ same store adds, and its HTTP query latency, one request at a time and under 8 c
 
     uv run python bench/serving.py                        # 100k and 1M rows
     uv run python bench/serving.py --sizes 100000 --json bench/results/serving.json
+    uv run python bench/serving.py --reuse /tmp/stores    # keep the stores, reuse them next time
 
 Each size is a real store folder (embeddings.parquet in the store's schema, the index that
 `refresh` chooses and tunes, a manifest), written from bench/search.py's generated collection
 (1,280-d, clustered like pooled CNN features) with paths `/bench/cNNNN/img_XXXXXXX.jpg` and
 labels by cluster. Then, for one and then two `headstart ui` processes on it:
 
-- memory, read from /proc after a warm-up of 300 queries: VmRSS, its private part (RssAnon:
-  what the process alone holds) and its file-backed part (RssFile: the memory-mapped index
-  and libraries, one copy in the page cache however many processes map it);
+- memory, read from /proc after a warm-up of 300 queries: VmRSS; its private part (RssAnon:
+  what the process alone holds); its file-backed part (one copy in the page cache however many
+  processes map it) split into the index's own files (index.faiss, and for ivf_pq the re-rank
+  vectors.f32 and vector_ids.npy), rows.arrow and the libraries;
 - latency of GET /api/search/id/{id}?k=10 for random stored rows (the row's vector from the
   index, the search, the hits' metadata), p50/p99 one request at a time, then with 8 client
   threads at once (and their throughput); and the same with a label filter (a 1% class).
@@ -156,12 +158,34 @@ def start_ui(store: Path, workspace: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("ui did not start")
 
 
+INDEX_FILES = ("index.faiss", "vectors.f32", "vector_ids.npy")
+
+
 def memory(pid: int) -> dict[str, float]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
+    """Resident memory from /proc: in all, private (RssAnon: this process's alone), and the
+    file-backed part split into the index's own files, the rows file and the rest (libraries).
+    File pages are the page cache's: one copy however many processes map them."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in status)
     mb = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
-    return {"rss_mb": mb["VmRSS"], "private_mb": mb["RssAnon"], "file_mb": mb["RssFile"]}
+    per_file: dict[str, float] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+        elif line.startswith("Rss:"):
+            key = Path(name).name
+            per_file[key] = per_file.get(key, 0) + int(head[1]) / 1024
+    index = sum(per_file.get(f, 0) for f in INDEX_FILES)
+    return {
+        "rss_mb": mb["VmRSS"],
+        "private_mb": mb["RssAnon"],
+        "file_mb": mb["RssFile"],
+        "index_files_mb": index,
+        "rows_file_mb": per_file.get("rows.arrow", 0),
+        "beyond_index_mb": mb["VmRSS"] - index,
+    }
 
 
 def latencies(base: str, ids: np.ndarray, label: str | None, clients: int, per: int) -> dict:
@@ -242,7 +266,7 @@ def run_size(n: int, keep: bool, reuse: Path | None = None) -> dict:
             "build_s": entry["build_s"],
             "first_ui": mem1,
             "second_ui": mem2,
-            "first_over_index_mb": mem1["rss_mb"] - index_mb,
+            "first_over_index_mb": mem1["beyond_index_mb"],
             "second_adds_mb": mem2["private_mb"],
             "single": single,
             "clients_8": many,
@@ -259,8 +283,9 @@ def report(r: dict) -> None:
     a, b = r["first_ui"], r["second_ui"]
     print(f"index {r['index']}: {r['index_mb']:.0f} MB; built in {r['build_s']:.0f} s")
     print(
-        f"ui #1: RSS {a['rss_mb']:.0f} MB (private {a['private_mb']:.0f}, mapped files "
-        f"{a['file_mb']:.0f}): index + {r['first_over_index_mb']:.0f} MB  [target <= 300]"
+        f"ui #1: RSS {a['rss_mb']:.0f} MB = the index's files {a['index_files_mb']:.0f} (mapped) "
+        f"+ {r['first_over_index_mb']:.0f} MB [target <= 300]: private {a['private_mb']:.0f}, "
+        f"rows.arrow {a['rows_file_mb']:.0f}, libraries the rest"
     )
     print(
         f"ui #2: RSS {b['rss_mb']:.0f} MB, of which its own {b['private_mb']:.0f} MB; the "

@@ -212,7 +212,8 @@ class Reranker:
     def __init__(self, folder: Path, dim: int):
         self.folder, self.dim = Path(folder), dim
         ids_path = self.folder / VECTOR_IDS
-        self.ids = np.load(ids_path) if ids_path.exists() else np.zeros(0, np.int64)
+        # Memory-mapped too: shared between processes, like the vectors.
+        self.ids = np.load(ids_path, mmap_mode="r") if ids_path.exists() else np.zeros(0, np.int64)
         self.vectors = self._map()
         self._order = np.argsort(self.ids, kind="stable")
         self._sorted = self.ids[self._order]
@@ -223,8 +224,7 @@ class Reranker:
         vectors = np.memmap(
             self.folder / VECTORS, np.float32, mode="r", shape=(len(self.ids), self.dim)
         )
-        # Re-ranking reads a few hundred random rows a query: without this the kernel reads
-        # ahead around each, and a long-running service ends up holding the whole file.
+        # Re-ranking reads a few hundred random rows a query: no read-ahead around each.
         with contextlib.suppress(AttributeError, OSError, ValueError):
             vectors._mmap.madvise(mmap.MADV_RANDOM)
         return vectors
