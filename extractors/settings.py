@@ -1,5 +1,5 @@
-"""Settings of the embedding stages (embed, index, engine): frozen objects, each field declared
-once with its default, its help text and its check (`setting`).
+"""Settings of the embedding stages (embed, index, engine) and of a search: frozen objects,
+each field declared once with its default, its help text and its check (`setting`).
 
 The CLI builds its options from these fields (flows/cli/options.py), deployments.toml and the
 Prefect flows build the objects from plain dicts (`Settings.from_dict`), tests from code. A bad
@@ -325,3 +325,32 @@ class EngineSettings(Settings):
     def check(self) -> None:
         if self.address and self.kind != "dask":
             self.fail("address", 'joins a Dask cluster; add --engine dask (kind = "dask")')
+
+
+def _ids(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(i) for i in str(text).split(",") if i.strip())
+    except ValueError:
+        raise SettingsError(f"--ids takes row ids, comma-separated, not {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings(Settings):
+    """Which results a search returns: how many, from which rank, among which rows (the
+    filters apply inside the index; extractors/query.py)."""
+
+    section: ClassVar[str] = "search"
+
+    k: int = setting(5, "Number of results.", flags=("-k",), check=at_least(1))
+    offset: int = setting(0, "Rank of the first result (paging).", check=at_least(0))
+    label: str | None = setting(None, "Only rows with this label.")
+    split: str | None = setting(None, "Only rows of this split.")
+    ids: tuple[int, ...] | None = setting(
+        None, "Only these rows: ids, comma-separated.", cli=(str | None, _ids)
+    )
+    path_prefix: str | None = setting(
+        None,
+        "Only rows whose path starts with this (absolute, or relative to the source root).",
+    )

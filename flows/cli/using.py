@@ -12,14 +12,16 @@ from rich.markup import escape
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.settings import EmbedSettings
+from extractors.settings import EmbedSettings, SearchSettings
 from flows.cli.app import app, out
 from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable, index_line
 
 
 @app.command()
+@with_settings(search=SearchSettings)
 def search(
+    search: SearchSettings,
     images: Annotated[
         list[Path] | None,
         typer.Argument(
@@ -43,19 +45,6 @@ def search(
         Path | None,
         typer.Option(help="Search by a vector: a .npy file, or a JSON list of numbers."),
     ] = None,
-    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Number of results.")] = 5,
-    offset: Annotated[
-        int, typer.Option(min=0, max=999, help="Rank of the first result (paging).")
-    ] = 0,
-    label: Annotated[str | None, typer.Option(help="Only rows with this label.")] = None,
-    split: Annotated[str | None, typer.Option(help="Only rows of this split.")] = None,
-    ids: Annotated[str | None, typer.Option(help="Only these rows: ids, comma-separated.")] = None,
-    path_prefix: Annotated[
-        str | None,
-        typer.Option(
-            help="Only rows whose path starts with this (absolute, or relative to the source root)."
-        ),
-    ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: JsonOpt = False,
@@ -71,9 +60,7 @@ def search(
         like=like or [],
         unlike=unlike or [],
         vector=vector,
-        k=k,
-        offset=offset,
-        filters={"label": label, "split": split, "ids": ids, "path_prefix": path_prefix},
+        search=search,
         store=store,
         workspace=workspace,
     )
@@ -84,7 +71,7 @@ def search(
         table = DataTable(title=title)
         for col in ("rank", "score", "label", "split", "id", "path"):
             table.add_column(col, overflow="fold")
-        for n, h in enumerate(answer["hits"], offset + 1):
+        for n, h in enumerate(answer["hits"], search.offset + 1):
             table.add_row(
                 str(n), f"{h['score']:.4f}", str(h["label"]), str(h["split"]), h["id"], h["path"]
             )

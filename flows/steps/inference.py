@@ -11,6 +11,7 @@ import numpy as np
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.query import Example, Filters, Query, QueryError, parse_vector, searcher_for
+from extractors.settings import SearchSettings
 from extractors.store import StoreError
 from flows.workspace import backbone_for, resolve_store
 
@@ -20,9 +21,7 @@ def search_store(
     like: list[str] = (),
     unlike: list[str] = (),
     vector: str | Path | None = None,
-    k: int = 5,
-    offset: int = 0,
-    filters: dict[str, Any] | None = None,
+    search: SearchSettings | None = None,
     store: str | Path | None = None,
     workspace: str | Path = DEFAULT_WORKSPACE,
     device: str = "auto",
@@ -43,10 +42,9 @@ def search_store(
         return backbone.embed(backbone.prepare(image)).numpy()
 
     searcher = searcher_for(st, embed)
-    f = dict(filters or {})
-    if isinstance(f.get("ids"), str):
-        f["ids"] = tuple(_row_id(i) for i in f["ids"].split(",") if i.strip())
-    where = Filters(**f)
+    s = search or SearchSettings()
+    where = Filters(s.label, s.split, s.ids, s.path_prefix)
+    k, offset = s.k, s.offset
 
     def stored(ref: str) -> Example:
         return (
@@ -64,13 +62,6 @@ def search_store(
     if not examples:
         raise QueryError("give query images, --like/--unlike stored images, or --vector")
     return [searcher.run(Query([ex], k=k, offset=offset, filters=where)) for ex in examples]
-
-
-def _row_id(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise QueryError(f"{text!r} is not a row id") from None
 
 
 def _read_vector(path: str | Path, dim: int) -> np.ndarray:
