@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from extractors.common import atomic_path, human_bytes, normalize, parse_bytes
-from extractors.layout import VECTOR_IDS, VECTORS
+from extractors.layout import VECTOR_IDS, VECTOR_LOOKUP, VECTORS
 from extractors.settings import INDEX_KINDS as KINDS
 
 FLAT_MAX = 20_000  # below this an exact scan takes a few ms a query: nothing to gain
@@ -215,8 +215,34 @@ class Reranker:
         # Memory-mapped too: shared between processes, like the vectors.
         self.ids = np.load(ids_path, mmap_mode="r") if ids_path.exists() else np.zeros(0, np.int64)
         self.vectors = self._map()
-        self._order = np.argsort(self.ids, kind="stable")
-        self._sorted = self.ids[self._order]
+        self._sorted, self._order = self._lookup()
+
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids sorted, the row of each): the lookup file, mapped, when it belongs to the ids
+        file (a crash between the two leaves it stale); else computed here."""
+        path = self.folder / VECTOR_LOOKUP
+        n = len(self.ids)
+        with contextlib.suppress(OSError, ValueError):
+            lookup = np.load(path, mmap_mode="r")
+            if lookup.shape == (2, n) and (n == 0 or self._agrees(lookup)):
+                return lookup[0], lookup[1]
+        order = np.argsort(self.ids, kind="stable")
+        return self.ids[order], order
+
+    def _agrees(self, lookup: np.ndarray) -> bool:
+        probe = np.linspace(0, len(self.ids) - 1, 64).astype(np.int64)
+        rows = lookup[1][probe]
+        return bool(np.array_equal(self.ids[rows], lookup[0][probe]))
+
+    @staticmethod
+    def write_ids(folder: Path, ids: np.ndarray) -> None:
+        """The ids file, then its lookup, each atomically."""
+        ids = np.asarray(ids, np.int64)
+        with atomic_path(folder / VECTOR_IDS) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, ids)
+        order = np.argsort(ids, kind="stable")
+        with atomic_path(folder / VECTOR_LOOKUP) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.stack([ids[order], order]))
 
     def _map(self) -> np.ndarray:
         if not len(self.ids):
@@ -266,13 +292,12 @@ class Reranker:
             fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())
             fh.flush()
             os.fsync(fh.fileno())
-        with atomic_path(ids_path) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate([old, np.asarray(ids, np.int64)]))
+        Reranker.write_ids(folder, np.concatenate([old, np.asarray(ids, np.int64)]))
 
     @staticmethod
     def reset(folder: Path) -> None:
-        (folder / VECTORS).unlink(missing_ok=True)
-        (folder / VECTOR_IDS).unlink(missing_ok=True)
+        for name in (VECTORS, VECTOR_IDS, VECTOR_LOOKUP):
+            (folder / name).unlink(missing_ok=True)
 
 
 @dataclass

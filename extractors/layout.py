@@ -34,7 +34,8 @@ One directory per (source, backbone):
                            Arrow IPC file that search processes memory-map (one copy in the
                            page cache), stamped with the Parquet file it was made from
       vectors.f32          ivf_pq only: normalised float32 rows for exact re-ranking, read
-      vector_ids.npy       memory-mapped; the ids file says which id each row holds
+      vector_ids.npy       memory-mapped; the ids file says which id each row holds, and
+      vector_lookup.npy    the lookup the ids sorted and the row of each (written with it)
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
       audit.parquet        the latest audit's findings (flows/steps/audit.py: path, id, label,
       audit.json           split, issue, score, suggested_label, related) and its summary,
@@ -64,6 +65,7 @@ INDEX = "index.faiss"
 ROWS = "rows.arrow"
 VECTORS = "vectors.f32"  # ivf_pq: normalised rows for exact re-ranking
 VECTOR_IDS = "vector_ids.npy"
+VECTOR_LOOKUP = "vector_lookup.npy"  # ivf_pq: (2, n) int64, the ids sorted and their rows
 STAGING = "staging"
 AUDIT, AUDIT_SUMMARY = "audit.parquet", "audit.json"
 AUDIT_ISSUES = ("label", "outlier", "near_duplicate")  # the kinds of audit findings

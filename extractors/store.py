@@ -50,6 +50,7 @@ from extractors.layout import (
     ROWS,
     STAGING,
     VECTOR_IDS,
+    VECTOR_LOOKUP,
     embedding_matrix,
     fingerprint,
     schema,
@@ -496,7 +497,7 @@ class _Rollback:
     with RuntimeError, not OSError). Then the store is wholly the old one, and says so; the
     staged rows stay for the next run."""
 
-    FILES = (EMBEDDINGS, ROWS, FAILURES, INDEX, VECTOR_IDS, MANIFEST)
+    FILES = (EMBEDDINGS, ROWS, FAILURES, INDEX, VECTOR_IDS, VECTOR_LOOKUP, MANIFEST)
 
     def __init__(self, folder: Path):
         self.folder = folder

@@ -42,8 +42,8 @@ from extractors.ann import (
     train_sample_size,
     write_index,
 )
-from extractors.common import atomic_path, normalize
-from extractors.layout import INDEX, VECTOR_IDS, VECTORS
+from extractors.common import normalize
+from extractors.layout import INDEX, VECTORS
 from extractors.recall import (
     TUNE_QUERIES,
     ExactTopK,
@@ -366,8 +366,7 @@ class _VectorFile:
             self.fh = None
             all_ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
             os.replace(self.tmp, self.folder / VECTORS)
-            with atomic_path(self.folder / VECTOR_IDS) as tmp, open(tmp, "wb") as out:
-                np.save(out, all_ids)
+            Reranker.write_ids(self.folder, all_ids)
         elif self.parts:
             Reranker.append(
                 self.folder,

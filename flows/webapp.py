@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import io
 import json
@@ -232,6 +233,7 @@ class SearchService:
             raise StoreError(f"store {store.path} holds no images yet; run `headstart embed`")
         self.searcher = searcher_for(store, self.embed_image)
         self.ann, self.rows = self.searcher.index, self.searcher.rows
+        _trim()  # the opening checks' temporaries, back to the system
         self._backbone = None
         self._lock = threading.Lock()
         self._decoding = threading.BoundedSemaphore(DECODING)
@@ -647,6 +649,14 @@ def create_app(
         return svc.embedding_map()
 
     return app
+
+
+def _trim() -> None:
+    """Hand memory freed on the heap back to the system (glibc keeps it otherwise)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _NoPandas:
