@@ -47,11 +47,11 @@ def search_store(
     k, offset = s.k, s.offset
 
     def stored(ref: str) -> Example:
-        return (
-            Example(id=int(ref))
-            if ref.lstrip("-").isdigit()
-            else Example(id=searcher.rows.by_path(ref))
-        )
+        """A stored row by id, or by path: from here if it exists, else from the source root."""
+        if ref.lstrip("-").isdigit():
+            return Example(id=int(ref))
+        here = Path(ref).expanduser()
+        return Example(id=searcher.rows.by_path(str(here.resolve()) if here.exists() else ref))
 
     examples = [Example(image=p, name=str(p)) for p in images]
     if vector is not None:

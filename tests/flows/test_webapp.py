@@ -347,6 +347,18 @@ def test_search_on_the_command_line_answers_what_the_api_answers(client, built_s
     assert [r["hits"][0]["path"] for r in results] == images
     table = CliRunner().invoke(app, ["search", "--like", a["path"], "-k", "3", *store])
     assert table.exit_code == 0 and "nearest to" in table.output
+    # A relative path is taken from the current folder, else from the source root.
+    root = Path(built_store.manifest()["source"]["root"])
+    rel = str(Path(a["path"]).relative_to(root))
+    before = os.getcwd()
+    for where in (root, root.parent):
+        os.chdir(where)
+        try:
+            got = CliRunner().invoke(app, ["search", "--like", rel, "-k", "2", "--json", *store])
+        finally:
+            os.chdir(before)
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.stdout)["query"]["like"] == [{"id": str(a["id"])}]
     bad = CliRunner().invoke(app, ["search", "--like", "42", *store])
     assert bad.exit_code == 2 and "no row with id 42" in bad.output
     bad = CliRunner().invoke(app, ["search", "--like", str(a["id"]), "--label", "zzz", *store])
