@@ -67,7 +67,8 @@ def search(
     if as_json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}, indent=2))
         return
-    for answer, title in zip(results, _titles(images or [], like or [], vector), strict=True):
+    titles = _titles(images or [], like or [], unlike or [], vector)
+    for answer, title in zip(results, titles, strict=True):
         table = DataTable(title=title)
         for col in ("rank", "score", "label", "split", "id", "path"):
             table.add_column(col, overflow="fold")
@@ -78,9 +79,13 @@ def search(
         out.print(table)
 
 
-def _titles(images: list[Path], like: list[str], vector: Path | None) -> list[str]:
-    if like or (vector is not None and not images):
-        return ["nearest to " + ", ".join([*map(str, images), *like] or [str(vector)])]
+def _titles(
+    images: list[Path], like: list[str], unlike: list[str], vector: Path | None
+) -> list[str]:
+    if like or unlike or vector is not None:
+        near = [*map(str, images), *like, *([str(vector)] if vector is not None else [])]
+        less = f", less like {', '.join(unlike)}" if unlike else ""
+        return [f"nearest to {', '.join(near)}{less}"]
     return [f"nearest to {p}" for p in images]
 
 
