@@ -18,7 +18,14 @@ import pyarrow.parquet as pq
 
 from extractors.ann import flat_copy
 from extractors.common import atomic_path, normalize
-from extractors.grouping import SPLIT_ORDER, Grouping, Groups, group_rows, knn_edges
+from extractors.grouping import (
+    SPLIT_ORDER,
+    Grouping,
+    Groups,
+    components,
+    group_rows,
+    knn_edges,
+)
 from extractors.layout import EMBEDDINGS, embedding_matrix
 from extractors.store import Store, StoreError
 
@@ -35,13 +42,6 @@ GROUP_SCHEMA = pa.schema(
 )
 
 
-def _find(parent: dict[int, int], a: int) -> int:
-    while parent[a] != a:
-        parent[a] = parent[parent[a]]
-        a = parent[a]
-    return a
-
-
 def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
     """One row per image that has a near-duplicate, grouped; biggest groups first.
 
@@ -56,7 +56,7 @@ def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
     ann = store.index()
     # Range search needs an exact index: the store's own when flat, else a copy in memory.
     index = ann.index if ann.kind == "flat" else flat_copy(store.batches(), ann.index.d)
-    parent: dict[int, int] = {}
+    edges: list[tuple[int, int, float]] = []
     reader = pq.ParquetFile(path)
     for batch in reader.iter_batches(columns=["id", "embedding"], batch_size=4096):
         table = pa.Table.from_batches([batch])
@@ -67,14 +67,12 @@ def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
         for row, qid in enumerate(table["id"].to_numpy()):
             for other in hits[lims[row] : lims[row + 1]]:
                 if other != qid:
-                    _union(parent, int(qid), int(other))
+                    edges.append((int(qid), int(other), 1.0))
+    linked = {i for e in edges for i in e[:2]}
     meta = {}  # second, cheap pass: the rows of grouped images only, without vectors
     for batch in reader.iter_batches(columns=["id", "path", "label", "split"], batch_size=65536):
-        meta.update({r["id"]: r for r in batch.to_pylist() if r["id"] in parent})
-    members: dict[int, list[int]] = {}
-    for node in parent:
-        members.setdefault(_find(parent, node), []).append(node)
-    groups = [sorted(g, key=lambda i: meta[i]["path"]) for g in members.values()]
+        meta.update({r["id"]: r for r in batch.to_pylist() if r["id"] in linked})
+    groups = [sorted(g, key=lambda i: meta[i]["path"]) for g in components(linked, edges, 0.0)]
     groups.sort(key=lambda g: (-len(g), meta[g[0]]["path"]))
     rows = []
     for n, group in enumerate(groups):
@@ -82,14 +80,6 @@ def near_duplicate_groups(store: Store, threshold: float = 0.95) -> pa.Table:
         for i, sim in zip(group, vectors @ vectors[0], strict=True):
             rows.append({"group": n, "size": len(group), **meta[i], "similarity": float(sim)})
     return pa.Table.from_pylist(rows, schema=GROUP_SCHEMA)
-
-
-def _union(parent: dict[int, int], a: int, b: int) -> None:
-    for node in (a, b):
-        parent.setdefault(node, node)
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra != rb:
-        parent[max(ra, rb)] = min(ra, rb)
 
 
 def write_groups(table: pa.Table, out: str | Path) -> Path:
