@@ -91,9 +91,16 @@ def pq_bits(n: int) -> int:
 
 
 def _pq_m(dim: int, n: int, budget: int, fixed: int) -> int:
-    """The largest code size (bytes a vector, dividing dim) whose codes fit the budget."""
-    # Sub-vectors of at least 8 dimensions: finer splits train slowly and gain little.
-    options = [m for m in (128, 96, 64, 48, 40, 32, 24, 20, 16, 8, 4) if dim % m == 0]
+    """The largest code size (bytes a vector, dividing dim) whose codes fit the budget.
+
+    Sub-vectors of at least 8 dimensions: finer splits train slowly and gain little. Exactly 8
+    (m = dim/8, the largest option) is also the fastest to encode: FAISS finds the nearest
+    sub-centroid of an 8-d sub-vector with a SIMD kernel and of a 10-d one without (1,280-d:
+    PQ160 encodes 5x faster than PQ128, and searches as fast at a slightly higher recall)."""
+    sizes = {m for m in (128, 96, 64, 48, 40, 32, 24, 20, 16, 8, 4) if dim % m == 0}
+    if dim % 8 == 0:
+        sizes.add(dim // 8)
+    options = sorted(sizes, reverse=True)
     options = [m for m in options if dim // m >= 8] or options[-1:]
     for m in options:
         if n * (m + 8) + fixed <= budget:
@@ -289,7 +296,7 @@ class Reranker:
         with open(path, "r+b" if path.exists() else "wb") as fh:
             fh.truncate(len(old) * vectors.shape[1] * 4)  # drop rows of a crashed append
             fh.seek(0, os.SEEK_END)
-            fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+            fh.write(np.ascontiguousarray(vectors, np.float32).data)
             fh.flush()
             os.fsync(fh.fileno())
         Reranker.write_ids(folder, np.concatenate([old, np.asarray(ids, np.int64)]))

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 
 from extractors.ann import AnnIndex
@@ -42,27 +43,28 @@ class Tuning:
 
 
 class ExactTopK:
-    """True top-k ids of each query over (vectors, ids) batches fed one at a time."""
+    """True top-k ids of each query over (vectors, ids) batches fed one at a time: each batch's
+    own top-k by FAISS's exact k-NN (BLAS and a heap), merged into the running top-k."""
 
     def __init__(self, queries: np.ndarray, k: int):
         self.q, self.k = normalize(queries), k
         self.scores = np.full((len(queries), 0), -np.inf, np.float32)
         self.ids = np.zeros((len(queries), 0), np.int64)
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, ids: np.ndarray, normalized: bool = False) -> None:
+        """Fold in a batch; `normalized`: its rows are unit vectors already."""
         if not len(ids) or not len(self.q):
             return
-        s = self.q @ normalize(vectors).T
+        x = np.ascontiguousarray(vectors, np.float32) if normalized else normalize(vectors)
+        s, pos = faiss.knn(self.q, x, min(self.k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         all_s = np.concatenate([self.scores, s], axis=1)
-        all_i = np.concatenate([self.ids, np.broadcast_to(ids, s.shape)], axis=1)
-        keep = min(self.k, all_s.shape[1])
-        top = np.argpartition(-all_s, keep - 1, axis=1)[:, :keep]
+        all_i = np.concatenate([self.ids, np.asarray(ids, np.int64)[pos]], axis=1)
+        top = np.argsort(-all_s, axis=1, kind="stable")[:, : self.k]
         self.scores = np.take_along_axis(all_s, top, 1)
         self.ids = np.take_along_axis(all_i, top, 1)
 
     def result(self) -> np.ndarray:
-        order = np.argsort(-self.scores, axis=1, kind="stable")
-        return np.take_along_axis(self.ids, order, 1)
+        return self.ids  # kept in order of score
 
 
 def exact_topk(

@@ -151,9 +151,14 @@ def _build(
     ids: np.ndarray,
     choice: IndexChoice,
     settings: IndexSettings,
-    seed: int,
-    why: str,
+    seed: int = 0,
+    why: str = "asked to rebuild",
 ) -> dict[str, Any]:
+    """A fresh index of `choice` over `ids`, tuned on held-out rows; its manifest entry.
+
+    The store is read once for the training sample and the held-out queries; for ivf_pq that
+    pass also writes every row, normalised, to the re-rank file, and the index is filled from
+    that file (in the page cache) rather than by reading the store a second time."""
     n = len(ids)
     rng = np.random.default_rng(seed)
     exact = choice.kind == "flat"
@@ -166,30 +171,31 @@ def _build(
     index = new_index(choice)
     held_vecs: list[np.ndarray] = []
     held_ids: list[np.ndarray] = []
-    if need or len(hold):
-        train: list[np.ndarray] = []
-        for vectors, b_ids in batches():
-            if need:
-                train.append(normalize(vectors[np.isin(b_ids, train_ids)]))
-            mask = np.isin(b_ids, hold)
-            held_vecs.append(normalize(vectors[mask]))
-            held_ids.append(b_ids[mask])
-        if need:
-            index.train(np.concatenate(train))
-            del train
-    queries = np.concatenate(held_vecs) if held_vecs else np.zeros((0, choice.dim), np.float32)
-    q_ids = np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64)
-    truth = ExactTopK(queries, K)
     with _VectorFile(folder, fresh=True, enabled=choice.kind == "ivf_pq") as vf:
-        for vectors, b_ids in batches():
+        if need or len(hold) or vf.enabled:
+            train: list[np.ndarray] = []
+            for vectors, b_ids in batches():
+                v = normalize(vectors)
+                if need:
+                    train.append(v[np.isin(b_ids, train_ids)])
+                mask = np.isin(b_ids, hold)
+                held_vecs.append(v[mask])
+                held_ids.append(b_ids[mask])
+                vf.add(v, b_ids)
+            if need:
+                index.train(np.concatenate(train))
+                del train
+        queries = np.concatenate(held_vecs) if held_vecs else np.zeros((0, choice.dim), np.float32)
+        q_ids = np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64)
+        truth = ExactTopK(queries, K)
+        rows = vf.batches() if vf.enabled else ((normalize(v), i) for v, i in batches())
+        for v, b_ids in rows:
             keep = ~np.isin(b_ids, q_ids)
-            v = normalize(vectors[keep])
-            index.add_with_ids(v, np.ascontiguousarray(b_ids[keep], np.int64))
-            vf.add(v, b_ids[keep])
-            truth.add(v, b_ids[keep])
+            v, b_ids = v[keep], np.ascontiguousarray(b_ids[keep], np.int64)
+            index.add_with_ids(v, b_ids)
+            truth.add(v, b_ids, normalized=True)
         ann = AnnIndex(index, kind=choice.kind)
-        if choice.kind == "ivf_pq":
-            vf.add(queries, q_ids)
+        if vf.enabled:
             vf.commit()
             ann.reranker = Reranker(folder, choice.dim)
     if exact or not len(queries):
@@ -313,7 +319,7 @@ def old_recall(ann: AnnIndex, batches: Batches, held: np.ndarray, k: int = K) ->
     queries, q_ids = np.concatenate(vecs), np.concatenate(got)
     truth = ExactTopK(queries, k + 1)
     for vectors, b_ids in batches():
-        truth.add(normalize(vectors), b_ids)
+        truth.add(vectors, b_ids)
     _, found = ann.search(queries, k + 1)
     return recall_at_k(_without(found, q_ids, k), _without(truth.result(), q_ids, k), k)
 
@@ -330,11 +336,14 @@ def _without(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
 class _VectorFile:
     """Float32 rows for exact re-ranking: a fresh file (renamed into place) or an append."""
 
+    CHUNK = 50_000  # rows a batch when reading a fresh file back
+
     def __init__(self, folder: Path, fresh: bool, enabled: bool):
         self.folder, self.fresh, self.enabled = folder, fresh, enabled
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.fh = None
         self.ids: list[np.ndarray] = []
+        self.dim = 0
 
     def __enter__(self) -> _VectorFile:
         if self.enabled and self.fresh:
@@ -348,10 +357,23 @@ class _VectorFile:
         if not self.enabled or not len(ids):
             return
         if self.fh is not None:
-            self.fh.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+            block = np.ascontiguousarray(vectors, np.float32)
+            self.dim = block.shape[1]
+            self.fh.write(block.data)  # the array's own buffer: no bytes copy
             self.ids.append(np.asarray(ids, np.int64))
         else:
             self.parts.append((vectors, ids))
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The rows written so far to a fresh file, read back memory-mapped, in chunks."""
+        self.fh.flush()
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        if not len(ids):
+            return
+        rows = np.memmap(self.tmp, np.float32, mode="r", shape=(len(ids), self.dim))
+        for s in range(0, len(ids), self.CHUNK):
+            yield np.array(rows[s : s + self.CHUNK]), ids[s : s + self.CHUNK]
+        del rows
 
     def commit(self) -> None:
         if not self.enabled:

@@ -133,6 +133,38 @@ def test_unreachable_target_is_recorded_not_hidden(tmp_path: Path):
         IndexSettings(recall=1.01)  # and no user can ask for one
 
 
+def test_exact_topk_streamed_equals_a_full_sort():
+    """The streamed truth (each batch's top-k by FAISS, merged) is the top-k of one full
+    score matrix, in order, however the rows are batched."""
+    x, queries = clustered(2300, 0), clustered(30, 1)
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    full = ids[np.argsort(-(qn @ xn.T), axis=1, kind="stable")[:, :10]]
+    for rows in (7, 700, 5000):
+        assert np.array_equal(exact_topk(queries, stream(x, ids, rows)(), 10), full)
+
+
+def test_an_ivf_pq_build_reads_the_store_once(tmp_path: Path):
+    """The pass that draws the training sample and held-out rows also writes the re-rank
+    file; the index is filled from that file, not by reading the store again."""
+    x = clustered(3000, 0)
+    ids = np.arange(len(x), dtype=np.int64)[::-1].copy()  # not sorted: order is kept
+    reads = []
+
+    def batches():
+        reads.append(1)
+        yield from stream(x, ids)()
+
+    entry = refresh(tmp_path, batches, ids, DIM, settings=IndexSettings(kind="ivf_pq"))
+    assert len(reads) == 1
+    ann = open_index(tmp_path, entry)
+    assert consistent(ann, ids)
+    stored = np.load(tmp_path / VECTOR_IDS)
+    assert np.array_equal(stored, ids)  # every row once, held-out ones included
+    assert np.allclose(ann.reranker.vectors, x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
 def test_rerank_file_survives_a_crashed_append(tmp_path: Path):
     x = clustered(2000, 0)
     ids = np.arange(2000, dtype=np.int64)
