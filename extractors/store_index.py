@@ -151,8 +151,8 @@ def _build(
     ids: np.ndarray,
     choice: IndexChoice,
     settings: IndexSettings,
-    seed: int = 0,
-    why: str = "asked to rebuild",
+    seed: int,
+    why: str,
 ) -> dict[str, Any]:
     """A fresh index of `choice` over `ids`, tuned on held-out rows; its manifest entry.
 
