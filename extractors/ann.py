@@ -38,6 +38,7 @@ HNSW_M = 32
 EXACT_ROWS = 2_000  # a filter to at most this many rows: an exact scan of their vectors
 HNSW_EXACT = 50_000  # HNSW: a filter to at most this many rows is scanned exactly (a graph
 # walk that skips most nodes loses its way)
+SELECTOR_KEPT = 100_000  # ids: the last filter's selector is kept up to this size (~5 MB)
 HNSW_MAX = 2_000_000  # above this an HNSW build takes hours on a few cores
 DEFAULT_MAX_MEMORY = 4 * 2**30
 
@@ -315,6 +316,7 @@ class AnnIndex:
     kind: str = "flat"
     params: dict[str, int] = field(default_factory=dict)
     reranker: Reranker | None = None
+    _kept_selector: tuple[np.ndarray, Any] | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -361,7 +363,9 @@ class AnnIndex:
         k = max(1, min(k, max(self.index.ntotal, 1)))
         if allowed is None:
             return self._search(q, k, None)
-        allowed = np.unique(np.asarray(allowed, np.int64))
+        allowed = np.asarray(allowed, np.int64)
+        if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():
+            allowed = np.unique(allowed)  # a filter's ids usually come sorted and unique
         if not len(allowed):
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if self.kind != "flat" and len(allowed) <= (
@@ -389,17 +393,30 @@ class AnnIndex:
     def _selecting(self, allowed: np.ndarray, widen: float) -> faiss.SearchParameters:
         """Search parameters of this kind that keep only `allowed`: the tuned nprobe or
         efSearch times `widen` (inf: every IVF list)."""
-        self._selector = faiss.IDSelectorBatch(allowed)  # kept alive while FAISS uses it
+        sel = self._selector(allowed)  # the parameters keep it alive while FAISS uses it
         if self.kind in ("ivf_flat", "ivf_pq"):
             ivf = faiss.extract_index_ivf(self.index)
             tuned = int(self.params.get("nprobe", ivf.nprobe))
             nprobe = ivf.nlist if widen == math.inf else min(ivf.nlist, math.ceil(tuned * widen))
-            return faiss.SearchParametersIVF(sel=self._selector, nprobe=nprobe)
+            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         if self.kind == "hnsw":
             ef = max(int(self.params.get("efSearch", 16)), 64)
             ef = min(math.ceil(ef * widen), 1024)
-            return faiss.SearchParametersHNSW(sel=self._selector, efSearch=ef)
-        return faiss.SearchParameters(sel=self._selector)
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+        return faiss.SearchParameters(sel=sel)
+
+    def _selector(self, allowed: np.ndarray) -> faiss.IDSelector:
+        """FAISS's selector over `allowed` (sorted ids). The last one of at most
+        SELECTOR_KEPT ids is kept for the next query with the same filter (a page of results
+        after another, the same label again): building it is most of a filtered query's fixed
+        cost, 0.8 ms for 10,000 ids. It is only read, so threads may share it."""
+        kept = self._kept_selector
+        if kept is not None and np.array_equal(kept[0], allowed):
+            return kept[1]
+        sel = faiss.IDSelectorBatch(allowed)
+        if len(allowed) <= SELECTOR_KEPT:
+            self._kept_selector = (allowed.copy(), sel)  # one assignment: atomic for readers
+        return sel
 
     def _exact(
         self, q: np.ndarray, k: int, allowed: np.ndarray

@@ -275,3 +275,28 @@ def test_old_query_recall_leaves_the_query_row_out() -> None:
 
     found = np.array([[5, 1, 2], [9, 3, 7]])
     assert _without(found, np.array([5, 3]), 2).tolist() == [[1, 2], [9, 7]]
+
+
+def test_the_last_filter_selector_is_reused_only_for_the_same_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Paging through one filter reuses FAISS's selector; another filter (or the same ids
+    unsorted) gets the right rows, never the kept selector's."""
+    from extractors import ann as ann_module
+
+    monkeypatch.setattr(ann_module, "EXACT_ROWS", 0)  # through the IVF selector
+    x = clustered(3000, 0)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3
+    entry = refresh(tmp_path, stream(x, ids), ids, DIM, settings=IndexSettings(kind="ivf_flat"))
+    ann = open_index(tmp_path, entry, mmap=True)
+    rng = np.random.default_rng(2)
+    a = np.sort(rng.choice(ids, 60, replace=False))
+    b = np.sort(rng.choice(np.setdiff1d(ids, a), 60, replace=False))
+    q = clustered(4, 5)
+    first = ann.search(q, 10, allowed=a)[1]
+    kept = ann._kept_selector[1]
+    assert np.array_equal(ann.search(q, 10, allowed=a.copy())[1], first)
+    assert ann._kept_selector[1] is kept  # same ids, same selector
+    other = ann.search(q, 10, allowed=b)[1]
+    assert np.isin(other, b).all() and not np.isin(other, a).any()
+    assert np.array_equal(ann.search(q, 10, allowed=a[::-1].copy())[1], first)
