@@ -356,7 +356,7 @@ class AnnIndex:
         - at most EXACT_ROWS rows (HNSW: HNSW_EXACT): an exact scan of their stored vectors;
         - IVF: the tuned nprobe divided by sqrt(share of rows allowed), since the allowed
           rows nearest a query lie that much further out (measured in bench/search.py: a
-          random 1% of 1M rows, recall@10 0.99 at about the unfiltered query's time);
+          random 1% of 1M rows, recall@10 0.997 at 1.15x the unfiltered query's time);
           HNSW: efSearch scaled the same way;
         - exhaustive (every IVF list) when that still finds fewer than k."""
         q = normalize(queries)
