@@ -234,9 +234,8 @@ def filtered_timings(ann, store: Store, queries, k: int, singles: int) -> dict[s
     return out
 
 
-def index_figures(folder: Path, entry: dict, build_s: float, queries, truth, k, singles) -> dict:
-    """Recall and speed of a built index, opened memory-mapped as the service opens it."""
-    ann = open_index(folder, entry, mmap=True)
+def index_figures(ann, folder: Path, entry: dict, build_s: float, queries, truth, k, singles):
+    """Recall and speed of a built index (opened memory-mapped, as the service opens it)."""
     t = timings(ann.search, queries, k, singles)
     vec = folder / VECTORS
     print(
@@ -278,9 +277,8 @@ def flat_figures(store: Store, n: int, queries, truth, k: int, singles: int) -> 
     }
 
 
-def run_size(
-    n: int, budget: str, n_queries: int, singles: int, k: int, args, previous: list[dict]
-) -> dict:
+def run_size(n: int, args: argparse.Namespace, previous: list[dict], k: int = 10) -> dict:
+    budget, n_queries, singles = args.max_memory, args.queries, args.singles
     print(f"\n== {n:,} vectors x {DIM} ({human_bytes(n * DIM * 4)} float32) ==", flush=True)
     base = args.reuse / str(n) if args.reuse else Path(tempfile.mkdtemp(prefix="hs-bench-"))
     folder = base / "store"
@@ -300,13 +298,17 @@ def run_size(
         settings = IndexSettings(max_memory=budget)
         t = time.perf_counter()
         entry = store.reindex(settings, rebuild=True)  # headstart index --rebuild
-        chosen = index_figures(folder, entry, time.perf_counter() - t, queries, truth, k, singles)
-        served = open_index(folder, entry, mmap=True)
-        chosen["filtered"] = filtered_timings(served, store, queries, k, singles)
-        del served
-        result = {"n": n, "budget": budget, "chosen": chosen}
-
-        result["flat"] = flat_figures(store, n, queries, truth, k, singles)
+        build_s = time.perf_counter() - t
+        ann = open_index(folder, entry, mmap=True)
+        chosen = index_figures(ann, folder, entry, build_s, queries, truth, k, singles)
+        chosen["filtered"] = filtered_timings(ann, store, queries, k, singles)
+        del ann
+        result = {
+            "n": n,
+            "budget": budget,
+            "chosen": chosen,
+            "flat": flat_figures(store, n, queries, truth, k, singles),
+        }
         earlier = [e for e in previous if e["n"] == n]
         if earlier:
             result["compared"] = {"file": str(args.compare)} | {
@@ -377,7 +379,7 @@ def main() -> None:
     previous = json.loads(args.compare.read_text()) if args.compare else []
     results = []
     for n in args.sizes:
-        results.append(run_size(n, args.max_memory, args.queries, args.singles, 10, args, previous))
+        results.append(run_size(n, args, previous))
         if args.json:  # after each size: a long run keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
