@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from extractors.common import atomic_path, human_bytes, normalize, parse_bytes
-from extractors.layout import VECTOR_IDS, VECTOR_LOOKUP, VECTORS
+from extractors.layout import RERANK_FILES, VECTOR_IDS, VECTOR_LOOKUP, VECTORS
 from extractors.settings import INDEX_KINDS as KINDS
 
 FLAT_MAX = 20_000  # below this an exact scan takes a few ms a query: nothing to gain
@@ -304,7 +304,7 @@ class Reranker:
 
     @staticmethod
     def reset(folder: Path) -> None:
-        for name in (VECTORS, VECTOR_IDS, VECTOR_LOOKUP):
+        for name in RERANK_FILES:
             (folder / name).unlink(missing_ok=True)
 
 

@@ -311,7 +311,14 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as exc:  # SafetensorError, OSError: a damaged or foreign file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackboneError(
+                f"cannot load {path} as safetensors weights ({first[:200]}); is the file "
+                "complete and saved with safetensors.torch.save_file?"
+            ) from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -326,6 +333,21 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise BackboneError(f"{path} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _fit(model: nn.Module, sd: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """`model` with the state dict of weights file `path` loaded; BackboneError when they do
+    not fit (missing or unexpected keys, other shapes)."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = " ".join(lines[1:2] or lines[:1])
+        raise BackboneError(
+            f"the weights in {path} do not fit {type(model).__name__} ({detail[:300]}); "
+            "give a state dict saved from the same architecture"
+        ) from None
+    return model
 
 
 def _file_digest(path: str | Path) -> str:
@@ -396,7 +418,7 @@ def _efficientnet_lite0(arg: str = "", weights: str | Path | None = None) -> Bac
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights is not None:
-        model.load_state_dict(_load_state_dict(weights))
+        _fit(model, _load_state_dict(weights), weights)
         return _timm_backbone(
             "efficientnet_lite0", model, f"file:{weights}#{_file_digest(weights)}"
         )
@@ -441,7 +463,7 @@ def _timm(arg: str, weights: str | Path | None = None) -> Backbone:
         head_w = sd.get(f"{head}.weight") if isinstance(head, str) else None
         if head_w is not None and head_w.shape[0] != model.num_classes:
             model.reset_classifier(head_w.shape[0])
-        model.load_state_dict(sd)
+        _fit(model, sd, weights)
         return _timm_backbone(name, model, f"file:{weights}#{_file_digest(weights)}")
     model = timm.create_model(arg, pretrained=False)
     overlay: dict[str, Any] = {}
@@ -521,7 +543,7 @@ def _torchvision(arg: str, weights: str | Path | None = None) -> Backbone:
         n_out = sd.get(f"{head_name}.weight")
         if n_out is not None and n_out.shape[0] != head.out_features:
             model = tvm.get_model(model_name, weights=None, num_classes=n_out.shape[0])
-        model.load_state_dict(sd)
+        _fit(model, sd, weights)
         desc = f"file:{weights}#{_file_digest(weights)}"
     else:
         try:

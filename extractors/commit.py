@@ -233,10 +233,22 @@ def merge_rows(
     return out.merged
 
 
-def write_failures(folder: Path, failures: list[tuple[str, str]]) -> None:
-    """failures.parquet: every file of the source that is not a row, with its reason."""
+def write_failures(
+    folder: Path,
+    failures: list[tuple[str, str]],
+    stats: dict[str, tuple[int, int]] | None = None,
+) -> None:
+    """failures.parquet: every file of the source that is not a row, with its reason, and the
+    (bytes, mtime_ns) of those in `stats` (duplicates), null for the others."""
+    stats = stats or {}
+    got = [stats.get(p) for p, _ in failures]
     table = pa.table(
-        {"path": [p for p, _ in failures], "reason": [r for _, r in failures]},
+        {
+            "path": [p for p, _ in failures],
+            "reason": [r for _, r in failures],
+            "bytes": [s[0] if s else None for s in got],
+            "mtime_ns": [s[1] if s else None for s in got],
+        },
         schema=FAILURE_SCHEMA,
     )
     write_parquet_atomic(table, folder / FAILURES)
@@ -252,6 +264,7 @@ class ManifestInputs:
     failed: int
     index: dict[str, Any]
     split_groups: dict[str, Any] = field(default_factory=dict)
+    duplicates: int = 0  # files with the bytes of another (in failures.parquet, not failed)
 
 
 def write_manifest(folder: Path, rows: pa.Table, what: ManifestInputs) -> None:
@@ -275,6 +288,7 @@ def write_manifest(folder: Path, rows: pa.Table, what: ManifestInputs) -> None:
         "classes": sorted(set(labels)),
         "splits": {s: splits.count(s) for s in ("train", "val", "test")},
         "failures": what.failed,
+        "duplicates": what.duplicates,
         "fingerprint": fingerprint(rows),
         "source": {"root": source.root, "kind": source.kind, "name": source.name},
         "split_seed": what.seed,

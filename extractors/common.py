@@ -48,18 +48,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: str | Path, busy: HeadstartError) -> Iterator[None]:
+def exclusive(lock_file: str | Path, busy: HeadstartError, wait_s: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (created if need be) for the block; `busy` is
-    raised at once when another process holds it."""
+    raised when another process holds it: at once, or after waiting up to `wait_s` seconds
+    for it to let go."""
     import fcntl
+    import time
 
     path = Path(lock_file)
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy from None
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise busy from None
+                time.sleep(0.05)
         yield
 
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from extractors.common import atomic_path, write_json_atomic
+from extractors.common import HeadstartError, atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 BODY = "backbone.safetensors"
 HEAD = "head.safetensors"
 CONFIG = "config.json"
+REQUIRED = ("base_backbone", "image_size", "preprocessing", "classes")  # keys of config.json
+
+
+class NetworkError(HeadstartError):
+    """A fine-tuned network's folder whose files cannot be read (damaged, or not ours)."""
 
 
 def folder_of(key: str, workspace: str | Path) -> Path:
@@ -57,8 +62,19 @@ def read_network(folder: Path) -> tuple[dict[str, Any], torch.nn.Linear]:
     import torch
     from safetensors.torch import load_file
 
-    config = json.loads((Path(folder) / CONFIG).read_text())
-    head = load_file(str(Path(folder) / HEAD))
-    classifier = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
-    classifier.load_state_dict(head)
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        head = load_file(str(folder / HEAD))
+        classifier = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
+        classifier.load_state_dict(head)
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise KeyError(f"{CONFIG} has no {', '.join(missing)}")
+    except Exception as exc:  # OSError, ValueError, SafetensorError, KeyError, RuntimeError
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise NetworkError(
+            f"cannot read the fine-tuned network in {folder} ({type(exc).__name__}: "
+            f"{first[:200]}); fine-tune again (`headstart run --finetune`) to rewrite it"
+        ) from None
     return config, classifier.eval()

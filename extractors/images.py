@@ -11,6 +11,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extractors.common import HeadstartError
+from extractors.layout import os_path
 
 ORIENTATION = 0x0112  # EXIF tag
 
@@ -29,9 +30,9 @@ def is_image_path(path: str | Path) -> bool:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes (`path` as stored, extractors/layout.py `os_path`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(os_path(str(path)), "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -85,9 +86,10 @@ def open_rgb(
     path: str | Path | BinaryIO, min_side: int | None = None
 ) -> tuple[Image.Image, int, int]:
     """`load_rgb` plus the full-resolution (width, height) after EXIF orientation. `path` may
-    also be an open binary file (an upload, a file opened without following links)."""
+    also be an open binary file (an upload, a file opened without following links), or a path
+    as stored (extractors/layout.py `os_path`)."""
     if isinstance(path, str | Path):
-        path = Path(path)
+        path = Path(os_path(str(path)))
         try:
             st = path.stat()
         except FileNotFoundError:

@@ -13,9 +13,13 @@ import pyarrow as pa
 
 from extractors.common import FILE_TIMEOUT_S, DaemonPool
 from extractors.images import file_sha256
+from extractors.layout import os_path
 from extractors.sources import ImageRecord, Source
 
 HASH_THREADS = 4  # files hashed at once (reads; the GIL is released)
+# The reason of a file whose bytes another path of the source holds: listed with the failures
+# (it is not a row) but counted apart (`duplicate_of`): the store is whole without it.
+DUPLICATE = "duplicate content of "
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class UpdatePlan:
     stat: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     duplicate_of: dict[str, str] = field(default_factory=dict)  # path -> first path, same bytes
+    duplicate_stat: dict[str, tuple[int, int]] = field(default_factory=dict)  # (bytes, mtime_ns)
     groups: dict[str, str] = field(default_factory=dict)  # path -> a manifest's group key
     removed: int = 0
 
@@ -76,7 +81,7 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
     hashing = _Hashing(records, known)
     for rec in records:
         try:
-            st = os.stat(rec.path)
+            st = os.stat(os_path(rec.path))
             if not stat.S_ISREG(st.st_mode):
                 plan.failures.append(
                     (rec.path, "not a regular file (a folder, pipe or device named like an image)")
@@ -102,8 +107,9 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
             plan.failures.append((rec.path, f"cannot read file: {exc.strerror or exc}"))
             continue
         if sha in first_path_of:
-            plan.failures.append((rec.path, f"duplicate content of {first_path_of[sha]}"))
+            plan.failures.append((rec.path, f"{DUPLICATE}{first_path_of[sha]}"))
             plan.duplicate_of[rec.path] = first_path_of[sha]
+            plan.duplicate_stat[rec.path] = (st.st_size, st.st_mtime_ns)
             continue
         first_path_of[sha] = rec.path
         plan.sha[rec.path] = sha
@@ -132,7 +138,7 @@ class _Hashing:
         for rec in records:
             prev = known.get(rec.path)
             try:
-                st = os.stat(rec.path)
+                st = os.stat(os_path(rec.path))
             except OSError:
                 continue  # reported by the plan itself
             if not (prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns):

@@ -9,15 +9,19 @@ allowed ids, searched inside the index (`AnnIndex.search`: an exact scan of few 
 probes for more), never by over-fetching.
 
 Row metadata lives in Arrow columns (`Rows`), not Python objects: about 120 bytes a row at the
-paths of a real collection, against ~1 kB for a dict per row.
+paths of a real collection, against ~1 kB for a dict per row. A long-running reader opens a
+commit's files together and checks they belong together (`commit_searcher`); image examples
+are embedded all at once (`Searcher.run_many`), so the network runs on batches.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from extractors.common import HeadstartError, normalize
+from extractors.layout import FILE_URI, os_path, stored_path
+from extractors.settings import MAX_ROW_ID
 
 ROW_COLUMNS = ["id", "path", "label", "split", "width", "height", "bytes", "mtime_ns"]
 STAMP = b"headstart.parquet"  # schema metadata of rows.arrow: the Parquet's size and mtime
@@ -43,6 +49,19 @@ class QueryError(HeadstartError, ValueError):
 
 class NotFound(QueryError):
     """A row, path or file the query names is not in the store."""
+
+
+def row_id(value: Any, what: str = "a row id") -> int:
+    """`value` (an int, or its decimal text) as a row id, or QueryError naming `what`: ids are
+    0 to 2**63 - 1, so anything else (a negative number, 24 digits) is refused here, before
+    numpy or FAISS sees it."""
+    try:
+        out = int(value) if isinstance(value, int | str) and not isinstance(value, bool) else None
+    except ValueError:
+        out = None
+    if out is None or not 0 <= out <= MAX_ROW_ID:
+        raise QueryError(f"{what} is a whole number from 0 to 2**63 - 1, not {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -183,13 +202,46 @@ class Rows:
         return sorted(self._codes[column][0])
 
     def by_path(self, path: str) -> int:
-        """The id of the row of `path` (absolute, or relative to the source root)."""
-        p = Path(path).expanduser()
-        candidate = str((p if p.is_absolute() else Path(self.root) / p).resolve(strict=False))
+        """The id of the row of `path`: a stored `path` value as it is (a file:// one too), or
+        a path, absolute or relative to the source root (`layout.stored_path`: not UTF-8)."""
+        if path.startswith(FILE_URI):
+            candidate = path
+        else:
+            p = Path(path).expanduser()
+            p = p if p.is_absolute() else Path(os_path(self.root)) / p
+            candidate = stored_path(str(p.resolve(strict=False)))
         at = pc.index(self.table["path"], candidate).as_py()
         if at < 0:
-            raise NotFound(f"{path} is not an image of this store")
+            raise NotFound(f"{path!r} is not an image of this store")
         return int(self.ids[at])
+
+    def prefix(self, text: str) -> str:
+        """What a path prefix matches, as an OS path: absolute, or relative to the source root,
+        resolved; a folder (a trailing slash, `/`, `.`, `..`) ends with one separator, so `/`
+        matches every absolute path and `cat//` is `cat/`. A stored file:// value is decoded."""
+        text = os_path(text)
+        p = Path(text).expanduser()
+        p = p if p.is_absolute() else Path(os_path(self.root)) / p
+        prefix = str(p.resolve(strict=False))
+        if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
+            prefix = prefix.rstrip(os.sep) + os.sep
+        return prefix
+
+    def under(self, text: str) -> np.ndarray:
+        """Which rows' paths start with the prefix `text` (`prefix`), compared as OS paths: a
+        plain stored path against the prefix, a file:// one against the prefix's bytes
+        percent-encoded as `stored_path` encodes them (byte by byte, so prefixes agree)."""
+        prefix = self.prefix(text)
+        paths = self.table["path"]
+        encoded = FILE_URI + urllib.parse.quote(os.fsencode(prefix), safe="/")
+        mask = pc.starts_with(paths, encoded)
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # not UTF-8: only a file:// path can start with it
+        else:
+            mask = pc.or_(mask, pc.starts_with(paths, prefix))
+        return mask.to_numpy(zero_copy_only=False)
 
     def allowed(self, f: Filters) -> np.ndarray | None:
         """The ids that pass `f`, or None when it lets every row through."""
@@ -203,16 +255,18 @@ class Rows:
                 raise QueryError(f"no {column} {value!r} in this store; it has {known}")
             mask = _and(mask, codes == names.index(value))
         if f.path_prefix is not None:
-            p = Path(f.path_prefix).expanduser()
-            prefix = str((p if p.is_absolute() else Path(self.root) / p).resolve(strict=False))
-            prefix += os.sep if f.path_prefix.endswith(("/", os.sep)) else ""
-            under = pc.starts_with(self.table["path"], prefix).to_numpy(zero_copy_only=False)
-            mask = _and(mask, under)
+            mask = _and(mask, self.under(f.path_prefix))
         allowed = None if mask is None else self.ids[mask]
         if f.ids is not None:
             if len(f.ids) > MAX_IDS:
                 raise QueryError(f"an id list filter takes at most {MAX_IDS:,} ids")
-            wanted = np.unique(np.asarray(f.ids, np.int64))
+            try:
+                given = np.asarray(f.ids, np.int64)
+            except (OverflowError, TypeError, ValueError):
+                given = None
+            if given is None or given.ndim != 1 or (given < 0).any():
+                raise QueryError("the ids filter takes row ids, whole numbers from 0 to 2**63 - 1")
+            wanted = np.unique(given)
             known = wanted[np.isin(wanted, self.ids)]
             if not len(known):
                 raise NotFound(
@@ -267,39 +321,62 @@ def parse_vector(value: Any, dim: int) -> np.ndarray:
     return vector
 
 
+Embed = Callable[[Sequence[bytes | str | Path]], np.ndarray]  # images -> (n, dim) vectors
+
+
 @dataclass
 class Searcher:
     """A store's index and rows, answering `Query`s. `vector_of` reads a row's stored vector,
-    `embed` turns an image (bytes or a path) into a vector; `links` adds, to each hit, the
-    addresses of a service that serves it."""
+    `embed` turns images (bytes or paths) into vectors, all of them in one call (so it can run
+    the network on batches, not one image at a time)."""
 
     index: Any  # extractors.ann.AnnIndex
     rows: Rows
     vector_of: Callable[[int], np.ndarray]
-    embed: Callable[[bytes | str | Path], np.ndarray]
+    embed: Embed
     dim: int
 
     def vectors(self, examples: list[Example]) -> np.ndarray:
         out = []
         for ex in examples:
             if ex.id is not None:
-                if ex.id not in self.rows:
+                if row_id(ex.id) not in self.rows:
                     raise NotFound(f"no row with id {ex.id} in this store")
                 out.append(self.vector_of(ex.id).reshape(-1))
             elif ex.vector is not None:
                 out.append(np.asarray(ex.vector, np.float32).reshape(-1))
             elif ex.image is not None:
-                out.append(np.asarray(self.embed(ex.image), np.float32).reshape(-1))
+                out.append(np.asarray(self.embed([ex.image]), np.float32).reshape(-1))
             else:
                 raise QueryError("an example is a row id, a vector or an image")
         return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def run_many(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
+        """Each query's answer (`run`), in order; the images of all of them embedded in one
+        `embed` call first."""
+        for q in queries:
+            q.check()
+        images = [ex for q in queries for ex in (*q.like, *q.unlike) if _is_image(ex)]
+        if images:
+            vectors = np.asarray(self.embed([ex.image for ex in images]), np.float32)
+            done = {id(ex): v for ex, v in zip(images, vectors, strict=True)}
+
+            def embedded(examples: list[Example]) -> list[Example]:
+                return [Example(vector=done[id(e)], image=e.image, name=e.name)
+                        if id(e) in done else e for e in examples]  # fmt: skip
+
+            queries = [
+                Query(embedded(q.like), embedded(q.unlike), q.k, q.offset, q.filters)
+                for q in queries
+            ]
+        return [self.run(q) for q in queries]
 
     def run(self, q: Query) -> dict[str, Any]:
         """The query's hits, best first, from rank `offset`, in the shape of `response`."""
         q.check()
         allowed = self.rows.allowed(q.filters)
         vector = combine(self.vectors(q.like), self.vectors(q.unlike))
-        exclude = {ex.id for ex in [*q.like, *q.unlike] if ex.id is not None}
+        exclude = {int(ex.id) for ex in [*q.like, *q.unlike] if ex.id is not None}
         want = q.offset + q.k + len(exclude)
         scores, ids = self.index.search(vector[None], want, allowed=allowed)
         pairs = [
@@ -316,10 +393,10 @@ class StoredVectors:
     """A row's stored vector: from the index where it keeps one (memory-mapped), else read
     from the one Parquet row group that holds it."""
 
-    def __init__(self, path: str | Path, rows: Rows, index: Any = None):
+    def __init__(self, path: str | Path | Any, rows: Rows, index: Any = None):
         import pyarrow.parquet as pq
 
-        self.file = pq.ParquetFile(path)
+        self.file = path if isinstance(path, pq.ParquetFile) else pq.ParquetFile(path)
         self.rows, self.index = rows, index
         sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self.starts = np.cumsum([0, *sizes])[:-1]
@@ -341,9 +418,11 @@ class StoredVectors:
         return embedding_matrix(self.read(row_id, ["id", "embedding"]))
 
 
-def searcher_for(
-    store: Any, embed: Callable[[bytes | str | Path], np.ndarray] | None = None
-) -> Searcher:
+def _is_image(ex: Example) -> bool:
+    return ex.id is None and ex.vector is None and ex.image is not None
+
+
+def searcher_for(store: Any, embed: Embed | None = None) -> Searcher:
     """A `Searcher` over a store (extractors.store.Store): its index memory-mapped, its rows
     in Arrow, vectors read on demand. Without `embed`, image examples are refused."""
     from extractors.layout import EMBEDDINGS
@@ -354,17 +433,75 @@ def searcher_for(
     table = shared if shared is not None else store.table(ROW_COLUMNS)
     rows = Rows(table, manifest["source"]["root"])
 
-    def no_images(_: bytes | str | Path) -> np.ndarray:
-        raise QueryError("this query cannot embed images; give row ids or vectors")
-
     index = store.index(mmap=True)
     return Searcher(
         index,
         rows,
         StoredVectors(store.path / EMBEDDINGS, rows, index),
-        embed or no_images,
+        embed or _no_images,
         manifest["dim"],
     )
+
+
+def embed_batches(backbone: Any, images: Sequence[Any], batch_size: int) -> np.ndarray:
+    """`images` (paths or decoded PIL images) as (n, dim) float32 vectors: prepared and run
+    through `backbone` (extractors.backbones.Backbone) `batch_size` at a time, one forward a
+    batch, as extraction runs them."""
+    import torch
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.cat([backbone.prepare(im) for im in images[start : start + batch_size]])
+        out.append(backbone.embed(batch).numpy())
+    return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)
+
+
+def _no_images(_: Sequence[bytes | str | Path]) -> np.ndarray:
+    raise QueryError("this query cannot embed images; give row ids or vectors")
+
+
+def stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of a file, None when it is missing: it changes with every
+    atomic replacement (a new inode), so comparing two is a cheap "was it rewritten?"."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def commit_searcher(
+    store: Any, embed: Embed | None = None
+) -> tuple[dict[str, Any], Searcher] | None:
+    """(manifest, `Searcher`) over files of one commit: the manifest, the Parquet, its rows and
+    the index, each opened once (a later commit renames new files into place and leaves these
+    as they are). Writes nothing and takes no lock: None while a writer is between its files
+    (the manifest or the Parquet replaced while they were opened, or the index not holding
+    exactly the rows); try again later. A missing or corrupt index is also None here;
+    `searcher_for` rebuilds it."""
+    import pyarrow.parquet as pq
+
+    from extractors.layout import EMBEDDINGS, MANIFEST
+    from extractors.store_index import consistent, open_index
+
+    manifest_path, parquet = store.path / MANIFEST, store.path / EMBEDDINGS
+    try:
+        before = (stamp(manifest_path), stamp(parquet))
+        manifest = json.loads(manifest_path.read_text())
+        file = pq.ParquetFile(parquet)
+        table = read_rows(store.path, parquet)  # rows.arrow of this very Parquet, or None
+        if table is None:
+            table = file.read(columns=ROW_COLUMNS)
+        index = open_index(store.path, manifest.get("index"), mmap=True)
+        if (stamp(manifest_path), stamp(parquet)) != before:
+            return None
+        rows = Rows(table, manifest["source"]["root"])
+        if len(rows) != manifest["rows"] or not consistent(index, rows.ids):
+            return None
+    except (OSError, ValueError, KeyError, RuntimeError, pa.ArrowException):
+        return None
+    vectors = StoredVectors(file, rows, index)
+    return manifest, Searcher(index, rows, vectors, embed or _no_images, manifest["dim"])
 
 
 def hit(row: dict[str, Any], score: float) -> dict[str, Any]:
@@ -387,9 +524,9 @@ def hit(row: dict[str, Any], score: float) -> dict[str, Any]:
 def describe(ex: Example) -> dict[str, Any]:
     if ex.id is not None:
         return {"id": str(ex.id)}
-    if ex.vector is not None:
-        return {"vector": len(np.asarray(ex.vector).reshape(-1))}
-    return {"image": ex.name or "upload"}
+    if ex.image is not None:  # embedded already (`run_many`) or not
+        return {"image": ex.name or "upload"}
+    return {"vector": len(np.asarray(ex.vector).reshape(-1))}
 
 
 def response(q: Query, hits: list[dict[str, Any]]) -> dict[str, Any]:

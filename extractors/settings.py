@@ -128,6 +128,9 @@ def _conform(value: Any, hint: Any, name: str) -> Any:
         if origin is list and isinstance(value, list | tuple):
             (item,) = typing.get_args(t) or (Any,)
             return [_conform(v, item, name) for v in value]
+        if origin is tuple and isinstance(value, list | tuple):  # tuple[X, ...]
+            item = (typing.get_args(t) or (Any,))[0]
+            return tuple(_conform(v, item, name) for v in value)
         if isinstance(origin, type) and issubclass(origin, Settings):
             if isinstance(value, origin):
                 return value
@@ -146,7 +149,7 @@ def _is_union(hint: Any) -> bool:
 def _type_name(t: Any) -> str:
     if t is type(None):
         return "unset"
-    if typing.get_origin(t) is list:
+    if typing.get_origin(t) in (list, tuple):
         return f"a list of {_type_name(typing.get_args(t)[0])}"
     if isinstance(t, type) and issubclass(t, Settings):
         return "a table"
@@ -327,6 +330,9 @@ class EngineSettings(Settings):
             self.fail("address", 'joins a Dask cluster; add --engine dask (kind = "dask")')
 
 
+MAX_ROW_ID = 2**63 - 1  # row ids are the first 63 bits of a hash (extractors/layout.py)
+
+
 def _ids(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -334,6 +340,11 @@ def _ids(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(i) for i in str(text).split(",") if i.strip())
     except ValueError:
         raise SettingsError(f"--ids takes row ids, comma-separated, not {text!r}") from None
+
+
+def _row_ids(ids: tuple[int, ...]) -> str | None:
+    bad = next((i for i in ids if not 0 <= i <= MAX_ROW_ID), None)
+    return None if bad is None else f"takes row ids from 0 to 2**63 - 1, not {bad}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +359,7 @@ class SearchSettings(Settings):
     label: str | None = setting(None, "Only rows with this label.")
     split: str | None = setting(None, "Only rows of this split.")
     ids: tuple[int, ...] | None = setting(
-        None, "Only these rows: ids, comma-separated.", cli=(str | None, _ids)
+        None, "Only these rows: ids, comma-separated.", check=_row_ids, cli=(str | None, _ids)
     )
     path_prefix: str | None = setting(
         None,

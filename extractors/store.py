@@ -37,25 +37,28 @@ from extractors.common import (
     HeadstartError,
     atomic_path,
     exclusive,
+    normalize,
     write_bytes_atomic,
 )
 from extractors.grouping import Grouping
+from extractors.images import file_sha256
 from extractors.layout import (
+    COMMIT_FILES,
     EMBEDDINGS,
     FAILURE_SCHEMA,
     FAILURES,
+    GROWN_IN_PLACE,
     INDEX,
     MANIFEST,
     META_COLUMNS,
-    ROWS,
     STAGING,
-    VECTOR_IDS,
-    VECTOR_LOOKUP,
+    VECTORS,
     embedding_matrix,
     fingerprint,
+    os_path,
     schema,
 )
-from extractors.plan import UpdatePlan, plan_update
+from extractors.plan import DUPLICATE, UpdatePlan, plan_update
 from extractors.settings import IndexSettings
 from extractors.sources import Source
 from extractors.staging import Staging, remove_temp_files
@@ -83,6 +86,7 @@ class UpdateReport:
     kept: int = 0
     removed: int = 0
     failed: int = 0
+    duplicates: int = 0  # files with the same bytes as another file of the source (not rows)
     rows: int = 0
     resumed: int = 0  # rows reused from the staging/ parts of an interrupted run
     model_path: str = ""  # how the network ran: compiled or eager, and why
@@ -181,12 +185,16 @@ class Store:
             return None
 
     def index_if_consistent(self, mmap: bool = False) -> ann.AnnIndex | None:
-        """The index on disk when it holds exactly the Parquet ids; else None."""
+        """The index on disk when it holds exactly the Parquet ids (and, for ivf_pq, re-rank
+        files in line with it); else None, also when it is unreadable."""
         if not (self.path / INDEX).exists():
             return None
         ids = self.table(["id"])["id"].to_numpy()
         entry = self.manifest().get("index") if self.exists else None
-        idx = store_index.open_index(self.path, entry, mmap=mmap)
+        try:
+            idx = store_index.open_index(self.path, entry, mmap=mmap)
+        except RuntimeError:  # unreadable (FAISS's error, or re-rank files cut short)
+            return None
         return idx if store_index.consistent(idx, ids) else None
 
     def batches(self, rows: int = ROW_GROUP) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -212,13 +220,52 @@ class Store:
         if len(set(paths)) != len(paths):
             problems.append(f"{len(paths) - len(set(paths))} duplicate paths")
         try:
-            if self.index_if_consistent() is None:
-                problems.append(f"{INDEX} is missing or its ids differ from the Parquet ids")
+            problems.extend(self._index_problems(ids))
         except RuntimeError as exc:
             problems.append(f"{INDEX} is unreadable: {exc}")
         if self.exists and self.manifest().get("rows") != len(ids):
             problems.append("manifest row count differs from the Parquet file")
         return problems
+
+    def _index_problems(self, ids: np.ndarray, sample: int = 64) -> list[str]:
+        """What is wrong with the index (RuntimeError: unreadable): missing, other ids than
+        the Parquet's (`ids`, in its row order), or (ivf_pq) re-rank files out of line with it
+        or holding, for a sample of rows, another row's vector (only the Parquet row groups
+        holding the sample are read)."""
+        if not (self.path / INDEX).exists():
+            return [f"{INDEX} is missing"]
+        idx = store_index.open_index(
+            self.path, self.manifest().get("index") if self.exists else None
+        )
+        if not store_index.consistent(idx, ids):
+            have = ann.index_ids(idx.index)
+            if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
+                return [f"{INDEX}'s ids differ from the Parquet ids"]
+            return [store_index.rerank_problem(idx.reranker, have) or "re-rank files differ"]
+        rr = idx.reranker
+        if rr is None or not len(rr.ids) or not len(ids):
+            return []
+        have = np.intersect1d(rr.ids, ids)  # (rows of deleted ids stay until the next build)
+        probe = np.unique(have[np.linspace(0, len(have) - 1, sample).astype(int)])
+        at = np.flatnonzero(np.isin(ids, probe))  # their rows in the Parquet file
+        reader = pq.ParquetFile(self.path / EMBEDDINGS)
+        wrong, start = 0, 0
+        for g in range(reader.num_row_groups):
+            size = reader.metadata.row_group(g).num_rows
+            inside = at[(at >= start) & (at < start + size)] - start
+            start += size
+            if not len(inside):
+                continue
+            t = reader.read_row_group(g, columns=["id", "embedding"]).take(pa.array(inside))
+            mine = np.asarray(rr.vectors[rr.rows(t["id"].to_numpy())], np.float32)
+            theirs = normalize(embedding_matrix(t))
+            wrong += int((~np.isclose(mine, theirs, atol=1e-4).all(1)).sum())
+        if wrong:
+            return [
+                f"{VECTORS}: {wrong} of {len(probe)} sampled rows hold another row's vector "
+                "(rebuild with `headstart index --rebuild`)"
+            ]
+        return []
 
     def check_backbone(self, backbone: str, weights: str | None = None) -> None:
         """Refuse to mix embeddings of two backbones in one store."""
@@ -248,9 +295,9 @@ class Store:
         """True when an update from `source` would leave the store exactly as it is: built
         with `backbone` (and `layers`, None = the store's own), from the same source, every
         file of it already a row with the same size, modification time, label and given
-        split, no row left over, no failed file to retry, nothing staged, the index in line.
-        Reads only, and needs no model: an unchanged scheduled run costs a listing and a few
-        `stat` calls."""
+        split (or still a duplicate of one, with the size and time it had then), no row left
+        over, no failed file to retry, nothing staged, the index in line. Reads only, and needs no
+        model: an unchanged scheduled run costs a listing and a few `stat` calls."""
         if not self.exists or (self.path / STAGING).exists():
             return False
         m = self.manifest()
@@ -261,7 +308,7 @@ class Store:
             or (layers is not None and list(layers) != own_layers)
             or m.get("source") != src
             or m.get("failures")
-            or m.get("rows") != len(source.records)
+            or m.get("rows", 0) + m.get("duplicates", 0) != len(source.records)
             or len({r.path for r in source.records}) != len(source.records)
         ):
             return False
@@ -270,12 +317,24 @@ class Store:
             return not source.records
         cols = [old[c].to_pylist() for c in ("path", "label", "split", "bytes", "mtime_ns")]
         rows = {p: (lab, s, b, t) for p, lab, s, b, t in zip(*cols, strict=True)}
+        dups = self._duplicates(old) if m.get("duplicates") else {}
         for rec in source.records:
             row = rows.get(rec.path)
+            if row is None and rec.path in dups:  # still the bytes of the row it duplicates
+                sha, was = dups[rec.path]
+                try:
+                    st = os.stat(os_path(rec.path))
+                    if was is not None and (st.st_size, st.st_mtime_ns) == was:
+                        continue  # not touched since it was found a duplicate
+                    if file_sha256(rec.path) != sha:  # touched: hashed, as an update would
+                        return False
+                except OSError:
+                    return False
+                continue
             if row is None or row[0] != rec.label or rec.split not in (None, row[1]):
                 return False
             try:
-                st = os.stat(rec.path)
+                st = os.stat(os_path(rec.path))
             except OSError:
                 return False
             if (st.st_size, st.st_mtime_ns) != row[2:]:
@@ -286,15 +345,24 @@ class Store:
             return False
 
     # --- writing -------------------------------------------------------------------------
-    def lock(self) -> contextlib.AbstractContextManager[None]:
-        """Exclusive writer lock; a second writer is refused with a clear message."""
-        return exclusive(
-            self.path / ".lock",
-            StoreBusy(
-                f"another headstart process is writing to {self.path}; wait for it to "
-                "finish, or use another --store"
-            ),
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive writer lock; a second writer is refused with a clear message, and a lock
+        file that cannot be made (a full or read-only disk) is a StoreError, not a crash."""
+        busy = StoreBusy(
+            f"another headstart process is writing to {self.path}; wait for it to "
+            "finish, or use another --store"
         )
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive(self.path / ".lock", busy))
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write to store {self.path}: {exc.strerror or exc} (its lock file "
+                    f"{self.path / '.lock'}). The store is unchanged; free disk space or fix "
+                    "permissions, or choose another --store."
+                ) from exc
+            yield
 
     def reindex(
         self, settings: IndexSettings | None = None, rebuild: bool = False
@@ -303,9 +371,11 @@ class Store:
 
         What `settings` sets overrides the store's saved index settings."""
         m = self.manifest()
-        entry = self._refresh_index(m, settings, rebuild)
-        text = json.dumps(m | {"index": entry}, indent=2)
-        write_bytes_atomic(self.path / MANIFEST, text.encode())
+        with _Rollback(self.path, then="") as rollback:  # a failed rebuild: the old index
+            entry = self._refresh_index(m, settings, rebuild)
+            text = json.dumps(m | {"index": entry}, indent=2)
+            write_bytes_atomic(self.path / MANIFEST, text.encode())
+            rollback.done()
         return entry
 
     def _refresh_index(
@@ -392,7 +462,8 @@ class Store:
             _check_accounted(plan, staging, report.failures)
         report.failures.sort()
         report.removed = plan.removed
-        report.failed = len(report.failures)
+        report.duplicates = len(plan.duplicate_of)
+        report.failed = len(report.failures) - report.duplicates
 
         previous = self.manifest() if self.exists else {}
         paths = new_paths(plan, staging.metadata())
@@ -407,9 +478,11 @@ class Store:
             self._write_rows()
             report.kept, report.rows = merged.kept, merged.rows
             report.embedded = report.rows - report.kept
-            write_failures(self.path, report.failures)
+            write_failures(self.path, report.failures, plan.duplicate_stat)
             entry = self._refresh_index(previous | {"dim": backbone.dim, "split_seed": seed}, index)
-            facts = ManifestInputs(source, backbone, seed, report.failed, entry, grouped)
+            facts = ManifestInputs(
+                source, backbone, seed, report.failed, entry, grouped, report.duplicates
+            )
             write_manifest(self.path, merged.table(), facts)
             rollback.done()
         staging.remove()
@@ -426,27 +499,29 @@ class Store:
         recorded in the manifest's split_groups. Returns the new manifest."""
         with self.lock():
             path = self.path / EMBEDDINGS
-            reader = pq.ParquetFile(path)
-            if moves:
-                out = atomic_path(path)
-                schema_ = reader.schema_arrow
-                with out as tmp, pq.ParquetWriter(tmp, schema_, compression="zstd") as w:
-                    for rb in reader.iter_batches(ROW_GROUP):
-                        t = pa.Table.from_batches([rb])
-                        ids, old = t["id"].to_pylist(), t["split"].to_pylist()
-                        new = [moves.get(i, s) for i, s in zip(ids, old, strict=True)]
-                        at = t.schema.get_field_index("split")
-                        w.write_table(t.set_column(at, "split", pa.array(new, pa.string())))
-            self._write_rows()  # also after a crash before it: the Parquet's, stamped
-            # From the file itself, so a re-run after a crash here completes the manifest.
-            meta = pq.read_table(path, columns=["sha256", "label", "split"])
-            splits = meta["split"].to_pylist()
-            m = self.manifest()
-            m["splits"] = {s: splits.count(s) for s in ("train", "val", "test")}
-            m["fingerprint"] = fingerprint(meta)
-            m["split_groups"] = m.get("split_groups", {}) | note
-            m["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            write_bytes_atomic(self.path / MANIFEST, json.dumps(m, indent=2).encode())
+            with _Rollback(self.path, then="") as rollback:  # a failed write: the old files
+                reader = pq.ParquetFile(path)
+                if moves:
+                    out = atomic_path(path)
+                    schema_ = reader.schema_arrow
+                    with out as tmp, pq.ParquetWriter(tmp, schema_, compression="zstd") as w:
+                        for rb in reader.iter_batches(ROW_GROUP):
+                            t = pa.Table.from_batches([rb])
+                            ids, old = t["id"].to_pylist(), t["split"].to_pylist()
+                            new = [moves.get(i, s) for i, s in zip(ids, old, strict=True)]
+                            at = t.schema.get_field_index("split")
+                            w.write_table(t.set_column(at, "split", pa.array(new, pa.string())))
+                self._write_rows()  # also after a crash before it: the Parquet's, stamped
+                # From the file itself, so a re-run after a crash here completes the manifest.
+                meta = pq.read_table(path, columns=["sha256", "label", "split"])
+                splits = meta["split"].to_pylist()
+                m = self.manifest()
+                m["splits"] = {s: splits.count(s) for s in ("train", "val", "test")}
+                m["fingerprint"] = fingerprint(meta)
+                m["split_groups"] = m.get("split_groups", {}) | note
+                m["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                write_bytes_atomic(self.path / MANIFEST, json.dumps(m, indent=2).encode())
+                rollback.done()
             return m
 
     def _write_rows(self) -> None:
@@ -469,12 +544,27 @@ class Store:
         flat = ann.flat_copy(self.batches(), dim)  # (a crash may have left no manifest)
         return Committed(rows, lambda q, k: flat.search(q, min(k, flat.ntotal)))
 
+    def _duplicates(self, rows: pa.Table) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """path -> (sha256, (bytes, mtime_ns) or None) of the files the last update found to
+        duplicate a row's bytes (no stat in a store written before it was recorded)."""
+        sha = dict(zip(rows["path"].to_pylist(), rows["sha256"].to_pylist(), strict=True))
+        out = {}
+        for f in self.failures().to_pylist():
+            first = f["reason"].removeprefix(DUPLICATE)
+            if first != f["reason"] and first in sha:
+                known = f.get("bytes") is not None and f.get("mtime_ns") is not None
+                out[f["path"]] = (sha[first], (f["bytes"], f["mtime_ns"]) if known else None)
+        return out
+
     def _metadata(self) -> pa.Table | None:
         """Every column but the embeddings, or None when nothing was committed yet."""
         path = self.path / EMBEDDINGS
         if not path.exists():
             return None
         return pq.read_table(path, columns=META_COLUMNS)
+
+
+STAGED_KEPT = "; finished batches are kept in staging/ and reused"
 
 
 def _check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[str, str]]) -> None:
@@ -494,44 +584,68 @@ def _check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[st
 class _Rollback:
     """The commit as one step: the committed files as they were (hard links: no copy, no
     space) are put back if any write of the commit fails, a full disk included (FAISS says so
-    with RuntimeError, not OSError). Then the store is wholly the old one, and says so; the
-    staged rows stay for the next run."""
+    with RuntimeError, not OSError). The files are the layout's `COMMIT_FILES`, every file a
+    commit may write for every index kind; those grown in place (the re-rank vectors) are cut
+    back to their old length. Then the store is wholly the old one, and says so; the staged
+    rows stay for the next run."""
 
-    FILES = (EMBEDDINGS, ROWS, FAILURES, INDEX, VECTOR_IDS, VECTOR_LOOKUP, MANIFEST)
+    FILES = COMMIT_FILES
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, then: str = STAGED_KEPT):
+        self.folder, self.then = folder, then
         self.saved: dict[str, Path | None] = {}
+        self.sizes: dict[str, int] = {}
         self.committed = False
 
     def __enter__(self) -> _Rollback:
-        for name in self.FILES:
-            path, keep = self.folder / name, self.folder / f".{name}.before-commit"
-            keep.unlink(missing_ok=True)
-            if path.exists():
-                os.link(path, keep)
-                self.saved[name] = keep
-            else:
+        try:
+            for name in self.FILES:
+                path, keep = self.folder / name, self.folder / f".{name}.before-commit"
+                keep.unlink(missing_ok=True)
                 self.saved[name] = None
+                if path.exists():
+                    os.link(path, keep)
+                    self.saved[name] = keep
+                    if name in GROWN_IN_PLACE:
+                        self.sizes[name] = path.stat().st_size
+        except OSError as exc:
+            self._drop_links()
+            raise self._error(exc) from exc
         return self
 
     def done(self) -> None:
         self.committed = True
 
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
-        if not self.committed:
-            for name, keep in self.saved.items():
-                if keep is None:
-                    (self.folder / name).unlink(missing_ok=True)
-                else:
-                    os.replace(keep, self.folder / name)
+    def _drop_links(self) -> None:
+        """Best effort: a link left behind costs nothing and the next commit replaces it (a
+        failure here must not report a commit that happened as rolled back)."""
         for keep in self.saved.values():
             if keep is not None:
-                keep.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    keep.unlink(missing_ok=True)
+
+    def _restore(self) -> None:
+        for name, keep in self.saved.items():
+            path = self.folder / name
+            if keep is None:
+                path.unlink(missing_ok=True)
+                continue
+            os.replace(keep, path)
+            size = self.sizes.get(name)
+            if size is not None and path.stat().st_size > size:
+                os.truncate(path, size)  # rows appended in place by the failed commit
+
+    def _error(self, exc: BaseException) -> StoreError:
+        why = getattr(exc, "strerror", None) or exc
+        return StoreError(
+            f"cannot write to store {self.folder}: {why}. The store is unchanged (the "
+            f"commit was rolled back{self.then}): free disk space or fix permissions, or "
+            "choose another --store, then run again."
+        )
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if not self.committed:
+            self._restore()
+        self._drop_links()
         if not self.committed and isinstance(exc, OSError | RuntimeError):
-            why = getattr(exc, "strerror", None) or exc
-            raise StoreError(
-                f"cannot write to store {self.folder}: {why}. The store is unchanged (the "
-                "commit was rolled back; finished batches are kept in staging/ and reused): "
-                "free disk space or fix permissions, or choose another --store, then run again."
-            ) from exc
+            raise self._error(exc) from exc

@@ -43,7 +43,7 @@ from extractors.ann import (
     write_index,
 )
 from extractors.common import normalize
-from extractors.layout import INDEX, VECTORS
+from extractors.layout import INDEX, VECTOR_IDS, VECTORS
 from extractors.recall import (
     TUNE_QUERIES,
     ExactTopK,
@@ -65,18 +65,42 @@ def open_index(folder: Path, entry: dict[str, Any] | None, mmap: bool = False) -
     raw = read_index(Path(folder) / INDEX, mmap=mmap)
     entry = entry or {}
     kind = kind_of(raw)
-    reranker = Reranker(folder, raw.d) if kind == "ivf_pq" else None
+    try:
+        reranker = Reranker(folder, raw.d) if kind == "ivf_pq" else None
+    except (OSError, ValueError) as exc:  # missing, truncated or shorter than its ids
+        raise RuntimeError(
+            f"the re-rank files ({VECTORS}, {VECTOR_IDS}) are unreadable: {exc}"
+        ) from exc
     ann = AnnIndex(raw, kind=kind, reranker=reranker)
     ann.set_params(entry.get("tuning", {}).get("params", {}))
     return ann
 
 
 def consistent(ann: AnnIndex, ids: np.ndarray) -> bool:
-    """The index holds exactly `ids`, and the re-rank file every one of them."""
+    """The index holds exactly `ids`, and the re-rank files (ivf_pq) exactly its rows."""
     have = index_ids(ann.index)
     if len(have) != len(ids) or not np.array_equal(np.sort(have), np.sort(ids)):
         return False
-    return ann.reranker is None or bool(np.isin(have, ann.reranker.ids).all())
+    return ann.reranker is None or rerank_problem(ann.reranker, have) is None
+
+
+def rerank_problem(reranker: Reranker, ids: np.ndarray) -> str | None:
+    """Why the re-rank files do not hold the rows `ids` (None when they do): the vectors file
+    shorter than one row per entry of the ids file, or an id missing from it (rows of deleted
+    ids may stay until the next build). Rows past the ids' end (an append killed before it
+    wrote the ids) are never read, and the next append truncates them. Which vector each row
+    holds is checked against the Parquet file by `Store.verify`."""
+    n, row_bytes = len(reranker.ids), reranker.dim * 4
+    path = reranker.folder / VECTORS
+    size = path.stat().st_size if path.exists() else 0
+    if size < n * row_bytes:
+        return (
+            f"{VECTORS} holds {size / row_bytes:g} rows but {VECTOR_IDS} {n} ids: they are "
+            "from different commits"
+        )
+    if not np.isin(ids, reranker.ids).all():
+        return f"{VECTOR_IDS} lacks ids the index holds"
+    return None
 
 
 def refresh(
@@ -223,6 +247,8 @@ def _update(
     except RuntimeError as exc:
         return f"the index file is unreadable ({exc})"
     have = index_ids(ann.index)
+    if ann.reranker is not None and (why := rerank_problem(ann.reranker, have)):
+        return why  # (a tail past the ids' end is not: `Reranker.append` truncates it first)
     removed = np.setdiff1d(have, ids)
     added = np.setdiff1d(ids, have)
     if len(removed) and choice.kind == "hnsw":
@@ -400,4 +426,5 @@ class _VectorFile:
     def __exit__(self, *exc: object) -> None:
         if self.fh is not None:
             self.fh.close()
+        if self.enabled and self.fresh:  # also when its rename into place failed
             Path(self.tmp).unlink(missing_ok=True)

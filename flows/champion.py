@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from extractors.common import HeadstartError
 from flows.tracking import TEST_TABLE as TABLE
-from flows.tracking import tracking_uri
+from flows.tracking_store import connect, registry_lock
 
 ALIAS = "champion"
 HISTORY = "champion_history"
@@ -70,7 +69,7 @@ class Decision:
 
 def current(name: str, workspace: str | Path) -> int | None:
     """The champion's version, or None."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     try:
         return int(MlflowClient().get_model_version_by_alias(name, ALIAS).version)
     except MlflowException:
@@ -78,8 +77,14 @@ def current(name: str, workspace: str | Path) -> int | None:
 
 
 def consider(name: str, version: int, workspace: str | Path, seed: int = 0) -> Decision:
-    """Apply the rule (module docstring) to a new version and record the decision."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    """Apply the rule (module docstring) to a new version and record the decision, holding
+    the registry's lock (two trainings at once each compare against the champion then)."""
+    connect(workspace)
+    with registry_lock(workspace):
+        return _consider(name, version, workspace, seed)
+
+
+def _consider(name: str, version: int, workspace: str | Path, seed: int) -> Decision:
     old = current(name, workspace)
     if old is None:
         return _record(Decision(name, version, True, "no champion yet"), "rule")
@@ -111,36 +116,65 @@ def consider(name: str, version: int, workspace: str | Path, seed: int = 0) -> D
 
 
 def promote(name: str, version: int, workspace: str | Path, reason: str = "") -> Decision:
-    """Make `version` the champion because a person says so; recorded as such."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    """Make `version` the champion because a person says so; recorded as such. Only image
+    models (`<experiment>-image`) have champions: `score` and `predict` take images."""
+    connect(workspace)
+    image_only(name)
     try:
         MlflowClient().get_model_version(name, str(version))
     except MlflowException:
         raise ChampionError(
             f"{name} has no version {version}; see its versions in the MLflow UI"
         ) from None
-    old = current(name, workspace)
-    why = f"promoted by hand{': ' + reason if reason else ''}"
-    return _record(Decision(name, version, True, why, old), "promote")
+    with registry_lock(workspace):
+        old = current(name, workspace)
+        why = f"promoted by hand{': ' + reason if reason else ''}"
+        return _record(Decision(name, version, True, why, old), "promote")
+
+
+def image_only(name: str) -> None:
+    """Refuse a registered model that is not an image model (`<experiment>-image`), such as
+    the `<experiment>-head` models, which take embeddings: `score` could not use it."""
+    from flows.image_model import image_name
+
+    if name.endswith("-image"):
+        return
+    experiment = name.removesuffix("-head")
+    raise ChampionError(
+        f"{name} is not an image model: `score` and `predict` need one that takes images; "
+        f"promote a version of {image_name(experiment)} instead (--model {image_name(experiment)})"
+    )
 
 
 def rollback(name: str, workspace: str | Path) -> Decision:
-    """Give `champion` back to the version that held it before the current one."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
-    now = current(name, workspace)
-    if now is None:
-        raise ChampionError(f"{name} has no champion to roll back")
-    held = _holders(history(name, workspace))
-    if len(held) < 2:
-        raise ChampionError(f"{name} version {now} is its first champion: nothing to roll back to")
-    before = held[-2]
-    why = f"rolled back from version {now}"
-    return _record(Decision(name, before, True, why, now), "rollback")
+    """Give `champion` back to the version that held it before the current one (under the
+    registry's lock); a version deleted since is refused by name, the champion unchanged."""
+    connect(workspace)
+    with registry_lock(workspace):
+        now = current(name, workspace)
+        if now is None:
+            raise ChampionError(f"{name} has no champion to roll back")
+        held = _holders(history(name, workspace))
+        if len(held) < 2:
+            raise ChampionError(
+                f"{name} version {now} is its first champion: nothing to roll back to"
+            )
+        before = held[-2]
+        try:
+            MlflowClient().get_model_version(name, str(before))
+        except MlflowException:
+            raise ChampionError(
+                f"{name} version {before}, the champion before version {now}, no longer "
+                f"exists (deleted from the registry); version {now} stays champion. Choose "
+                "another with `headstart promote VERSION`."
+            ) from None
+        why = f"rolled back from version {now}"
+        return _record(Decision(name, before, True, why, now), "rollback")
 
 
 def history(name: str, workspace: str | Path) -> list[dict[str, Any]]:
     """Every recorded decision, oldest first."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     try:
         tags = MlflowClient().get_registered_model(name).tags
     except MlflowException:

@@ -32,16 +32,20 @@ stage table is `[deployment.embed]` (batch_size, decode_threads, device):
     cron = "0 * * * *"
     experiment = "photos"
 
-Everything is checked when the file is read (types included), before anything is served.
+The whole file is checked against one typed schema (`_File`) when it is read, before anything
+is served: a wrong type, shape or unknown key is one line naming the key and the deployment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from extractors.common import HeadstartError
 from extractors.settings import SettingsError
@@ -86,8 +90,11 @@ class DeploymentSpec:
                     f"deployment {self.name!r}: interval must be a number of seconds, not "
                     f"{self.interval!r}"
                 )
-            if self.interval <= 0:
-                raise DeploymentError(f"deployment {self.name!r}: interval must be > 0 seconds")
+            if not (math.isfinite(self.interval) and self.interval > 0):
+                raise DeploymentError(
+                    f"deployment {self.name!r}: interval must be a finite number of seconds "
+                    f"> 0, not {self.interval!r}"
+                )
         unknown = sorted(set(self.locations) - set(LOCATIONS))
         if unknown:
             raise DeploymentError(
@@ -136,6 +143,15 @@ def _check_cron(name: str, cron: Any) -> None:
 
 def settings_of(entry: dict[str, Any], where: str) -> PipelineSettings:
     """A deployment's settings from its TOML keys, with a one-line error for a wrong one."""
+    _check_placement(entry, where)
+    try:
+        return PipelineSettings.from_dict(entry)
+    except SettingsError as exc:
+        raise DeploymentError(f"{where}: {exc}") from None
+
+
+def _check_placement(entry: dict[str, Any], where: str) -> None:
+    """Refuse a stage's setting written at the top of a deployment, saying which table."""
     sections = {cls.section: cls for cls in STAGES}
     misplaced = {
         k: cls.section
@@ -147,14 +163,93 @@ def settings_of(entry: dict[str, Any], where: str) -> PipelineSettings:
     if misplaced:
         hints = ", ".join(f"{k} under [deployment.{s}]" for k, s in misplaced.items())
         raise DeploymentError(f"{where}: stage settings go in their table: put {hints}")
-    try:
-        return PipelineSettings.from_dict(entry)
-    except SettingsError as exc:
-        raise DeploymentError(f"{where}: {exc}") from None
+
+
+Text = Annotated[str, Field(strict=True, min_length=1)]
+
+
+class _Entry(BaseModel):
+    """One [[deployment]] table: its own keys typed here, the settings (pipeline keys and stage
+    tables, `PipelineSettings` fields) passed whole to the settings objects, which check them."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: Text
+    source: Text
+    cron: Text | None = None
+    interval: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    kind: Literal["pipeline", "score"] = "pipeline"
+    store: Text | None = None
+    workspace: Text | None = None
+    experiment: Text | None = None
+    model: Text | None = None
+    predictions: Text | None = None
+
+
+# The settings' keys, from the settings object itself (one list): checked by `settings_of`.
+_Deployment = create_model(
+    "_Deployment",
+    __base__=_Entry,
+    **{f.name: (Any, None) for f in dataclasses.fields(PipelineSettings)},
+)
+
+
+class _File(BaseModel):
+    """deployments.toml: one or more [[deployment]] tables and nothing else."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    deployment: Annotated[list[_Deployment], Field(min_length=1)]  # type: ignore[valid-type]
+
+
+def _schema_error(path: Path, doc: dict[str, Any], exc: ValidationError) -> DeploymentError:
+    """The first problem of a file that does not fit `_File`, as one line naming the key
+    and the deployment."""
+    errors = exc.errors()
+    top = [e for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    err = (top or errors)[0]  # a misspelt [[deployments]] before "no [[deployment]]"
+    loc, value = err["loc"], err.get("input")
+    if loc == ("deployment",) and err["type"] == "missing":
+        return DeploymentError(f"{path} declares no [[deployment]]")
+    if len(loc) == 1:
+        if err["type"] == "extra_forbidden":
+            return DeploymentError(
+                f"{path}: unknown top-level key {loc[0]!r}; declare each deployment as "
+                "[[deployment]]"
+            )
+        if isinstance(value, dict):
+            return DeploymentError(
+                f"{path}: write each deployment as [[deployment]] (an array of tables), "
+                "not [deployment]"
+            )
+        if isinstance(value, list) and not value:
+            return DeploymentError(f"{path} declares no [[deployment]]")
+        return DeploymentError(f"{path}: deployment must be [[deployment]] tables, not {value!r}")
+    i = loc[1]
+    entry = doc["deployment"][i]
+    if len(loc) == 2:  # the entry itself is not a table
+        return DeploymentError(f"{path}: deployment #{i + 1} is {value!r}, not a table")
+    name = entry.get("name")
+    who = f"deployment {name!r}" if isinstance(name, str) and name else f"deployment #{i + 1}"
+    key = ".".join(str(k) for k in loc[2:])
+    if err["type"] == "missing":
+        return DeploymentError(f"{path}: {who} has no {key!r}")
+    if err["type"] == "extra_forbidden":
+        takes = ", ".join(_Deployment.model_fields)
+        return DeploymentError(f"{path}: {who}: unknown key {key!r}; a deployment takes {takes}")
+    if key == "kind":
+        problem = f"is not one of {', '.join(KINDS)}"
+    elif key == "interval":
+        problem = "is not a finite number of seconds > 0"
+    elif err["type"] in ("string_type", "string_too_short"):
+        problem = "is not a non-empty string"
+    else:
+        problem = f"is wrong: {err['msg'].lower()}"
+    return DeploymentError(f"{path}: {who}: {key} {value!r} {problem}")
 
 
 def read_file(path: str | Path) -> list[DeploymentSpec]:
-    """Every [[deployment]] of a TOML file; relative paths are relative to the file."""
+    """Every [[deployment]] of a TOML file, the whole file checked against one schema
+    (`_File`: each key's type, no unknown key; the settings by the settings objects) before
+    anything is built; relative paths are relative to the file."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
@@ -163,18 +258,23 @@ def read_file(path: str | Path) -> list[DeploymentSpec]:
             f"no {path}: give a SOURCE to serve, or declare deployments in {path} "
             f"(one [[deployment]] per source with name, source, cron or interval)"
         ) from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DeploymentError(f"{path} is not valid TOML: {exc}") from None
-    entries = doc.get("deployment", [])
-    if not entries:
-        raise DeploymentError(f"{path} declares no [[deployment]]")
+    entries = doc.get("deployment")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(entry, dict):
+            who = repr(name) if isinstance(name, str) else f"#{i + 1}"
+            own = {k: v for k, v in entry.items() if k not in _Entry.model_fields}
+            _check_placement(own, f"{path}: deployment {who}")
+    try:
+        parsed = _File.model_validate(doc)
+    except ValidationError as exc:
+        raise _schema_error(path, doc, exc) from None
     specs = []
-    for i, entry in enumerate(entries):
-        entry = dict(entry)
-        try:
-            name, source = entry.pop("name"), entry.pop("source")
-        except KeyError as exc:
-            raise DeploymentError(f"{path}: deployment #{i + 1} has no {exc.args[0]!r}") from None
+    for dep in parsed.deployment:
+        entry = dep.model_dump(exclude_unset=True)
+        name, source = entry.pop("name"), entry.pop("source")
         cron, interval = entry.pop("cron", None), entry.pop("interval", None)
         kind = entry.pop("kind", "pipeline")
         locations = {k: entry.pop(k) for k in LOCATIONS if k in entry}

@@ -18,14 +18,17 @@ MAX_POINTS = 3000
 PAGE = Path(__file__).parent / "web" / "map.html"
 
 
-def sample(store: Store, max_points: int, seed: int = 0) -> tuple[np.ndarray, pa.Table, int]:
+def sample(
+    store: Store, max_points: int, seed: int = 0, parquet: pq.ParquetFile | None = None
+) -> tuple[np.ndarray, pa.Table, int]:
     """(vectors, id/label/split/path, rows in all) of up to `max_points` rows drawn uniformly
     with `seed`, read one Parquet row group at a time, only the groups that hold a drawn row:
-    memory is one row group plus the sample, never the whole matrix."""
+    memory is one row group plus the sample, never the whole matrix. `parquet`: the store's
+    embeddings file as opened already (the search service's snapshot), else opened here."""
     path = store.path / EMBEDDINGS
-    if not path.exists():
+    if parquet is None and not path.exists():
         raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
-    reader = pq.ParquetFile(path)
+    reader = parquet if parquet is not None else pq.ParquetFile(path)
     n = reader.metadata.num_rows
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(n, size=min(max_points, n), replace=False))
@@ -44,13 +47,19 @@ def sample(store: Store, max_points: int, seed: int = 0) -> tuple[np.ndarray, pa
     return np.concatenate(vectors), pa.concat_tables(metas), n
 
 
-def project(store: Store, max_points: int = MAX_POINTS, seed: int = 0) -> dict[str, Any]:
-    """t-SNE (PCA to 50-d first) of up to `max_points` rows sampled with `seed` (`sample`);
-    PCA alone below 50 rows. Returns {"method", "points": [{id, x, y, label, split, path}]}."""
+def project(
+    store: Store,
+    max_points: int = MAX_POINTS,
+    seed: int = 0,
+    parquet: pq.ParquetFile | None = None,
+) -> dict[str, Any]:
+    """t-SNE (PCA to 50-d first) of up to `max_points` rows sampled with `seed` (`sample`, of
+    `parquet` when given); PCA alone below 50 rows. Returns {"method", "points": [{id, x, y,
+    label, split, path}]}."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    x, meta, n = sample(store, max_points, seed)
+    x, meta, n = sample(store, max_points, seed, parquet)
     if not len(x):
         raise StoreError(f"store {store.path} holds no embeddings yet; run `headstart embed`")
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
 from flows.tracking import explicit_requirements, pinned, quiet, tracking_uri
+from flows.tracking_store import connect, registry_lock
 from heads.classifier import BoundClassifier, ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,19 +85,21 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
 
 
 def register(model_uri: str, experiment: str, workspace: str | Path) -> dict[str, Any]:
-    """A new version of `<experiment>-image` with the alias `newest`."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    """A new version of `<experiment>-image` with the alias `newest` (under the registry's
+    lock: two trainings at once each get a version, and `newest` ends on the later one)."""
+    connect(workspace)
     name = image_name(experiment)
-    with quiet("mlflow.tracking._model_registry.fluent"):
-        version = mlflow.register_model(model_uri, name)
-    MlflowClient().set_registered_model_alias(name, "newest", version.version)
+    with registry_lock(workspace):
+        with quiet("mlflow.tracking._model_registry.fluent"):
+            version = mlflow.register_model(model_uri, name)
+        MlflowClient().set_registered_model_alias(name, "newest", version.version)
     return {"name": name, "version": int(version.version), "uri": f"models:/{name}@newest"}
 
 
 def latest_image_model(workspace: str | Path = DEFAULT_WORKSPACE) -> str:
     """The registered image model updated last (what `promote` and `rollback` act on when
     no --model is given)."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     found = [
         m
         for m in MlflowClient().search_registered_models(order_by=["last_updated_timestamp DESC"])
@@ -114,7 +117,7 @@ def resolve(uri: str, workspace: str | Path = DEFAULT_WORKSPACE) -> tuple[str, i
     """(name, version) of `models:/<name>@<alias>` or `models:/<name>/<version>`."""
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     spec = uri.removeprefix("models:/")
     client = MlflowClient()
     try:
@@ -138,11 +141,22 @@ def load_registered(
 ) -> tuple[BoundClassifier, Path | None]:
     """A registered image model as the classifier `predict` runs, named `<name>/<version>`,
     and the store its head was trained on (None for a fine-tuned network)."""
+    from mlflow.exceptions import MlflowException
+
     name, version = resolve(uri, workspace)
     # The head and the network are read into memory on load: the download is then spent.
     with tempfile.TemporaryDirectory(prefix="headstart-model-") as local:
-        path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=local)
+        try:
+            path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=local)
+            why = "nothing there"
+        except MlflowException as exc:
+            path, why = local, exc.message.splitlines()[0]
         folder = Path(path) / "artifacts" / "model"
+        if not folder.is_dir():  # MLflow returns an empty folder when the files are gone
+            raise RegistryError(
+                f"the files of {name} version {version} are not in its artifact store ({why}): "
+                "restore the store's artifacts folder (mlartifacts/), or use another version"
+            )
         bound = ImageClassifier.load(folder, device=device, name=f"{name}/{version}")
     store = bound.model.store
     return bound, Path(store) if store else None

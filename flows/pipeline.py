@@ -30,6 +30,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from extractors import DEFAULT_WORKSPACE
+from extractors.layout import os_path
 from extractors.settings import EmbedSettings, IndexSettings
 from extractors.sources import read_source
 from extractors.store import StoreBusy
@@ -77,7 +78,7 @@ def embed_cache_key(
         )
         h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
         for r in sorted(src.records, key=lambda r: r.path):
-            stat = os.stat(r.path)
+            stat = os.stat(os_path(r.path))
             h.update(
                 f"{r.path}\0{r.label}\0{r.split}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
             )

@@ -118,11 +118,17 @@ def check_prefect_server(timeout_s: float = 5.0) -> str:
     )
 
 
-def for_cli(name: str) -> Callable[..., dict[str, Any]]:
+def for_cli(name: str, workspace: str | Path | None = None) -> Callable[..., dict[str, Any]]:
     """The run `name` for a CLI command: the Prefect flow of flows/pipeline.py when a Prefect
     server is set up (its UI then shows the run; one clear error when it does not answer),
     else the run itself, in this process, without Prefect. Either way the same steps, and
-    MLflow records the run."""
+    MLflow records the run: given the `workspace` the run logs to, its tracking store is
+    checked first (it answers, it can be written), so a run does not embed or train for
+    minutes and then fail on it."""
+    if workspace is not None:
+        from flows.tracking_store import check
+
+        check(workspace)
     if not using_prefect():
         return globals()[name]
     check_prefect_server()

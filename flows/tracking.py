@@ -19,6 +19,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from extractors.common import HeadstartError
+from flows.tracking_store import connect, registry_lock, tracking_uri
 
 if TYPE_CHECKING:
     from heads.evaluate import HeadResult
@@ -44,16 +45,6 @@ def _metrics() -> tuple[str, ...]:
     return tuple(METRICS)
 
 
-def tracking_uri(workspace: str | Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite store at <workspace>/mlflow.db."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    db = Path(workspace).resolve() / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
-
-
 def ui_command(workspace: str | Path) -> str:
     """The exact command that opens the MLflow UI on this store."""
     return f"uv run mlflow ui --backend-store-uri {tracking_uri(workspace)} --port 5000"
@@ -67,13 +58,18 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def experiment_id(name: str, workspace: str | Path) -> str:
     """Get or create the experiment, marked as model training (`EXPERIMENT_KIND`, also on
     experiments made before); with the default store its artifacts live in the workspace."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(
-            name, artifact_location=artifact_location(name, workspace), tags=EXPERIMENT_KIND
-        )
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location(name, workspace), tags=EXPERIMENT_KIND
+            )
+        except mlflow.exceptions.MlflowException:
+            exp = client.get_experiment_by_name(name)  # another command created it just now
+            if exp is None:
+                raise
     for key, value in EXPERIMENT_KIND.items():
         if exp.tags.get(key) != value:
             client.set_experiment_tag(exp.experiment_id, key, value)
@@ -82,7 +78,7 @@ def experiment_id(name: str, workspace: str | Path) -> str:
 
 def experiment_of(run_id: str, workspace: str | Path) -> str:
     """The name of a run's experiment."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     client = MlflowClient()
     return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
@@ -114,7 +110,7 @@ def run_url(run_id: str, workspace: str | Path, ui_url: str | None = None) -> st
     uri = tracking_uri(workspace)
     default = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     base = (ui_url or os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
-    mlflow.set_tracking_uri(uri)
+    connect(workspace, write=False)
     exp = MlflowClient().get_run(run_id).info.experiment_id
     # workflowType: the UI opens on model training (runs), not the GenAI overview.
     return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
@@ -134,17 +130,20 @@ def start_parent_run(
 
 
 def end_run(run_id: str, workspace: str | Path, status: str = "FINISHED") -> None:
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     MlflowClient().set_terminated(run_id, status=status)
 
 
 @contextlib.contextmanager
 def closing_run(run_id: str, workspace: str | Path) -> Iterator[None]:
-    """End the run FINISHED when the block succeeds, FAILED (and re-raise) when it does not."""
+    """End the run FINISHED when the block succeeds, FAILED (and re-raise) when it does not;
+    the block's error is the one raised, even when the store cannot take the FAILED status
+    (a full disk, a server gone: the same cause)."""
     try:
         yield
     except BaseException:
-        end_run(run_id, workspace, "FAILED")
+        with contextlib.suppress(Exception):
+            end_run(run_id, workspace, "FAILED")
         raise
     end_run(run_id, workspace, "FINISHED")
 
@@ -180,7 +179,7 @@ def log_dataset(run_id: str, workspace: str | Path, manifest: dict[str, Any], st
     """Record the store as the run's training dataset (the Dataset column of the runs table)."""
     from mlflow.entities import DatasetInput, InputTag
 
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     entity = store_dataset(manifest, store)._to_mlflow_entity()
     tag = InputTag(key="mlflow.data.context", value="training")
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[tag])])
@@ -227,7 +226,7 @@ def log_to_run(
     artifacts: list[Path] | None = None,
 ) -> None:
     """Add params, metrics, tags and files to an existing run."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     client = MlflowClient()
     for k, v in (params or {}).items():
         client.log_param(run_id, k, _short(v))
@@ -329,7 +328,7 @@ def log_head_run(
     input signature.
 
     Returns (run id, model URI)."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     params = vocabulary(result, context)
     data = (context["manifest"], Path(context["store"])) if "manifest" in context else None
     fit = result.fit_seconds
@@ -488,10 +487,11 @@ def pinned(names: tuple[str, ...]) -> list[str]:
 
 def register_best(model_uri: str, experiment: str, workspace: str | Path) -> dict[str, Any]:
     """Register the best head of a run as a new version of `<experiment>-head`, alias `newest`."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     name = f"{experiment}-head"
-    version = mlflow.register_model(model_uri, name)
-    MlflowClient().set_registered_model_alias(name, "newest", version.version)
+    with registry_lock(workspace):
+        version = mlflow.register_model(model_uri, name)
+        MlflowClient().set_registered_model_alias(name, "newest", version.version)
     return {"name": name, "version": int(version.version), "uri": f"models:/{name}@newest"}
 
 
@@ -510,7 +510,7 @@ def log_finetune_run(
     files it skipped because they no longer decode (`skipped_files.json`, with reasons)."""
     from heads.plots import curves_png
 
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace)
     shared = vocabulary(result, params)
     rest = {k: v for k, v in params.items() if k not in shared and k != "manifest"}
     data = (params["manifest"], Path(params["store"])) if "manifest" in params else None
@@ -546,7 +546,7 @@ def compare_runs(
 ) -> list[dict[str, Any]]:
     """Every head and fine-tuned network read back from MLflow, grouped by parent run (newest
     parent first, best validation score first within it): the table analysts see in the UI."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     client = MlflowClient()
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
@@ -642,7 +642,7 @@ def disagreements(
 def runs_scored_on(workspace: str | Path, store: str, fingerprint: str) -> list[dict[str, Any]]:
     """The trainings (parent runs, newest first) whose models were scored on the store's rows
     as they are now (`fingerprint`): each its run id, name, start and link."""
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    connect(workspace, write=False)
     client = MlflowClient()
     found: dict[str, Any] = {}
     experiments = [e.experiment_id for e in client.search_experiments()]

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from extractors.common import (
 )
 from extractors.finetuned import save_network
 from extractors.images import ImageError, load_rgb
+from extractors.layout import os_path
 from heads.evaluate import HeadResult, scored_on_test
 from heads.settings import FineTuneSettings
 
@@ -78,6 +79,7 @@ class FineTuned:
     resumed_from_epoch: int  # 0 when trained from scratch, -1 when the finished run was reused
     skipped: list[dict[str, str]]  # {path, split, reason}: files that no longer decode
     test_paths: list[str]  # the test images scored, in the order of result.test_proba
+    test_ids: list[str] = field(default_factory=list)  # their content ids, where given
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -204,18 +206,22 @@ def finetune(
     workdir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    ids: dict[str, str] | None = None,
 ) -> FineTuned:
     """Fine-tune `backbone` on data[split] = (paths, labels) for train/val/test (see above).
 
     The backbone object is trained in place (it is the network's body); pass a fresh one.
     One run at a time per `workdir` (a second identical run is refused, not interleaved).
+    `ids` (path -> content id, e.g. SHA-256) names the test images by content: a finished
+    run is then reused for the same images at other paths (a copied folder), its test rows
+    given back at the paths of this call.
     """
     busy = FineTuneError(
         f"another fine-tuning run with the same settings is writing {workdir}; wait for it "
         "(its result is then reused) or change a setting"
     )
     with exclusive(Path(workdir) / ".lock", busy):
-        return _finetune(backbone, data, classes, cfg, workdir, progress, log)
+        return _finetune(backbone, data, classes, cfg, workdir, progress, log, ids or {})
 
 
 def _finetune(
@@ -226,6 +232,7 @@ def _finetune(
     workdir: str | Path,
     progress: bool,
     log: Callable[[str], None] | None,
+    ids: dict[str, str],
 ) -> FineTuned:
     log = log or _stderr
     device = backbone.device
@@ -241,9 +248,9 @@ def _finetune(
     done = workdir / DONE
     if done.exists():
         test = [(p, cls_index[str(c)]) for p, c in zip(*data["test"], strict=True)]
-        test = [(p, c) for p, c in test if Path(p).is_file()]
+        test = [(p, c) for p, c in test if Path(os_path(p)).is_file()]
         y = np.asarray([c for _, c in test], dtype=np.int64)
-        return _reuse(done, workdir, classes, cfg, y, [p for p, _ in test])
+        return _reuse(done, workdir, classes, cfg, y, [p for p, _ in test], ids)
     splits, skipped = {}, []
     for s in ("train", "val", "test"):
         paths, labels = data[s]
@@ -374,12 +381,22 @@ def _finetune(
         "test_proba": proba.tolist(),
         "test_y": test_y.tolist(),
         "test_paths": splits["test"][0],
+        "test_ids": [ids[p] for p in splits["test"][0] if p in ids],
         "skipped": skipped,
     }
+    if len(saved["test_ids"]) != len(splits["test"][0]):
+        saved["test_ids"] = []  # some test image without an id: its paths name them
     _write_json(done, saved)
     ckpt_path.unlink(missing_ok=True)  # optimizer state is large; the finished net is saved
     return FineTuned(
-        result, history, workdir, workdir.name, start_epoch, skipped, splits["test"][0]
+        result,
+        history,
+        workdir,
+        workdir.name,
+        start_epoch,
+        skipped,
+        splits["test"][0],
+        saved["test_ids"],
     )
 
 
@@ -415,10 +432,22 @@ def _reuse(
     cfg: FineTuneSettings,
     test_y: np.ndarray,
     test_paths: list[str],
+    ids: dict[str, str],
 ) -> FineTuned:
     """A finished run with the same key: its saved outcome (test labels and the files it
-    skipped included; `test_y` for runs saved before they were), no retraining."""
+    skipped included; `test_y` for runs saved before they were), no retraining. The same key
+    can come from the same images at other paths (a copy of the folder): its test images are
+    named by their content ids, and given back at this call's paths with those ids."""
     saved = json.loads(done.read_text())
+    saved_ids = list(saved.get("test_ids") or [])
+    paths = list(saved.get("test_paths", test_paths))
+    if saved_ids and len(saved_ids) == len(paths):
+        here: dict[str, list[str]] = {}
+        for p in test_paths:  # content id -> this call's test paths, in order
+            if p in ids:
+                here.setdefault(ids[p], []).append(p)
+        pairs = zip(saved_ids, paths, strict=True)
+        paths = [here[i].pop(0) if here.get(i) else old for i, old in pairs]
     proba = np.asarray(saved["test_proba"], dtype=np.float64)
     test_y = np.asarray(saved.get("test_y", test_y), dtype=np.int64)
     result = _result(cfg, classes, proba, np.asarray(classes)[test_y], saved["summary"])
@@ -429,7 +458,8 @@ def _reuse(
         workdir.name,
         -1,
         saved.get("skipped", []),
-        saved.get("test_paths", test_paths),
+        paths,
+        saved_ids,
     )
 
 

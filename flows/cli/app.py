@@ -1,6 +1,8 @@
 """The `headstart` Typer app, its consoles, and the one place user errors are caught: any
-HeadstartError (every module's error type extends it) becomes one red line and exit code 2;
-anything else is a bug and keeps its traceback."""
+HeadstartError (every module's error type extends it), and any known failure outside headstart
+(a full disk, a read-only file, an MLflow store that stopped answering:
+flows/tracking_store.py `outside_error`), becomes one red line and exit code 2; anything else
+is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ class Commands(TyperGroup):
             return super().invoke(ctx)
         except HeadstartError as exc:
             raise fail(exc) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            from flows.tracking_store import outside_error
+
+            known = outside_error(exc)
+            if known is None:
+                raise
+            raise fail(known) from None
 
 
 app = typer.Typer(

@@ -23,7 +23,12 @@ ModelName = Annotated[
 ]
 
 
-def _name(model: str | None, workspace) -> str:
+def _name(model: str | None, workspace, write: bool) -> str:
+    """The model to act on, once the tracking store answers (checked before the imports of
+    the model code: a store that is down fails fast)."""
+    from flows.tracking_store import check
+
+    check(workspace, write=write)
     from flows.image_model import latest_image_model
 
     return model or latest_image_model(workspace)
@@ -41,7 +46,7 @@ def promote(
     scheduled `score` deployment use; recorded in the registry with your reason."""
     from flows import champion
 
-    decision = champion.promote(_name(model, workspace), version, workspace, reason)
+    decision = champion.promote(_name(model, workspace, True), version, workspace, reason)
     _show(decision, as_json)
 
 
@@ -54,7 +59,7 @@ def rollback(
     """Give the champion back to the version that held it before; recorded."""
     from flows import champion
 
-    _show(champion.rollback(_name(model, workspace), workspace), as_json)
+    _show(champion.rollback(_name(model, workspace, True), workspace), as_json)
 
 
 @app.command(name="champion")
@@ -66,7 +71,7 @@ def champion_cmd(
     """Which version is champion, and every decision that moved it or kept it."""
     from flows import champion
 
-    name = _name(model, workspace)
+    name = _name(model, workspace, False)
     entries = champion.history(name, workspace)
     now = champion.current(name, workspace)
     if as_json:

@@ -96,7 +96,9 @@ def print_embed(report: dict[str, Any]) -> None:
     out.print(
         f"store [bold]{escape(report['store'])}[/]: {report['rows']} images "
         f"({report['embedded']} embedded now, {report['kept']} unchanged, "
-        f"{report['removed']} removed, {report['failed']} failed) with "
+        f"{report['removed']} removed, {report['failed']} failed"
+        + (f", {report['duplicates']} duplicates" if report.get("duplicates") else "")
+        + ") with "
         f"{escape(report['backbone'])}",
         highlight=False,
     )
@@ -132,8 +134,8 @@ def print_embed(report: dict[str, Any]) -> None:
         out.print(f"  ({action})", highlight=False)
     for path, reason in report["failures"][:10]:
         out.print(f"  [yellow]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
-    if report["failed"] > 10:
-        out.print(f"  ... and {report['failed'] - 10} more: see `headstart info`")
+    if len(report["failures"]) > 10:  # failures list duplicates too; "failed" does not
+        out.print(f"  ... and {len(report['failures']) - 10} more: see `headstart info`")
 
 
 def print_pipeline(result: dict[str, Any], workspace: Path) -> None:

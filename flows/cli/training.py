@@ -63,7 +63,8 @@ def demo(
     settings = settings.replace(finetune=finetune)
     root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
     out.print(f"sample data: {root} (10 classes x {per_class} images)", highlight=False)
-    result = runs.for_cli("pipeline")(str(root), settings=settings, workspace=str(workspace))
+    run = runs.for_cli("pipeline", workspace)
+    result = run(str(root), settings=settings, workspace=str(workspace))
     print_pipeline(result, workspace)
     example = next(root.glob("3/*.png"))
     out.print(f"search by image: [bold]uv run headstart search {escape(str(example))} -k 5[/]")
@@ -90,7 +91,7 @@ def train(
 
     st = resolve_store(store, workspace)
     check_trainable(st)
-    result = runs.for_cli("train_heads")(
+    result = runs.for_cli("train_heads", workspace)(
         str(st.path), experiment=experiment, heads=pipe.heads, workspace=str(workspace), seed=seed
     )
     if as_json:
@@ -123,7 +124,7 @@ def run(
     from flows.steps.embedding import preflight
 
     preflight(source, store, settings.embed.backbone, workspace, need_labels=True)
-    result = runs.for_cli("pipeline")(
+    result = runs.for_cli("pipeline", workspace)(
         str(source),
         settings=settings,
         store=None if store is None else str(store),
@@ -158,7 +159,7 @@ def finetune_cmd(
 
     st = resolve_store(store, workspace)
     check_trainable(st)
-    result = runs.for_cli("finetune")(
+    result = runs.for_cli("finetune", workspace)(
         str(st.path),
         settings=settings,
         experiment=experiment,
@@ -194,6 +195,9 @@ def compare(
 ) -> None:
     """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
     (newest first), best validation score first, the same metrics as the MLflow UI."""
+    from flows.tracking_store import check
+
+    check(workspace, write=False)  # before the imports below: a store that is down fails fast
     from flows.steps.training import compare as compare_runs
 
     if errors:

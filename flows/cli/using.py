@@ -491,7 +491,8 @@ def ui(
     ] = None,
 ) -> None:
     """Search a store in the browser: drop an image, see its neighbours; plus an embedding map
-    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes.
+    and a JSON API (/api/docs). Read-only: the index is memory-mapped, shared by processes;
+    after an `embed` (or any commit) the next request answers from the new commit.
 
     On loopback (the default) it answers only requests addressed to loopback names, so no web
     page can reach it by re-pointing a domain to 127.0.0.1; with any other --host every

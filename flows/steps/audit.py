@@ -176,7 +176,7 @@ def audit_and_track(
         },
         tags={"audit_head": summary["head"][:250]},
     )
-    mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    tracking.connect(workspace)
     mlflow.MlflowClient().log_table(parent_run_id, table.to_pandas(), "audit.json")
     line = (
         f"audit: {counts['label']} label issues (estimated label noise "

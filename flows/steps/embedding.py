@@ -77,8 +77,11 @@ def embed_source(
     st.check_backbone(backbone)
     plain = embedding.weights is None and not index.given
     if plain and st.unchanged(src, backbone, embedding.layers):
-        rows = st.manifest()["rows"]  # no model built, nothing written
-        unchanged = UpdateReport(str(st.path), scanned=rows, kept=rows, rows=rows)
+        m = st.manifest()  # no model built, nothing written
+        rows, dups = m["rows"], m.get("duplicates", 0)
+        unchanged = UpdateReport(
+            str(st.path), scanned=len(src.records), kept=rows, rows=rows, duplicates=dups
+        )
         return _report(st, unchanged, src, engine.kind, compiled=False)
     bb = backbone_for(backbone, workspace, weights=embedding.weights, device=embedding.device)
     layers = embedding.layers

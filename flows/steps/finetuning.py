@@ -45,7 +45,10 @@ def finetune_and_track(
     bb = backbone_for(manifest["backbone"], workspace, device=device)
     key = run_key(cfg, bb, manifest["fingerprint"], classes)
     workdir = finetuned.folder_of(key, workspace)
-    out = finetune(bb, data, classes, cfg, workdir, progress=progress)
+    # Images are named by content: the run's key is the data's (not its paths'), so a finished
+    # run is reused for a copy of the folder, and its test rows must come back at these paths.
+    sha_of = dict(zip(meta["path"].to_pylist(), meta["sha256"].to_pylist(), strict=True))
+    out = finetune(bb, data, classes, cfg, workdir, progress=progress, ids=sha_of)
     result = out.result
     result.extra["backbone"] = f"finetuned:{key}"
     params = {
@@ -57,12 +60,14 @@ def finetune_and_track(
         "image_size": result.extra["image_size"],
         "device": result.extra["device"],
     }
-    sha_of = dict(zip(meta["path"].to_pylist(), meta["sha256"].to_pylist(), strict=True))
     label_of = dict(zip(paths.tolist(), labels.tolist(), strict=True))
+    label_of_sha = dict(zip(meta["sha256"].to_pylist(), labels.tolist(), strict=True))
+    shas = out.test_ids or [sha_of.get(p) for p in out.test_paths]
+    pairs = zip(out.test_paths, shas, strict=True)
     test_rows = {
         "path": out.test_paths,
-        "sha256": [sha_of[p] for p in out.test_paths],
-        "label": [label_of[p] for p in out.test_paths],
+        "sha256": shas,
+        "label": [label_of.get(p, label_of_sha.get(h)) for p, h in pairs],
     }
     tracking.log_dataset(parent_run_id, workspace, manifest, st.path)
     run_id = tracking.log_finetune_run(

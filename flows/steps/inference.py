@@ -4,14 +4,25 @@ Imports neither MLflow nor Prefect."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.query import Example, Filters, Query, QueryError, parse_vector, searcher_for
-from extractors.settings import SearchSettings
+from extractors.layout import stored_path
+from extractors.query import (
+    Example,
+    Filters,
+    Query,
+    QueryError,
+    embed_batches,
+    parse_vector,
+    row_id,
+    searcher_for,
+)
+from extractors.settings import EmbedSettings, SearchSettings
 from extractors.store import StoreError
 from flows.workspace import backbone_for, resolve_store
 
@@ -33,13 +44,13 @@ def search_store(
     m = st.manifest()
     backbone = None
 
-    def embed(image: bytes | str | Path) -> np.ndarray:
+    def embed(images: Sequence[bytes | str | Path]) -> np.ndarray:
         nonlocal backbone
         if backbone is None:
             backbone = backbone_for(m["backbone"], workspace, device=device)
             if backbone.weights != m["weights"]:
                 raise StoreError(f"store weights {m['weights']} differ from {backbone.weights}")
-        return backbone.embed(backbone.prepare(image)).numpy()
+        return embed_batches(backbone, images, EmbedSettings().batch_size)
 
     searcher = searcher_for(st, embed)
     s = search or SearchSettings()
@@ -49,9 +60,10 @@ def search_store(
     def stored(ref: str) -> Example:
         """A stored row by id, or by path: from here if it exists, else from the source root."""
         if ref.lstrip("-").isdigit():
-            return Example(id=int(ref))
+            return Example(id=row_id(ref, "a row id of --like or --unlike"))
         here = Path(ref).expanduser()
-        return Example(id=searcher.rows.by_path(str(here.resolve()) if here.exists() else ref))
+        path = stored_path(str(here.resolve())) if here.exists() else ref
+        return Example(id=searcher.rows.by_path(path))
 
     examples = [Example(image=p, name=str(p)) for p in images]
     if vector is not None:
@@ -61,7 +73,7 @@ def search_store(
         return [searcher.run(q)]
     if not examples:
         raise QueryError("give query images, --like/--unlike stored images, or --vector")
-    return [searcher.run(Query([ex], k=k, offset=offset, filters=where)) for ex in examples]
+    return searcher.run_many([Query([ex], k=k, offset=offset, filters=where) for ex in examples])
 
 
 def _read_vector(path: str | Path, dim: int) -> np.ndarray:

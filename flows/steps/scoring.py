@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.engines import LocalEngine
 from extractors.layout import MANIFEST
-from extractors.predictions import ScoreReport, output_format, score_source
+from extractors.predictions import (
+    ScoreReport,
+    hold_folder,
+    output_format,
+    read_parts,
+    score_into_folder,
+    score_source,
+)
 from extractors.settings import EmbedSettings
 from extractors.sources import read_sources
 from extractors.store import StoreError
@@ -148,15 +154,7 @@ def predict_images(
 
 def read_predictions(folder: str | Path) -> pa.Table | None:
     """Every part of a predictions folder (the `score` flow's), or None when there is none."""
-    parts = sorted(Path(folder).glob("part-*.parquet"))
-    return (
-        pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-        if parts
-        else None
-    )
-
-
-PREVIOUS = ["path", "sha256", "bytes", "mtime_ns"]
+    return read_parts(folder)
 
 
 def score_new(
@@ -170,27 +168,21 @@ def score_new(
 ) -> dict[str, Any]:
     """Score the files of `source` that the predictions folder has not scored yet (new, or
     changed since) with `model`, appended as its next part; "nothing new" writes nothing.
-    An interrupted run's part keeps its number, so the next run continues it."""
+    The folder's lock (extractors/predictions.py: `hold_folder`) is taken before the model
+    is loaded: a second run at once waits (up to FOLDER_WAIT_S, then fails with one line),
+    then adds only what is still new."""
     folder = Path(predictions).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    previous = read_predictions(folder)
-    done = sorted(folder.glob("part-*.parquet"))
-    out = folder / f"part-{len(done):06d}.parquet"
-    report = predict_to_file(
-        [source],
-        out,
-        model=model,
-        store=store,
-        workspace=workspace,
-        embedding=embedding,
-        previous=None if previous is None else previous.select(PREVIOUS),
-        progress=progress,
-    )
-    if report.rows == 0:
-        out.unlink(missing_ok=True)
+    src = read_sources([source])
+    with hold_folder(folder):  # before the model: a run waiting for another holds none
+        bound, trained_on = resolve_model(model, None, store, workspace, embedding.device)
+        donor = donor_store(bound, store, trained_on, workspace)
+        engine = LocalEngine(embedding, progress)
+        report, out, previous = score_into_folder(
+            src, bound.backbone, bound, folder, engine, donor, progress=progress
+        )
     return report.as_dict() | {
         "nothing_new": report.rows == 0,
-        "part": str(out) if report.rows else None,
+        "part": str(out) if out is not None else None,
         "predictions": str(folder),
         "total_rows": report.rows + (0 if previous is None else previous.num_rows),
     }

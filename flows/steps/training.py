@@ -201,7 +201,7 @@ def register_image_model(
     `<experiment>-image` (alias `newest`), and let the champion rule decide on it."""
     from flows import champion, image_model
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    tracking.connect(workspace)
     client = mlflow.tracking.MlflowClient()
     ended = client.get_run(run_id).info.end_time  # the run spans its model's fit: keep that
     with mlflow.start_run(run_id=run_id, nested=True):

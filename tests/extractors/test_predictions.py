@@ -23,6 +23,7 @@ from extractors.predictions import (
     PROBA,
     ScoringError,
     output_format,
+    score_into_folder,
     score_source,
     work_folder,
 )
@@ -92,6 +93,23 @@ def test_a_folder_is_scored_one_row_per_image_reusing_the_store(
         assert np.abs(alone - mine).max() < 1e-3
         assert model.classes[int(alone.argmax())] == r["prediction"]
     assert np.mean([r["prediction"] == Path(r["path"]).parent.name for r in scored[:100]]) > 0.9
+
+
+def test_a_corrupt_earlier_part_is_named_not_reported_as_a_write_error(
+    backbone, model, digits_dir, tmp_path
+) -> None:
+    """An earlier part of a predictions folder that cannot be read is one ScoringError
+    naming that part (before: pyarrow's traceback, or "cannot write ... Nothing was written")."""
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    part = folder / "part-000000.parquet"
+    part.write_bytes(b"PAR1 not a parquet file")
+    src = tmp_path / "src"
+    shutil.copytree(digits_dir / "0", src / "0")
+    with pytest.raises(ScoringError) as raised:
+        score_into_folder(read_source(src), backbone, model.bind(backbone), folder, progress=False)
+    assert str(part) in str(raised.value) and "cannot write" not in str(raised.value)
+    assert part.read_bytes() == b"PAR1 not a parquet file"
 
 
 def test_csv_output_files_and_only_new_files_against_a_previous_table(

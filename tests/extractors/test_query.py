@@ -110,3 +110,44 @@ def test_the_query_vector_of_examples() -> None:
     for bad, message in bad_vectors:
         with pytest.raises(QueryError, match=message):
             parse_vector(bad, 4)
+
+
+def test_paths_that_are_not_utf8_are_found_by_path_and_by_prefix(digits_dir, backbone, tmp_path):
+    """Stored as file:// URIs (`layout.stored_path`), under a source root that is one too."""
+    from extractors.layout import os_path, stored_path
+    from extractors.sources import read_source
+
+    parent = tmp_path / "data"
+    root = parent / os.fsdecode(b"r\xe9")  # every row's path, and the root, are file:// URIs
+    odd = os.fsdecode(b"caf\xe9.png")
+    for label in ("0", "1"):
+        (root / label).mkdir(parents=True)
+        for f in sorted((digits_dir / label).iterdir())[:2]:
+            shutil.copy(f, root / label / f.name)
+    shutil.copy(next((digits_dir / "1").iterdir()), root / "1" / odd)
+    store = Store(tmp_path / "store")
+    store.update(read_source(root), backbone, progress=False)
+    rows = searcher_for(store).rows
+    assert rows.root.startswith("file://") and len(rows) == 5
+    stored = stored_path(str(root / "1" / odd))
+    assert stored.startswith("file://") and stored in rows.table["path"].to_pylist()
+    rid = rows.by_path(stored)  # the stored value, as it is
+    assert rows.get(rid)["path"] == stored and os_path(stored) == str(root / "1" / odd)
+    assert rows.by_path(str(root / "1" / odd)) == rid  # the OS path
+    assert rows.by_path(f"1/{odd}") == rid  # relative to the root
+    with pytest.raises(NotFound):
+        rows.by_path("1/cafe.png")
+    ones = {rid, *(rows.by_path(str(root / "1" / f.name))
+                   for f in sorted((digits_dir / "1").iterdir())[:2])}  # fmt: skip
+
+    def under(prefix: str) -> set[int]:
+        allowed = rows.allowed(Filters(path_prefix=prefix))
+        return set(rows.ids.tolist()) if allowed is None else set(allowed.tolist())
+
+    everything = set(rows.ids.tolist())
+    for prefix in ("/", f"{parent}/", str(parent), f"{root}/", stored_path(f"{root}/"), "."):
+        assert under(prefix) == everything, prefix
+    for prefix in (f"{root}/1/", "1/", "./1", stored_path(f"{root}/1/"), f"1/{odd[:4]}"):
+        assert under(prefix) >= {rid} and under(prefix) <= ones, prefix
+    assert under("1/") == ones and under(f"1/{odd[:4]}") == {rid}
+    assert len(under("0/")) == 2

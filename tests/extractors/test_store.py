@@ -100,12 +100,12 @@ def test_bad_files_are_recorded_and_skipped(digits_dir, backbone, tmp_path) -> N
     shutil.copy(next((src_dir / "1").iterdir()), src_dir / "1" / "zz_copy.png")
     store = Store(tmp_path / "store")
     report = store.update(read_source(src_dir), backbone, progress=False)
-    assert report.rows == 100 and report.failed == 3
+    assert report.rows == 100 and report.failed == 2 and report.duplicates == 1
     reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in store.failures().to_pylist()}
     assert reasons["empty.png"] == "empty file (0 bytes)"
     assert "not an image" in reasons["text.jpg"]
     assert reasons["zz_copy.png"].startswith("duplicate content of")
-    assert store.manifest()["failures"] == 3
+    assert store.manifest()["failures"] == 2 and store.manifest()["duplicates"] == 1
 
 
 def test_other_backbone_is_refused(built_store) -> None:

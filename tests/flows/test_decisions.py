@@ -104,8 +104,10 @@ def test_an_embed_committing_during_training_makes_the_next_run_retrain(
 
     monkeypatch.setattr(training, "train_heads", train_while_an_embed_commits)
     mlflow.set_tracking_uri(mlflow_tmp)
-    mlflow.set_experiment("race")
-    with mlflow.start_run() as parent:
+    # An explicit experiment: set_experiment would leave it active (and MLFLOW_EXPERIMENT_ID
+    # set) for every later test of this process, whose runs live in other stores.
+    race = mlflow.create_experiment("race")
+    with mlflow.start_run(experiment_id=race) as parent:
         training.train_and_track(store.path, parent.info.run_id, tmp_path, heads=["logreg"])
     after = store.manifest()["fingerprint"]
     assert after != before and store.manifest()["rows"] == 100

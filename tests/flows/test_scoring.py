@@ -349,3 +349,23 @@ def test_a_fine_tuned_network_registers_an_image_model_too(registry, digits_dir)
     for s, d in zip(served.to_dict("records"), direct, strict=True):
         assert s["prediction"] == d["label"]
         assert abs(s["probability"] - d["top"][0]["score"]) < 1e-3
+
+
+def test_rollback_to_a_deleted_version_is_one_line_naming_it(tmp_path: Path, mlflow_tmp) -> None:
+    """Version 1, then version 2 champion; version 1 deleted from the registry since: the
+    rollback is refused in one line naming version 1 (exit 2), and version 2 stays."""
+    ws = str(tmp_path / "ws")
+    mlflow.set_tracking_uri(mlflow_tmp)
+    client = MlflowClient()
+    client.create_registered_model("pets-image")
+    for _ in range(2):
+        client.create_model_version("pets-image", (tmp_path / "model").as_uri())
+    _ok(["promote", "1", "--model", "pets-image", "--workspace", ws])
+    _ok(["promote", "2", "--model", "pets-image", "--workspace", ws])
+    client.delete_model_version("pets-image", "1")
+    res = runner.invoke(app, ["rollback", "--model", "pets-image", "--workspace", ws])
+    assert res.exit_code == 2, res.output + repr(res.exception)
+    line = res.output.strip()
+    assert len(line.splitlines()) == 1 and "pets-image version 1" in line, res.output
+    assert "Traceback" not in res.output
+    assert int(client.get_model_version_by_alias("pets-image", "champion").version) == 2

@@ -296,8 +296,8 @@ def test_bad_queries_say_what_they_take(client, built_store) -> None:
         res = client.post("/api/query", json=body)
         assert res.status_code == status, (body, res.text)
         assert res.json()["detail"]
-    chunked = client.post("/api/query", content=iter([b'{"like": []}']))
-    assert chunked.status_code == 411
+    chunked = client.post("/api/query", content=iter([b'{"like": []}']))  # no Content-Length
+    assert chunked.status_code == 422  # read, counted and parsed as any other body
     huge = client.post("/api/query", content=b" " * (64 * 2**20 + 1))
     assert huge.status_code == 413
 
