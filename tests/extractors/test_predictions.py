@@ -151,11 +151,12 @@ def test_csv_output_files_and_only_new_files_against_a_previous_table(
     assert "not found" in report.errors_by_path[str(gone)]
 
 
-SCORE = """
+# A subprocess that scores with the real backbone and a head on random features.
+MODEL = """
 import sys
 from extractors.backbones import create_backbone
 from extractors.engines import LocalEngine
-from extractors.predictions import score_source
+from extractors.predictions import score_into_folder, score_source
 from extractors.settings import EmbedSettings
 from extractors.sources import read_source
 from heads.classifier import ImageClassifier
@@ -166,9 +167,14 @@ rng = np.random.default_rng(0)
 head = LogisticRegression().fit(rng.normal(size=(20, bb.dim)), ["a", "b"] * 10)
 model = ImageClassifier(bb.name, bb.weights, ["a", "b"], "random-head", head).bind(bb)
 engine = LocalEngine(EmbedSettings(batch_size=4, decode_threads=1), False, checkpoint_rows=8)
+"""
+SCORE = (
+    MODEL
+    + """
 r = score_source(read_source(sys.argv[1]), bb, model, sys.argv[2], engine, progress=False)
 print("resumed", r.resumed, "rows", r.rows)
 """
+)
 
 
 def test_a_killed_scoring_run_continues_and_scores_each_image_once(digits_dir, tmp_path) -> None:

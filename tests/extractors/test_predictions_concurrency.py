@@ -13,23 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.extractors.test_predictions import MODEL
+
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = """
-import sys
-from extractors.backbones import create_backbone
-from extractors.engines import LocalEngine
-from extractors.predictions import score_into_folder, score_source
-from extractors.settings import EmbedSettings
-from extractors.sources import read_source
-from heads.classifier import ImageClassifier
-import numpy as np
-from sklearn.linear_model import LogisticRegression
-bb = create_backbone(device="cpu")
-rng = np.random.default_rng(0)
-head = LogisticRegression().fit(rng.normal(size=(20, bb.dim)), ["a", "b"] * 10)
-model = ImageClassifier(bb.name, bb.weights, ["a", "b"], "random-head", head).bind(bb)
-engine = LocalEngine(EmbedSettings(batch_size=4, decode_threads=1), False, checkpoint_rows=8)
-"""
 INTO_FOLDER = (
     MODEL
     + """

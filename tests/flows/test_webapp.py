@@ -11,24 +11,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.flows.live import serving
-
 ARTIFACTS = Path(
     os.environ.get("HEADSTART_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def server(built_store, tmp_path_factory):
-    with serving(built_store.path, tmp_path_factory.mktemp("ws")) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
 
 
 def _rows(store):

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
@@ -26,18 +25,6 @@ from flows.webapp import MAX_REQUEST_IMAGES, create_app
 from tests.flows.live import serving
 
 HUGE = "99999999999999999999999"  # past int64
-
-
-@pytest.fixture(scope="module")
-def server(built_store, tmp_path_factory):
-    with serving(built_store.path, tmp_path_factory.mktemp("ws")) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
 
 
 def _rows(store) -> list[dict]:
