@@ -45,7 +45,7 @@ One directory per (source, backbone):
       heads/               fitted heads (skops) per training run, heads/latest.json -> best
       audit.parquet        the latest audit's findings (flows/steps/audit.py: path, id, label,
       audit.json           split, issue, score, suggested_label, related) and its summary,
-                           with the fingerprint it audited
+                           with the fingerprint it audited; both or neither replaced
       .lock                held while a writer updates the store
 
 Every file is written to a temporary name and renamed into place (the re-rank vectors are
@@ -87,6 +87,7 @@ COMMIT_FILES = (EMBEDDINGS, ROWS, FAILURES, *INDEX_FILES, MANIFEST)
 GROWN_IN_PLACE = (VECTORS,)  # appended past the committed length rather than replaced
 STAGING = "staging"
 AUDIT, AUDIT_SUMMARY = "audit.parquet", "audit.json"
+AUDIT_FILES = (AUDIT, AUDIT_SUMMARY)  # written together, or neither (Store.keep_audit)
 AUDIT_ISSUES = ("label", "outlier", "near_duplicate")  # the kinds of audit findings
 STAGING_TAG = "staging.json"
 CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash

@@ -39,10 +39,15 @@ from extractors.common import (
     exclusive,
     normalize,
     write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
 )
 from extractors.grouping import Grouping
 from extractors.images import file_sha256
 from extractors.layout import (
+    AUDIT,
+    AUDIT_FILES,
+    AUDIT_SUMMARY,
     COMMIT_FILES,
     EMBEDDINGS,
     FAILURE_SCHEMA,
@@ -364,6 +369,14 @@ class Store:
                 ) from exc
             yield
 
+    def keep_audit(self, findings: pa.Table, summary: dict[str, Any]) -> None:
+        """An audit's findings and summary as the store's latest, under the store's lock: both
+        files or, when a write fails, neither (the previous audit stays whole)."""
+        with self.lock(), _Rollback(self.path, then="", files=AUDIT_FILES) as rollback:
+            write_parquet_atomic(findings, self.path / AUDIT)
+            write_json_atomic(self.path / AUDIT_SUMMARY, summary)
+            rollback.done()
+
     def reindex(
         self, settings: IndexSettings | None = None, rebuild: bool = False
     ) -> dict[str, Any]:
@@ -589,17 +602,17 @@ class _Rollback:
     back to their old length. Then the store is wholly the old one, and says so; the staged
     rows stay for the next run."""
 
-    FILES = COMMIT_FILES
-
-    def __init__(self, folder: Path, then: str = STAGED_KEPT):
-        self.folder, self.then = folder, then
+    def __init__(
+        self, folder: Path, then: str = STAGED_KEPT, files: tuple[str, ...] = COMMIT_FILES
+    ):
+        self.folder, self.then, self.files = folder, then, files
         self.saved: dict[str, Path | None] = {}
         self.sizes: dict[str, int] = {}
         self.committed = False
 
     def __enter__(self) -> _Rollback:
         try:
-            for name in self.FILES:
+            for name in self.files:
                 path, keep = self.folder / name, self.folder / f".{name}.before-commit"
                 keep.unlink(missing_ok=True)
                 self.saved[name] = None

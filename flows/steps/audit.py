@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from extractors.common import atomic_path, write_json_atomic, write_parquet_atomic
+from extractors.common import atomic_path
 from extractors.dedup import near_duplicate_groups
-from extractors.layout import AUDIT, AUDIT_SUMMARY
 from extractors.predictions import output_format
 from extractors.store import Store
 from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
@@ -222,8 +221,5 @@ def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) ->
 
 def keep_in_store(store: str | Path, table: pa.Table, summary: dict[str, Any]) -> None:
     """The findings and summary as the store's latest audit (what the search page's issues
-    view shows), written under the store's lock."""
-    st = Store(store)
-    with st.lock():
-        write_parquet_atomic(table, st.path / AUDIT)
-        write_json_atomic(st.path / AUDIT_SUMMARY, summary)
+    view shows), written together under the store's lock."""
+    Store(store).keep_audit(table, summary)

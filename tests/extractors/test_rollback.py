@@ -270,3 +270,33 @@ def test_a_failed_index_rebuild_or_split_move_leaves_the_old_files(
     done = _fail_every_write_of(template, rebuild, tmp_path)
     assert done.manifest()["index"]["choice"]["kind"] == new
     assert _fail_every_write_of(template, move, tmp_path).manifest()["split_groups"]["moved"]
+
+
+def test_a_failed_write_of_an_audit_keeps_the_last_one_whole(staged, tmp_path) -> None:
+    """The findings and the summary of an audit are replaced together or not at all."""
+    import pyarrow as pa
+
+    from extractors.layout import AUDIT_FILES
+
+    store = Store(shutil.copytree(staged[0].path, tmp_path / "store"))
+    store.keep_audit(pa.table({"id": [1, 2]}), {"fingerprint": "old", "rows": 2})
+    before = _files(store.path)
+    at = 0
+    while True:
+        at += 1
+        _Disk.arm(store.path, at)
+        try:
+            store.keep_audit(pa.table({"id": [3, 4, 5]}), {"fingerprint": "new", "rows": 3})
+        except StoreError as exc:
+            assert "cannot write to store" in str(exc), exc
+            assert _Disk.fired
+            assert _files(store.path) == before, f"write {at} left a torn audit"
+            continue
+        finally:
+            fired = _Disk.fired
+            _Disk.disarm()
+        if not fired:
+            break
+    after = _files(store.path)
+    assert {k for k in after if after[k] != before.get(k)} == set(AUDIT_FILES)
+    assert at > 3  # the two files, their renames and the rollback's links were each failed
