@@ -167,10 +167,10 @@ class Store:
         `vectors.f32` or `vector_ids.npy`) or out of line with the Parquet ids is rebuilt,
         under the writer's lock and with a warning: a reader never writes beside a writer
         (StoreBusy while another process updates the store)."""
-        idx = self._readable_index(mmap)
+        idx = self.index_if_consistent(mmap)
         if idx is None:
             with self.lock():
-                idx = self._readable_index(mmap)  # a writer that just finished fixed it
+                idx = self.index_if_consistent(mmap)  # a writer that just finished fixed it
                 if idx is None:
                     warnings.warn(
                         f"the search index of {self.path} was missing, unreadable or out of "
@@ -181,14 +181,6 @@ class Store:
                     idx = store_index.open_index(self.path, self.manifest().get("index"), mmap)
         return idx
 
-    def _readable_index(self, mmap: bool) -> ann.AnnIndex | None:
-        """The index when it opens and matches the rows; None when it is missing, corrupt
-        (FAISS's RuntimeError, a truncated memory-mapped file) or out of line."""
-        try:
-            return self.index_if_consistent(mmap=mmap)
-        except (RuntimeError, OSError, ValueError):
-            return None
-
     def index_if_consistent(self, mmap: bool = False) -> ann.AnnIndex | None:
         """The index on disk when it holds exactly the Parquet ids (and, for ivf_pq, re-rank
         files in line with it); else None, also when it is unreadable."""
@@ -198,9 +190,9 @@ class Store:
         entry = self.manifest().get("index") if self.exists else None
         try:
             idx = store_index.open_index(self.path, entry, mmap=mmap)
-        except RuntimeError:  # unreadable (FAISS's error, or re-rank files cut short)
-            return None
-        return idx if store_index.consistent(idx, ids) else None
+            return idx if store_index.consistent(idx, ids) else None
+        except (RuntimeError, OSError, ValueError):  # unreadable: FAISS's error, or files cut
+            return None  # short (a truncated memory-mapped file)
 
     def batches(self, rows: int = ROW_GROUP) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(embeddings, ids) of every row, one batch at a time (memory: one batch)."""
@@ -344,10 +336,7 @@ class Store:
                 return False
             if (st.st_size, st.st_mtime_ns) != row[2:]:
                 return False
-        try:
-            return self.index_if_consistent(mmap=True) is not None
-        except RuntimeError:  # an unreadable index: the update rebuilds it
-            return False
+        return self.index_if_consistent(mmap=True) is not None  # unreadable: rebuilt
 
     # --- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -548,10 +537,7 @@ class Store:
         on disk, else an exact copy), for the group-aware split."""
         rows = self.table(["id", "path", "split"])
         rows = rows.filter(pc.is_in(rows["path"], value_set=pa.array(list(plan.keep))))
-        try:
-            ann_index = self.index_if_consistent(mmap=True)
-        except RuntimeError:  # unreadable: the update rebuilds it
-            ann_index = None
+        ann_index = self.index_if_consistent(mmap=True)  # None when unreadable: rebuilt
         if ann_index is not None:
             return Committed(rows, ann_index.search)
         flat = ann.flat_copy(self.batches(), dim)  # (a crash may have left no manifest)
