@@ -8,7 +8,7 @@
            (hashing, decode workers, model, background Parquet writer, merge, index,
            manifest), twice: on a machine with no compiled package yet (the default then runs
            eagerly for a job this size), and after one was built (the default loads it:
-           extractors/compiled.py); the one-time build is timed on its own line;
+           extractors/embedding/compiled.py); the one-time build is timed on its own line;
 (2) bare:  the same backbone forward on tensors already in memory, same batch size and dtype:
            the limit;
 (3) naive: the tutorial loop: PIL open + transform per file, stack, forward, one process.
@@ -75,11 +75,11 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(folder: Path, args: argparse.Namespace) -> dict:
-    from extractors.backbones import create_backbone
-    from extractors.engines import LocalEngine
+    from extractors.embedding.backbones import create_backbone
+    from extractors.embedding.engines import LocalEngine
+    from extractors.embedding.sources import read_source
     from extractors.settings import EmbedSettings
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.store.store import Store
 
     bb = create_backbone(args.backbone, device=args.device)
     compile_s = _compile(bb, args)
@@ -117,7 +117,7 @@ def _compile(bb, args: argparse.Namespace) -> float | None:
 
 def run_build(args: argparse.Namespace) -> dict:
     """Build the compiled package the default path loads afterwards (a one-time cost)."""
-    from extractors.backbones import create_backbone
+    from extractors.embedding.backbones import create_backbone
 
     bb = create_backbone(args.backbone, device=args.device)
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def run_build(args: argparse.Namespace) -> dict:
 def run_bare(n: int, args: argparse.Namespace) -> dict:
     import torch
 
-    from extractors.backbones import create_backbone
+    from extractors.embedding.backbones import create_backbone
 
     bb = create_backbone(args.backbone, device=args.device)
     _compile(bb, args)
@@ -152,7 +152,7 @@ def run_naive(paths: list[str], args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image
 
-    from extractors.backbones import create_backbone
+    from extractors.embedding.backbones import create_backbone
 
     bb = create_backbone(args.backbone, device=args.device)
     model = bb.model.to(memory_format=torch.contiguous_format)  # the stock layout

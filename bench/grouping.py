@@ -15,7 +15,7 @@ quality 60-95. Cosine similarities of the embeddings, by pair kind:
 
 then, for thresholds 0.70-0.95, the share of each kind at or above it, and on the demo's
 digits (8x8 scans, upscaled) the share of images with a neighbour at or above it, which is
-what chains a class into one group (extractors/grouping.py guards against that).
+what chains a class into one group (extractors/store/grouping.py guards against that).
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def _images(folder: Path, crops: int, copies: int, seed: int) -> tuple[list[str]
 
 
 def _embed(paths: list[str]) -> np.ndarray:
-    from extractors.backbones import create_backbone
     from extractors.common import normalize
-    from extractors.embed import embed_files
+    from extractors.embedding.backbones import create_backbone
+    from extractors.embedding.embed import embed_files
 
     bb = create_backbone("efficientnet_lite0", device="cpu")
     return normalize(np.concatenate([b.embeddings for b in embed_files(bb, paths, progress=False)]))

@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 EMBED = """
 import sys
-from extractors.backbones import create_backbone
-from extractors.sources import read_source
-from extractors.engines import LocalEngine
+from extractors.embedding.backbones import create_backbone
+from extractors.embedding.sources import read_source
+from extractors.embedding.engines import LocalEngine
 from extractors.settings import EmbedSettings
-from extractors.store import Store
+from extractors.store.store import Store
 engine = LocalEngine(EmbedSettings(batch_size=8, decode_threads=2), False, checkpoint_rows=16)
 Store(sys.argv[2]).update(read_source(sys.argv[1]), create_backbone(device="cpu"), engine=engine)
 """
@@ -53,8 +53,8 @@ def run(src: Path, store: Path, kill_after: float | None = None) -> bool:
 
 
 def main() -> None:
-    from extractors.layout import STAGING, embedding_matrix
-    from extractors.store import Store
+    from extractors.store.layout import STAGING, embedding_matrix
+    from extractors.store.store import Store
     from flows.sample_data import materialise_digits
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -39,11 +39,11 @@ def main() -> None:
 
     from sklearn.linear_model import LogisticRegression
 
-    from extractors.backbones import create_backbone
-    from extractors.predictions import score_source
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.embedding.backbones import create_backbone
+    from extractors.embedding.sources import read_source
+    from extractors.store.store import Store
     from heads.classifier import ImageClassifier
+    from heads.scoring import score_source
 
     paths = make_images(args.cache / "scoring", args.images, (640, 1600))
     folder = Path(paths[0]).parent

@@ -57,11 +57,11 @@ import faiss  # noqa: E402
 import serving  # noqa: E402
 
 from extractors.common import human_bytes, normalize  # noqa: E402
-from extractors.layout import VECTORS  # noqa: E402
-from extractors.recall import exact_topk, recall_at_k  # noqa: E402
+from extractors.index.maintain import open_index  # noqa: E402
+from extractors.index.recall import exact_topk, recall_at_k  # noqa: E402
 from extractors.settings import IndexSettings  # noqa: E402
-from extractors.store import Store  # noqa: E402
-from extractors.store_index import open_index  # noqa: E402
+from extractors.store.layout import VECTORS  # noqa: E402
+from extractors.store.store import Store  # noqa: E402
 
 DIM, LATENT, CLUSTERS, CHUNK = 1280, 64, 1000, 50_000
 
@@ -105,8 +105,8 @@ def write_store(folder: Path, n: int) -> None:
     import pyarrow.parquet as pq
 
     from extractors.common import ROW_GROUP, write_bytes_atomic
-    from extractors.layout import EMBEDDINGS, FORMAT_VERSION, MANIFEST, schema
-    from extractors.query import ROW_COLUMNS, write_rows
+    from extractors.search.query import ROW_COLUMNS, write_rows
+    from extractors.store.layout import EMBEDDINGS, FORMAT_VERSION, MANIFEST, schema
 
     coll = Collection(n)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ its newest parent run, select the nested runs (heads and fine-tuned networks), c
         --experiment digits --out docs
 
 writes runs.png (the runs table, parent expanded) and compare.png (the comparison view) into
---out and prints what it saw as JSON. tests/flows/test_mlflow_ui.py runs the same `check`.
+--out and prints what it saw as JSON. tests/flows/tracking/test_mlflow_ui.py runs the same `check`.
 """
 
 from __future__ import annotations

@@ -3,5 +3,5 @@
 import os
 from pathlib import Path
 
-DEFAULT_BACKBONE = "efficientnet_lite0"  # offline default; see extractors.backbones
+DEFAULT_BACKBONE = "efficientnet_lite0"  # offline default; see extractors.embedding.backbones
 DEFAULT_WORKSPACE = Path(os.environ.get("HEADSTART_HOME", "data"))  # stores, finetuned/, MLflow

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from extractors.common import HeadstartError
 
 if TYPE_CHECKING:
-    from extractors.grouping import Grouping
+    from extractors.store.grouping import Grouping
 
 ENGINES = ("local", "dask")
 INDEX_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
@@ -247,7 +247,7 @@ class EmbedSettings(Settings):
 
     def grouping(self) -> Grouping:
         """The group-aware split these settings ask for."""
-        from extractors.grouping import Grouping
+        from extractors.store.grouping import Grouping
 
         return Grouping(self.split_groups, self.split_threshold)
 
@@ -330,7 +330,7 @@ class EngineSettings(Settings):
             self.fail("address", 'joins a Dask cluster; add --engine dask (kind = "dask")')
 
 
-MAX_ROW_ID = 2**63 - 1  # row ids are the first 63 bits of a hash (extractors/layout.py)
+MAX_ROW_ID = 2**63 - 1  # row ids are the first 63 bits of a hash (extractors/store/layout.py)
 
 
 def _ids(text: str | None) -> tuple[int, ...] | None:
@@ -350,7 +350,7 @@ def _row_ids(ids: tuple[int, ...]) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class SearchSettings(Settings):
     """Which results a search returns: how many, from which rank, among which rows (the
-    filters apply inside the index; extractors/query.py)."""
+    filters apply inside the index; extractors/search/query.py)."""
 
     section: ClassVar[str] = "search"
 

@@ -30,13 +30,14 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.layout import os_path
+from extractors.embedding.sources import read_source
 from extractors.settings import EmbedSettings, IndexSettings
-from extractors.sources import read_source
-from extractors.store import StoreBusy
-from flows import runs, tracking
+from extractors.store.layout import os_path
+from extractors.store.store import StoreBusy
+from extractors.workspace import resolve_store
+from flows import runs
 from flows.steps import audit, embedding, finetuning, scoring, training
-from flows.workspace import resolve_store
+from flows.tracking import lifecycle as tracking
 
 RETRIES = 3
 
@@ -155,7 +156,8 @@ def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict 
     create_markdown_artifact(
         runs.champion_of(summary, tuned)["line"].replace("*", "\\*"),
         key=f"champion-{key}",
-        description=f"The champion decision of {name}'s run (flows/champion.py states the rule)",
+        description=f"The champion decision of {name}'s run "
+        "(flows/tracking/champion.py states the rule)",
     )
 
 

@@ -126,7 +126,7 @@ def for_cli(name: str, workspace: str | Path | None = None) -> Callable[..., dic
     checked first (it answers, it can be written), so a run does not embed or train for
     minutes and then fail on it."""
     if workspace is not None:
-        from flows.tracking_store import check
+        from flows.tracking.store import check
 
         check(workspace)
     if not using_prefect():
@@ -175,7 +175,7 @@ def embed(
     runner.log(embed_summary(report))
     if nothing_new(report):
         return report | {"run_id": None}
-    from flows import tracking
+    from flows.tracking import lifecycle as tracking
 
     params = run_params(report, embedding.seed, None) | flat_params(
         {"embed": embedding, "index": index, "engine": engine}
@@ -196,8 +196,8 @@ def train_heads(
     runner: Runner = LOCAL,
 ) -> dict[str, Any]:
     """Train the heads on a store under one MLflow parent run."""
-    from extractors.store import Store
-    from flows import tracking
+    from extractors.store.store import Store
+    from flows.tracking import lifecycle as tracking
 
     name = experiment or Store(store).manifest()["source"]["name"]
     run_id = tracking.start_parent_run(
@@ -233,8 +233,8 @@ def pipeline(
         workspace=workspace,
         progress=progress,
     )
-    from flows import tracking
     from flows.steps.embedding import embed_metrics, embed_summary, run_params
+    from flows.tracking import lifecycle as tracking
 
     runner.log(embed_summary(report))
     name = experiment or report["source_name"]
@@ -310,8 +310,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune a store's backbone on its labelled images under an MLflow parent run of its
     own (scored on the store's test split, like the heads)."""
-    from extractors.store import Store
-    from flows import tracking
+    from extractors.store.store import Store
+    from flows.tracking import lifecycle as tracking
 
     manifest = Store(store).manifest()
     name = experiment or manifest["source"]["name"]
@@ -338,7 +338,7 @@ def score(
     """Score the new or changed images of `source` with `model` (default: the champion of
     `<experiment>-image`, the experiment defaulting to the source's name) and append them to
     the predictions table `predictions` (default: WORKSPACE/predictions/<source name>)."""
-    from extractors.layout import slug
+    from extractors.store.layout import slug
 
     name = experiment or Path(source).stem
     model = model or f"models:/{name}-image@champion"

@@ -11,7 +11,7 @@ The protocol:
 - **outliers**: the mean cosine distance of a row to its k nearest other rows in the store's
   FAISS index (score in [0, 2], higher = further from everything); reported for the rows above
   the 99th percentile of that distance (at least one), with the nearest neighbour as `related`.
-- **near-duplicates**: the `dedup` groups (extractors/dedup.py); every member but the first,
+- **near-duplicates**: the `dedup` groups (extractors/store/dedup.py); every member but the first,
   scored by its similarity to the first (`related`).
 
 Scores are comparable within an issue kind, not across kinds.

@@ -3,7 +3,7 @@ a head on its features, or a fine-tuned network's own classifier.
 
 `headstart predict`, the scheduled `score` flow and the registered MLflow image model all run
 this one class, so they give the same answers. Loading never unpickles: heads are skops
-files (heads/persist.py), networks safetensors (extractors/finetuned.py).
+files (heads/persist.py), networks safetensors (extractors/embedding/finetuned.py).
 
 Saved as a folder (`save`, `load`; what the MLflow image model ships as its artifact):
 
@@ -31,13 +31,13 @@ import pyarrow as pa
 import torch
 from sklearn.base import BaseEstimator
 
-from extractors.backbones import Backbone, create_backbone
 from extractors.common import HeadstartError, write_json_atomic
-from extractors.images import ImageError, open_rgb
-from extractors.layout import embedding_matrix
-from extractors.predictions import PROBA
+from extractors.embedding.backbones import Backbone, create_backbone
+from extractors.embedding.images import ImageError, open_rgb
+from extractors.store.layout import embedding_matrix
 from heads.classical import class_scores
 from heads.persist import load_head, save_head
+from heads.scoring import PROBA
 
 MODEL_JSON, HEAD_FILE, NETWORK = "model.json", "head.skops", "network"
 

@@ -23,8 +23,8 @@ Recipe (the transfer-learning practice of LP-FT, ULMFiT and layer-wise learning-
 
 The result is a backbone of its own: `workdir` holds `backbone.safetensors` (the whole base
 network's state dict, its original classifier included), `head.safetensors` and `config.json`
-(extractors/finetuned.py owns that format),
-which `extractors.backbones` loads as `finetuned:<id>`.
+(extractors/embedding/finetuned.py owns that format),
+which `extractors.embedding.backbones` loads as `finetuned:<id>`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.backbones import Backbone, crop_fraction, eval_transform
 from extractors.common import (
     FILE_TIMEOUT_S,
     DaemonPool,
@@ -54,9 +53,10 @@ from extractors.common import (
     exclusive,
     write_json_atomic,
 )
-from extractors.finetuned import save_network
-from extractors.images import ImageError, load_rgb
-from extractors.layout import os_path
+from extractors.embedding.backbones import Backbone, crop_fraction, eval_transform
+from extractors.embedding.finetuned import save_network
+from extractors.embedding.images import ImageError, load_rgb
+from extractors.store.layout import os_path
 from heads.evaluate import HeadResult, scored_on_test
 from heads.settings import FineTuneSettings
 
@@ -646,7 +646,7 @@ def _save_network(
     workdir: Path,
     summary: dict[str, Any],
 ) -> None:
-    """The `finetuned:<id>` backbone's files (extractors/finetuned.py owns their format)."""
+    """The `finetuned:<id>` backbone's files (embedding/finetuned.py owns their format)."""
     save_network(
         workdir,
         _cpu_state(net.body),

@@ -150,7 +150,7 @@ def mistakes_png(
     longer reads is a grey tile. Names are drawn as text, never markup or math."""
     from collections import Counter
 
-    from extractors.images import ImageError, load_rgb
+    from extractors.embedding.images import ImageError, load_rgb
 
     wrong = sorted((r for r in rows if r["label"] != r["prediction"]), key=lambda r: -r["loss"])
     shown = wrong[:n]

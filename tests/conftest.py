@@ -32,7 +32,7 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def backbone():
-    from extractors.backbones import create_backbone
+    from extractors.embedding.backbones import create_backbone
 
     return create_backbone("efficientnet_lite0", device="cpu")
 
@@ -40,8 +40,8 @@ def backbone():
 @pytest.fixture(scope="session")
 def built_store(digits_dir: Path, backbone, tmp_path_factory: pytest.TempPathFactory):
     """A store built once from `digits_dir` with the default backbone."""
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.embedding.sources import read_source
+    from extractors.store.store import Store
 
     store = Store(tmp_path_factory.mktemp("store") / "digits")
     store.update(read_source(digits_dir), backbone, progress=False)
@@ -68,9 +68,9 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def layered_store(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A store with the last two stages saved as extra columns (`--layers=-2,-1`)."""
-    from extractors.backbones import create_backbone
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.embedding.backbones import create_backbone
+    from extractors.embedding.sources import read_source
+    from extractors.store.store import Store
 
     bb = create_backbone("efficientnet_lite0", device="cpu")
     bb.set_layers(["-2", "-1"])
@@ -85,8 +85,8 @@ def planted(backbone, tmp_path_factory: pytest.TempPathFactory):
     from PIL import Image
     from skimage import data
 
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.embedding.sources import read_source
+    from extractors.store.store import Store
 
     root = tmp_path_factory.mktemp("photos")
     copies = {}

@@ -1,7 +1,7 @@
 """The `headstart` Typer app, its consoles, and the one place user errors are caught: any
 HeadstartError (every module's error type extends it), and any known failure outside headstart
 (a full disk, a read-only file, an MLflow store that stopped answering:
-flows/tracking_store.py `outside_error`), becomes one red line and exit code 2; anything else
+flows/tracking/store.py `outside_error`), becomes one red line and exit code 2; anything else
 is a bug and keeps its traceback."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Commands(TyperGroup):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:
-            from flows.tracking_store import outside_error
+            from flows.tracking.store import outside_error
 
             known = outside_error(exc)
             if known is None:

@@ -76,7 +76,7 @@ def index_cmd(
     Use it to change the memory budget or recall target of an existing store. The choice,
     the reason, the tuned parameters and the recall/latency curve go to the manifest
     (`headstart info`)."""
-    from flows.workspace import resolve_store
+    from extractors.workspace import resolve_store
 
     st = resolve_store(store, workspace)
     with st.lock():

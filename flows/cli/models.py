@@ -1,5 +1,6 @@
 """Commands of the model registry: `promote` and `rollback` (the champion, when a person
-decides otherwise than the rule of flows/champion.py) and `champion` (who holds it, and why)."""
+decides otherwise than the rule of flows/tracking/champion.py) and `champion` (who holds it,
+and why)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ ModelName = Annotated[
 def _name(model: str | None, workspace, write: bool) -> str:
     """The model to act on, once the tracking store answers (checked before the imports of
     the model code: a store that is down fails fast)."""
-    from flows.tracking_store import check
+    from flows.tracking.store import check
 
     check(workspace, write=write)
-    from flows.image_model import latest_image_model
+    from flows.tracking.image_model import latest_image_model
 
     return model or latest_image_model(workspace)
 
@@ -44,7 +45,7 @@ def promote(
 ) -> None:
     """Make VERSION the champion that `predict --model models:/<name>@champion` and the
     scheduled `score` deployment use; recorded in the registry with your reason."""
-    from flows import champion
+    from flows.tracking import champion
 
     decision = champion.promote(_name(model, workspace, True), version, workspace, reason)
     _show(decision, as_json)
@@ -57,7 +58,7 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Give the champion back to the version that held it before; recorded."""
-    from flows import champion
+    from flows.tracking import champion
 
     _show(champion.rollback(_name(model, workspace, True), workspace), as_json)
 
@@ -69,7 +70,7 @@ def champion_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Which version is champion, and every decision that moved it or kept it."""
-    from flows import champion
+    from flows.tracking import champion
 
     name = _name(model, workspace, False)
     entries = champion.history(name, workspace)

@@ -139,7 +139,7 @@ def print_embed(report: dict[str, Any]) -> None:
 
 
 def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
-    from flows import tracking
+    from flows.tracking import lifecycle as tracking
 
     print_embed(result["embed"])
     if result.get("reused_from"):

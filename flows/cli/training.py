@@ -85,9 +85,10 @@ def train(
 ) -> None:
     """Train the heads (logistic regression, linear and RBF SVM, k-NN) on a store, each swept
     on the validation split and scored once on the test split, tracked in MLflow."""
-    from flows import runs, tracking
+    from extractors.workspace import resolve_store
+    from flows import runs
     from flows.steps.training import check_trainable
-    from flows.workspace import resolve_store
+    from flows.tracking import lifecycle as tracking
 
     st = resolve_store(store, workspace)
     check_trainable(st)
@@ -153,9 +154,9 @@ def finetune_cmd(
     `predict --model`. Interrupted runs resume from their last epoch; an identical finished run
     is reused, not retrained.
     """
+    from extractors.workspace import resolve_store
     from flows import runs
     from flows.steps.training import check_trainable
-    from flows.workspace import resolve_store
 
     st = resolve_store(store, workspace)
     check_trainable(st)
@@ -195,7 +196,7 @@ def compare(
 ) -> None:
     """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
     (newest first), best validation score first, the same metrics as the MLflow UI."""
-    from flows.tracking_store import check
+    from flows.tracking.store import check
 
     check(workspace, write=False)  # before the imports below: a store that is down fails fast
     from flows.steps.training import compare as compare_runs
@@ -235,7 +236,7 @@ def compare(
 
 
 def _print_disagreements(workspace: Path, experiment: str | None, as_json: bool) -> None:
-    from flows import tracking
+    from flows.tracking import lifecycle as tracking
 
     models, rows = tracking.disagreements(workspace, experiment)
     if as_json:

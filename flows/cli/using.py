@@ -249,8 +249,8 @@ def audit(
     Each finding has path, id, label, split, issue (label, outlier or near_duplicate), score
     (higher = more suspect, comparable within a kind), suggested_label and related (the
     nearest neighbour or the near-duplicate's twin). See heads/audit.py for the protocol."""
+    from extractors.workspace import resolve_store
     from flows.steps.audit import audit_store, keep_in_store, write_findings
-    from flows.workspace import resolve_store
 
     st = resolve_store(store, workspace)
     table, summary = audit_store(st.path, threshold=threshold)
@@ -341,8 +341,8 @@ def dedup(
     """Find groups of near-duplicate images in a store (before training: duplicates leak
     between train and test splits), and with --fix-splits put each group in one split.
     Exact duplicates are already in `headstart info`."""
-    from extractors.dedup import near_duplicate_groups, write_groups
-    from flows.workspace import resolve_store
+    from extractors.store.dedup import near_duplicate_groups, write_groups
+    from extractors.workspace import resolve_store
 
     st = resolve_store(store, workspace)
     if apply and not fix_splits:
@@ -501,10 +501,10 @@ def ui(
 
     import uvicorn
 
-    from flows.webapp import LOOPBACK, create_app, is_loopback, without_pandas
+    from flows.web.app import LOOPBACK, create_app, is_loopback, without_pandas
 
     without_pandas()
-    from flows.workspace import resolve_store
+    from extractors.workspace import resolve_store
 
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
@@ -534,8 +534,8 @@ def map_cmd(
 ) -> None:
     """Draw a 2-D map (t-SNE) of a store's embeddings, coloured by label: well-separated
     clusters mean the heads have an easy job; mixed ones show which classes get confused."""
-    from flows.embedding_map import project, write_html, write_png
-    from flows.workspace import resolve_store
+    from extractors.workspace import resolve_store
+    from flows.web.map import project, write_html, write_png
 
     st = resolve_store(store, workspace)
     data = project(st, max_points=points, seed=seed)

@@ -13,10 +13,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from extractors.common import atomic_path
-from extractors.dedup import near_duplicate_groups
-from extractors.predictions import output_format
-from extractors.store import Store
+from extractors.store.dedup import near_duplicate_groups
+from extractors.store.store import Store
 from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
+from heads.scoring import output_format
 
 FINDINGS = pa.schema(
     [
@@ -159,7 +159,7 @@ def audit_and_track(
     estimated label-noise rate as metrics, the findings as the MLflow table `audit.json`."""
     import mlflow
 
-    from flows import tracking
+    from flows.tracking import lifecycle as tracking
 
     table, summary = audit_store(store, seed=seed)
     keep_in_store(store, table, summary)
@@ -187,11 +187,11 @@ def audit_and_track(
 
 def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) -> dict[str, Any]:
     """The moves that stop the store's near-duplicate groups spanning splits (test rows move
-    out, never in; extractors/dedup.py `split_moves`), the trainings whose test scores were
+    out, never in; extractors/store/dedup.py `split_moves`), the trainings whose test scores were
     measured on the split as it is, and, with `apply`, the moves made."""
-    from extractors.dedup import split_groups, split_moves, store_grouping
-    from extractors.grouping import Grouping
-    from flows import tracking
+    from extractors.store.dedup import split_groups, split_moves, store_grouping
+    from extractors.store.grouping import Grouping
+    from flows.tracking import lifecycle as tracking
 
     st = Store(store)
     grouping = store_grouping(st)

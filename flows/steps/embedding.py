@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE
-from extractors.backbones import check_name
-from extractors.engines import make_engine
+from extractors.embedding.backbones import check_name
+from extractors.embedding.engines import make_engine
+from extractors.embedding.sources import Source, read_source
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from extractors.sources import Source, read_source
-from extractors.store import Store, UpdateReport
-from flows.workspace import backbone_for, resolve_store, weights_file
+from extractors.store.store import Store, UpdateReport
+from extractors.workspace import backbone_for, resolve_store, weights_file
 
 
 def preflight(

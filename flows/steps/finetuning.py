@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from extractors import DEFAULT_WORKSPACE, finetuned
-from extractors.store import Store
-from flows import tracking
+from extractors import DEFAULT_WORKSPACE
+from extractors.embedding import finetuned
+from extractors.store.store import Store
+from extractors.workspace import backbone_for
 from flows.steps.training import _row
-from flows.workspace import backbone_for
+from flows.tracking import lifecycle as tracking
 from heads.settings import FineTuneSettings
 
 

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.layout import stored_path
-from extractors.query import (
+from extractors.search.query import (
     Example,
     Filters,
     Query,
@@ -23,8 +22,9 @@ from extractors.query import (
     searcher_for,
 )
 from extractors.settings import EmbedSettings, SearchSettings
-from extractors.store import StoreError
-from flows.workspace import backbone_for, resolve_store
+from extractors.store.layout import stored_path
+from extractors.store.store import StoreError
+from extractors.workspace import backbone_for, resolve_store
 
 
 def search_store(
@@ -37,7 +37,7 @@ def search_store(
     workspace: str | Path = DEFAULT_WORKSPACE,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Answers in the search service's shape (extractors/query.py), one per query: each image
+    """Answers in the search service's shape (extractors/search/query.py), one per query: each image
     alone, or, with `like`/`unlike` (row ids or stored paths) or a `vector`, one query of them
     all. Images are embedded with the store's own backbone."""
     st = resolve_store(store, workspace)

@@ -1,5 +1,5 @@
 """Scoring stage: which model scores (a head, a fine-tuned network, a registered model), which
-store lends its embeddings, and the predictions table written (extractors/predictions.py)."""
+store lends its embeddings, and the predictions table written (heads/scoring.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ from typing import Any
 import pyarrow as pa
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.engines import LocalEngine
-from extractors.layout import MANIFEST
-from extractors.predictions import (
+from extractors.embedding.engines import LocalEngine
+from extractors.embedding.sources import read_sources
+from extractors.settings import EmbedSettings
+from extractors.store.layout import MANIFEST
+from extractors.store.store import StoreError
+from extractors.workspace import backbone_for, resolve_store
+from heads.classifier import BoundClassifier, ImageClassifier
+from heads.scoring import (
     ScoreReport,
     hold_folder,
     output_format,
@@ -20,11 +25,6 @@ from extractors.predictions import (
     score_into_folder,
     score_source,
 )
-from extractors.settings import EmbedSettings
-from extractors.sources import read_sources
-from extractors.store import StoreError
-from flows.workspace import backbone_for, resolve_store
-from heads.classifier import BoundClassifier, ImageClassifier
 
 
 def resolve_model(
@@ -37,10 +37,10 @@ def resolve_model(
     """The model that scores, on its own backbone, and the store it was trained on (if any).
 
     `model`: `finetuned:<id>`, or `models:/<name>@<alias>` / `models:/<name>/<version>` (a
-    registered image model, flows/image_model.py); `head`: a saved head file; neither: the
+    registered image model, flows/tracking/image_model.py); `head`: a saved head file; neither: the
     best head of the store's latest training."""
     if model is not None and model.startswith("models:/"):
-        from flows.image_model import load_registered
+        from flows.tracking.image_model import load_registered
 
         return load_registered(model, workspace, device)
     if model is not None:
@@ -106,7 +106,7 @@ def predict_to_file(
     progress: bool = True,
 ) -> ScoreReport:
     """Score a folder, a manifest or image files into `out` (Parquet or CSV): one row per
-    image, resumable (extractors/predictions.py)."""
+    image, resumable (heads/scoring.py)."""
     output_format(out)  # a wrong extension fails before any model loads
     source = read_sources(list(sources))
     bound, trained_on = resolve_model(model, head, store, workspace, embedding.device)
@@ -168,7 +168,7 @@ def score_new(
 ) -> dict[str, Any]:
     """Score the files of `source` that the predictions folder has not scored yet (new, or
     changed since) with `model`, appended as its next part; "nothing new" writes nothing.
-    The folder's lock (extractors/predictions.py: `hold_folder`) is taken before the model
+    The folder's lock (heads/scoring.py: `hold_folder`) is taken before the model
     is loaded: a second run at once waits (up to FOLDER_WAIT_S, then fails with one line),
     then adds only what is still new."""
     folder = Path(predictions).expanduser().resolve()

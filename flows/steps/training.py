@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import write_json_atomic
-from extractors.store import Store
-from flows import tracking
-from flows.workspace import weights_file
+from extractors.store.store import Store
+from extractors.workspace import weights_file
+from flows.tracking import lifecycle as tracking
 from heads.classifier import ImageClassifier
 from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
@@ -159,17 +159,17 @@ def _test_rows(store: Store) -> dict[str, list[Any]]:
 
 
 def split_leaks(store: Store) -> dict[str, Any]:
-    """Near-duplicate groups (as the store's split groups them, extractors/grouping.py) whose
+    """Near-duplicate groups (as the store's split groups them, extractors/store/grouping.py) whose
     images sit in more than one split, and a line that says so when the test score is
     measured on such a split."""
-    from extractors.dedup import (
+    from extractors.store.dedup import (
         LEAK_CHECK_MAX_ROWS,
         groups_table,
         leaks,
         split_groups,
         store_grouping,
     )
-    from extractors.grouping import Grouping
+    from extractors.store.grouping import Grouping
 
     rows = store.manifest()["rows"]
     if rows > LEAK_CHECK_MAX_ROWS:
@@ -199,7 +199,7 @@ def register_image_model(
 ) -> dict[str, Any]:
     """Log `clf` as an image model in its run, register it as a new version of
     `<experiment>-image` (alias `newest`), and let the champion rule decide on it."""
-    from flows import champion, image_model
+    from flows.tracking import champion, image_model
 
     tracking.connect(workspace)
     client = mlflow.tracking.MlflowClient()

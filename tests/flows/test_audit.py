@@ -17,10 +17,10 @@ from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
 
-from extractors.sources import read_source
-from extractors.store import Store
+from extractors.embedding.sources import read_source
+from extractors.store.store import Store
 from flows.cli import app
-from tests.flows.live import serving
+from tests.flows.web.live import serving
 
 FLIPS = {"0": "1", "1": "2", "2": "3", "3": "0"}  # one image of each class moved to the next
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -180,7 +180,7 @@ def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path
 def test_leaks_count_groups_that_straddle_splits() -> None:
     import pyarrow as pa
 
-    from extractors.dedup import GROUP_SCHEMA, leaks
+    from extractors.store.dedup import GROUP_SCHEMA, leaks
 
     rows = [
         {"group": 0, "split": "train"}, {"group": 0, "split": "test"},  # straddles

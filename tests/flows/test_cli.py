@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from extractors.store import Store
+from extractors.store.store import Store
 from flows.cli import app
 from flows.settings import STAGES, PipelineSettings
 from heads.settings import FineTuneSettings
@@ -238,7 +238,7 @@ def test_embed_with_layers_logs_stage_throughput(
     args = ["embed", str(digits_dir), "--store", store, "--workspace", ws, "--layers=-1"]
     report = json.loads(_ok([*args, "--json"]))
     assert report["rows"] == 100 and report["stats"]["images_per_s"] > 0
-    from extractors.store import Store
+    from extractors.store.store import Store
 
     assert Store(store).features() == ["embedding", "emb_blocks_6"]
     runs = mlflow.search_runs(experiment_names=[report["source_name"]])

@@ -80,8 +80,8 @@ def test_an_embed_committing_during_training_makes_the_next_run_retrain(
 
     import mlflow
 
-    from extractors.sources import read_source
-    from extractors.store import Store
+    from extractors.embedding.sources import read_source
+    from extractors.store.store import Store
     from flows.steps import training
 
     source = tmp_path / "digits"

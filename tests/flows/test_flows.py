@@ -102,7 +102,7 @@ def test_pipeline_flow_tracks_heads_finetune_and_registry(
     assert reg["uri"] == "models:/digits-head@newest"
     version = client.get_model_version_by_alias("digits-head", "newest")
     assert int(version.version) == reg["version"]
-    from extractors.store import Store
+    from extractors.store.store import Store
 
     X = Store(result["store"]).arrays(where_labelled=True)[0][:4]
     preds = mlflow.pyfunc.load_model(reg["uri"]).predict(X)
@@ -168,7 +168,7 @@ def test_a_busy_store_is_retried_with_backoff(
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from extractors.store import Store, StoreBusy, StoreError
+    from extractors.store.store import Store, StoreBusy, StoreError
     from flows.pipeline import embed, is_transient
 
     src = tmp_path / "digits"

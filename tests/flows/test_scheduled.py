@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extractors.store import Store
+from extractors.store.store import Store
 
 pytestmark = pytest.mark.slow
 

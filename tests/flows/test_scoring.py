@@ -25,12 +25,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from extractors.predictions import PROBA
-from extractors.sources import read_source
-from extractors.store import Store
-from flows import champion, tracking
+from extractors.embedding.sources import read_source
+from extractors.store.store import Store
 from flows.cli import app
 from flows.steps import training
+from flows.tracking import champion
+from flows.tracking import lifecycle as tracking
+from heads.scoring import PROBA
 
 runner = CliRunner()
 EXPERIMENT = "audit"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from extractors.backbones import create_backbone
+from extractors.embedding.backbones import create_backbone
 from extractors.settings import SettingsError
 from heads.evaluate import METRICS
 from heads.finetune import (
@@ -149,8 +149,8 @@ def test_full_finetune_resumes_after_sigkill_and_becomes_a_backbone(built_store,
     workdir = tmp_path / "ft"
     script = f"""
 import json, numpy as np
-from extractors.backbones import create_backbone
-from extractors.store import Store
+from extractors.embedding.backbones import create_backbone
+from extractors.store.store import Store
 from heads.finetune import FineTuneSettings, finetune
 from tests.heads.test_finetune import _data
 data, classes = _data(Store({str(built_store.path)!r}))
@@ -201,7 +201,7 @@ finetune(create_backbone("efficientnet_lite0", device="cpu"), data, classes, cfg
     tuned = create_backbone("finetuned:x", weights=workdir, device="cpu")
     assert tuned.name == "finetuned:x" and tuned.classes == classes
     assert tuned.preprocessing["input_size"] == [3, 32, 32]
-    from extractors.images import load_rgb
+    from extractors.embedding.images import load_rgb
 
     batch = torch.stack([tuned.transform(load_rgb(p)) for p in data["test"][0]])
     proba = tuned.predict_proba(batch).numpy()
@@ -211,7 +211,7 @@ finetune(create_backbone("efficientnet_lite0", device="cpu"), data, classes, cfg
 
 
 def test_unknown_finetuned_backbone_says_what_to_do(tmp_path) -> None:
-    from extractors.backbones import BackboneError
+    from extractors.embedding.backbones import BackboneError
 
     with pytest.raises(BackboneError, match="headstart finetune"):
         create_backbone("finetuned:nope", weights=tmp_path / "nope")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from extractors.store import Store
+from extractors.store.store import Store
 from heads.classical import HEADS, PRE, build_head
 from heads.evaluate import (
     METRICS,
@@ -164,7 +164,7 @@ def test_single_class_and_tiny_class_are_refused(built_store, tmp_path) -> None:
     import pyarrow.compute as pc
 
     from extractors.common import write_parquet_atomic
-    from extractors.layout import EMBEDDINGS
+    from extractors.store.layout import EMBEDDINGS
 
     store = Store(tmp_path / "s")
     shutil.copytree(built_store.path, store.path)

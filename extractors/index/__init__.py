@@ -1,0 +1,2 @@
+"""extractors.index: the FAISS index of a store: its kinds, their recall, and keeping it in
+step with the store."""

@@ -1,0 +1,1 @@
+"""flows.web: the search service and its pages: app, routes, schemas, security, files."""

@@ -1,0 +1,42 @@
+"""Where MLflow keeps runs and artifacts for each kind of tracking store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.tracking.lifecycle import artifact_location, tracking_uri
+
+
+def test_default_store_is_sqlite_in_the_workspace(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert artifact_location("digits", tmp_path) == (tmp_path / "mlartifacts/digits").as_uri()
+
+
+@pytest.mark.parametrize(
+    ("artifacts", "expected"),
+    [
+        (None, "{ws}/mlartifacts/team"),  # the workspace, not ./mlruns wherever we run
+        ("{tmp}/shared", "{tmp}/shared/team"),
+        ("s3://bucket/mlflow/", "s3://bucket/mlflow/team"),
+    ],
+)
+def test_a_database_store_keeps_artifacts_where_the_team_says(
+    tmp_path: Path, monkeypatch, artifacts: str | None, expected: str
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow@db.example/mlflow")
+    ws = tmp_path / "ws"
+    if artifacts is None:
+        monkeypatch.delenv("HEADSTART_ARTIFACTS", raising=False)
+    else:
+        monkeypatch.setenv("HEADSTART_ARTIFACTS", artifacts.format(tmp=tmp_path))
+    got = artifact_location("team", ws)
+    want = expected.format(ws=ws.resolve(), tmp=tmp_path)
+    assert got == (want if "://" in want else Path(want).as_uri())
+
+
+def test_a_tracking_server_decides_for_itself(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert artifact_location("team", "/nowhere") is None
