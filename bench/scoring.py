@@ -43,7 +43,7 @@ def main() -> None:
     from extractors.embedding.sources import read_source
     from extractors.store.store import Store
     from heads.classifier import ImageClassifier
-    from heads.scoring import score_source
+    from heads.scoring.runner import score_source
 
     paths = make_images(args.cache / "scoring", args.images, (640, 1600))
     folder = Path(paths[0]).parent

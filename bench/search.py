@@ -105,7 +105,7 @@ def write_store(folder: Path, n: int) -> None:
     import pyarrow.parquet as pq
 
     from extractors.common import ROW_GROUP, write_bytes_atomic
-    from extractors.search.query import ROW_COLUMNS, write_rows
+    from extractors.search.rows import ROW_COLUMNS, write_rows
     from extractors.store.layout import EMBEDDINGS, FORMAT_VERSION, MANIFEST, schema
 
     coll = Collection(n)

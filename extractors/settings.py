@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from extractors.common import HeadstartError
+from extractors.search.filters import CLI_K, Filters, Page, sentence
 
 if TYPE_CHECKING:
     from extractors.store.grouping import Grouping
@@ -350,18 +351,16 @@ def _row_ids(ids: tuple[int, ...]) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class SearchSettings(Settings):
     """Which results a search returns: how many, from which rank, among which rows (the
-    filters apply inside the index; extractors/search/query.py)."""
+    filters apply inside the index). Helps and defaults: extractors/search/filters.py (`k`:
+    its CLI_K)."""
 
     section: ClassVar[str] = "search"
 
-    k: int = setting(5, "Number of results.", flags=("-k",), check=at_least(1))
-    offset: int = setting(0, "Rank of the first result (paging).", check=at_least(0))
-    label: str | None = setting(None, "Only rows with this label.")
-    split: str | None = setting(None, "Only rows of this split.")
+    k: int = setting(CLI_K, sentence(Page, "k"), flags=("-k",), check=at_least(1))
+    offset: int = setting(Page.offset, sentence(Page, "offset"), check=at_least(0))
+    label: str | None = setting(None, sentence(Filters, "label"))
+    split: str | None = setting(None, sentence(Filters, "split"))
     ids: tuple[int, ...] | None = setting(
-        None, "Only these rows: ids, comma-separated.", check=_row_ids, cli=(str | None, _ids)
+        None, sentence(Filters, "ids"), check=_row_ids, cli=(str | None, _ids)
     )
-    path_prefix: str | None = setting(
-        None,
-        "Only rows whose path starts with this (absolute, or relative to the source root).",
-    )
+    path_prefix: str | None = setting(None, sentence(Filters, "path_prefix"))

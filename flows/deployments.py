@@ -330,7 +330,7 @@ def build(specs: list[DeploymentSpec]) -> list[Any]:
     from flows import pipeline
 
     return [
-        getattr(pipeline, s.kind).to_deployment(
+        pipeline.DEPLOYABLE[s.kind].to_deployment(
             name=s.name,
             cron=s.cron,
             interval=s.interval,

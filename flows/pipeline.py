@@ -12,12 +12,9 @@ scoring run what it scored.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +28,15 @@ from prefect.cache_policies import NO_CACHE
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.embedding.sources import read_source
-from extractors.settings import EmbedSettings, IndexSettings
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
 from extractors.store.layout import os_path
 from extractors.store.store import StoreBusy
 from extractors.workspace import resolve_store
 from flows import runs
+from flows.settings import PipelineSettings
 from flows.steps import audit, embedding, finetuning, scoring, training
-from flows.tracking import lifecycle as tracking
+from flows.tracking.tracker import Tracker
+from heads.settings import FineTuneSettings
 
 RETRIES = 3
 
@@ -134,86 +133,201 @@ score_task = task(scoring.score_new, name="score-new-files", cache_policy=NO_CAC
 audit_task = task(audit.audit_and_track, name="audit-data", cache_policy=NO_CACHE)
 
 
-def _embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
-    """The embed task; a cache hit reads as "nothing new" for this run."""
-    t = embed_task.with_options(retry_delay_seconds=_backoff(retry_delay_s))
-    state = t(**kwargs, return_state=True)
-    report = state.result()
-    return from_cache(report) if state.name == "Cached" else report
+class PrefectRunner(runs.Runner):
+    """The runs' steps as the Prefect tasks above: retries with backoff, the embed cache,
+    the run logger, and artifacts (the heads table, the MLflow link, the champion)."""
+
+    def embed(
+        self,
+        source: str,
+        embedding: EmbedSettings,
+        index: IndexSettings,
+        engine: EngineSettings,
+        store: str | None,
+        workspace: str,
+        progress: bool,
+        retry_delay_s: float = runs.RETRY_DELAY_S,
+    ) -> dict[str, Any]:
+        """The embed task; a cache hit reads as "nothing new" for this run."""
+        t = embed_task.with_options(retry_delay_seconds=_backoff(retry_delay_s))
+        state = t(source, embedding, index, engine, store, workspace, progress, return_state=True)
+        report = state.result()
+        return from_cache(report) if state.name == "Cached" else report
+
+    def train(
+        self,
+        store: str,
+        parent_run_id: str,
+        workspace: str,
+        heads: list[str] | None,
+        seed: int,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        return train_task(store, parent_run_id, workspace, heads, seed, progress)
+
+    def reuse(
+        self, store: str, heads: list[str] | None, seed: int
+    ) -> tuple[dict[str, Any] | None, str]:
+        return reuse_task(store, heads, seed)
+
+    def decide(
+        self, summary: dict[str, Any], target: float | None, always_finetune: bool
+    ) -> dict[str, Any]:
+        return decide_task(summary, target, always_finetune)
+
+    def finetune(
+        self,
+        store: str,
+        parent_run_id: str,
+        workspace: str,
+        settings: FineTuneSettings,
+        best_head: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        return finetune_task(
+            store, parent_run_id, workspace, settings, best_head, progress=progress
+        )
+
+    def audit(self, store: str, parent_run_id: str, workspace: str, seed: int) -> dict[str, Any]:
+        return audit_task(store, parent_run_id, workspace, seed)
+
+    def score(
+        self,
+        source: str,
+        predictions: str,
+        model: str,
+        store: str | None,
+        workspace: str,
+        embedding: EmbedSettings,
+        progress: bool,
+    ) -> dict[str, Any]:
+        return score_task(source, predictions, model, store, workspace, embedding, progress)
+
+    def log(self, message: str) -> None:
+        get_run_logger().info(message)
+
+    def publish(
+        self, name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None
+    ) -> None:
+        """Prefect artifacts of the run: its heads table, a link to its MLflow run and the
+        champion decision."""
+        key = _key(name)
+        url = Tracker(workspace).run_url(run_id)
+        create_table_artifact(
+            training.heads_table(summary, tuned),
+            key=f"heads-{key}",
+            description=f"Heads of {name}, best first: {summary['best']}. MLflow run: {url}",
+        )
+        create_link_artifact(url, link_text=f"MLflow run {run_id}", key=f"mlflow-{key}")
+        create_markdown_artifact(
+            runs.champion_of(summary, tuned)["line"].replace("*", "\\*"),
+            key=f"champion-{key}",
+            description=f"The champion decision of {name}'s run "
+            "(flows/tracking/champion.py states the rule)",
+        )
+
+    def publish_score(self, name: str, report: dict) -> None:
+        """A Prefect artifact of a scoring run: what it scored, with which model, where."""
+        keys = ("model", "rows", "scored", "errors", "duplicates", "unchanged")
+        rows = [
+            {k: report[k] for k in keys}
+            | {"part": report["part"] or "nothing new", "predictions": report["predictions"]}
+        ]
+        create_table_artifact(rows, key=f"score-{_key(name)}", description=f"Scoring of {name}")
 
 
-def _publish(name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None) -> None:
-    """Prefect artifacts of the run: its heads table, a link to its MLflow run and the
-    champion decision."""
-    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
-    url = tracking.run_url(run_id, workspace)
-    create_table_artifact(
-        training.heads_table(summary, tuned),
-        key=f"heads-{key}",
-        description=f"Heads of {name}, best first: {summary['best']}. MLflow run: {url}",
+def _key(name: str) -> str:
+    """An artifact key from a run's name (Prefect takes lowercase letters, digits, dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
+
+
+PREFECT = PrefectRunner()
+
+
+# The runs of flows/runs.py as Prefect flows: the same parameters (Prefect validates them and
+# shows them as a form; tests/flows/test_runs.py checks they match), the steps above as tasks.
+# Deployments load them by these names.
+
+
+@flow(name="embed", description=runs.embed.__doc__)
+def embed(
+    source: str,
+    embedding: EmbedSettings = EmbedSettings(),
+    index: IndexSettings = IndexSettings(),
+    engine: EngineSettings = EngineSettings(),
+    store: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    progress: bool = True,
+    retry_delay_s: float = runs.RETRY_DELAY_S,
+) -> dict[str, Any]:
+    return runs.embed(
+        source, embedding, index, engine, store, workspace, progress, retry_delay_s, PREFECT
     )
-    create_link_artifact(url, link_text=f"MLflow run {run_id}", key=f"mlflow-{key}")
-    create_markdown_artifact(
-        runs.champion_of(summary, tuned)["line"].replace("*", "\\*"),
-        key=f"champion-{key}",
-        description=f"The champion decision of {name}'s run "
-        "(flows/tracking/champion.py states the rule)",
+
+
+@flow(name="train-heads", description=runs.train_heads.__doc__)
+def train_heads(
+    store: str,
+    experiment: str | None = None,
+    heads: list[str] | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    seed: int = 0,
+) -> dict[str, Any]:
+    return runs.train_heads(store, experiment, heads, workspace, seed, PREFECT)
+
+
+@flow(name="pipeline", description=runs.pipeline.__doc__)
+def pipeline(
+    source: str,
+    settings: PipelineSettings = PipelineSettings(),
+    store: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    experiment: str | None = None,
+    progress: bool = True,
+    retry_delay_s: float = runs.RETRY_DELAY_S,
+) -> dict[str, Any]:
+    return runs.pipeline(
+        source, settings, store, workspace, experiment, progress, retry_delay_s, PREFECT
     )
 
 
-def _publish_score(name: str, report: dict) -> None:
-    """A Prefect artifact of a scoring run: what it scored, with which model, where."""
-    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
-    rows = [
-        {k: report[k] for k in ("model", "rows", "scored", "errors", "duplicates", "unchanged")}
-        | {"part": report["part"] or "nothing new", "predictions": report["predictions"]}
-    ]
-    create_table_artifact(rows, key=f"score-{key}", description=f"Scoring of {name}")
+@flow(name="finetune", description=runs.finetune.__doc__)
+def finetune(
+    store: str,
+    settings: FineTuneSettings = FineTuneSettings(),
+    experiment: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    progress: bool = True,
+) -> dict[str, Any]:
+    return runs.finetune(store, settings, experiment, workspace, progress, PREFECT)
 
 
-def _log(message: str) -> None:
-    get_run_logger().info(message)
-
-
-PREFECT = runs.Runner(
-    embed=_embed,
-    train=train_task,
-    reuse=reuse_task,
-    decide=decide_task,
-    finetune=finetune_task,
-    log=_log,
-    publish=_publish,
-    score=score_task,
-    publish_score=_publish_score,
-    audit=audit_task,
-)
-
-
-def _as_flow(run: Callable[..., dict[str, Any]]) -> Any:
-    """The run as a Prefect flow with the run's own parameters (validated by Prefect, shown
-    in its UI as a form) and the tasks above as its steps. The flow is this module's attribute
-    of the run's name, which is what Prefect's deployments load."""
-
-    def body(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return run(*args, **kwargs, runner=PREFECT)
-
-    sig, hints = inspect.signature(run), typing.get_type_hints(run)
-    body.__signature__ = sig.replace(  # type: ignore[attr-defined]
-        parameters=[
-            p.replace(annotation=hints[p.name])
-            for p in sig.parameters.values()
-            if p.name != "runner"
-        ],
-        return_annotation=hints["return"],
+@flow(name="score", description=runs.score.__doc__)
+def score(
+    source: str,
+    predictions: str | None = None,
+    model: str | None = None,
+    experiment: str | None = None,
+    store: str | None = None,
+    workspace: str = str(DEFAULT_WORKSPACE),
+    embedding: EmbedSettings = EmbedSettings(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    return runs.score(
+        source, predictions, model, experiment, store, workspace, embedding, progress, PREFECT
     )
-    body.__annotations__ = {k: v for k, v in hints.items() if k != "runner"}
-    body.__name__ = body.__qualname__ = run.__name__
-    body.__doc__ = run.__doc__
-    return flow(name=run.__name__.replace("_", "-"))(body)
 
 
-embed = _as_flow(runs.embed)
-train_heads = _as_flow(runs.train_heads)
-pipeline = _as_flow(runs.pipeline)
-finetune = _as_flow(runs.finetune)
-score = _as_flow(runs.score)
+FLOWS = {
+    runs.embed: embed,
+    runs.train_heads: train_heads,
+    runs.pipeline: pipeline,
+    runs.finetune: finetune,
+    runs.score: score,
+}
+DEPLOYABLE = {"pipeline": pipeline, "score": score}  # flows/deployments.py's kinds
+
+
+def flow_of(run: runs.Run) -> runs.Run:
+    """The Prefect flow of one of flows/runs.py's runs."""
+    return FLOWS[run]  # type: ignore[return-value]

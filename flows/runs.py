@@ -1,24 +1,23 @@
 """The runs behind the commands, `embed`, `train-heads`, `pipeline`, `finetune` and `score`:
-each one short sequence of steps, run by a `Runner`.
+each one short sequence of steps, carried out by a `Runner`.
 
-`LOCAL` calls the steps in this process: what the CLI does when no Prefect server is set up
-(nothing to start, nothing imported). flows/pipeline.py wraps the same functions as Prefect
-flows whose steps are Prefect tasks (retries, the embed cache, artifacts): what `serve`, the
-schedules and the CLI with `PREFECT_API_URL` set run. `using_prefect` says which applies.
+`LOCAL`, a plain `Runner`, calls the steps of flows/steps/ in this process: what the CLI does
+when no Prefect server is set up (nothing to start, nothing imported). flows/pipeline.py's
+`PrefectRunner` runs the same steps as Prefect tasks (retries, the embed cache, artifacts)
+inside Prefect flows of the same names: what `serve`, the schedules and the CLI with
+`PREFECT_API_URL` set run. `using_prefect` says which applies; `for_cli` picks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import logging
 import os
 import tomllib
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
@@ -26,52 +25,107 @@ from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, Se
 from flows.settings import PipelineSettings
 from heads.settings import FineTuneSettings
 
+if TYPE_CHECKING:
+    from flows.tracking.tracker import Tracker
+
 RETRY_DELAY_S = 10.0  # Prefect only: the first retry of a transient failure (then 20, 40)
+Run = TypeVar("Run", bound=Callable[..., dict[str, Any]])
 
 
-@dataclass(frozen=True)
 class Runner:
-    """How a run's steps execute. Each step takes the arguments of its function in
-    flows.steps; `embed` also takes the first retry delay, which only Prefect uses."""
+    """How a run's steps execute: here, each step a call of its function in flows/steps/
+    (imported at its first call: a command imports only the stages it runs), no retries
+    (the user sees a failure at once), nothing published (artifacts need a Prefect server)."""
 
-    embed: Callable[..., dict[str, Any]]
-    train: Callable[..., dict[str, Any]]
-    reuse: Callable[..., tuple[dict[str, Any] | None, str]]
-    decide: Callable[..., dict[str, Any]]
-    finetune: Callable[..., dict[str, Any]]
-    log: Callable[[str], None]
-    publish: Callable[[str, str, str, dict, dict | None], None]  # name, run, workspace, ...
-    score: Callable[..., dict[str, Any]]
-    publish_score: Callable[[str, dict], None]  # name, the score step's report
-    audit: Callable[..., dict[str, Any]]
+    def embed(
+        self,
+        source: str,
+        embedding: EmbedSettings,
+        index: IndexSettings,
+        engine: EngineSettings,
+        store: str | None,
+        workspace: str,
+        progress: bool,
+        retry_delay_s: float = RETRY_DELAY_S,
+    ) -> dict[str, Any]:
+        from flows.steps.embedding import embed_source
+
+        return embed_source(source, embedding, index, engine, store, workspace, progress)
+
+    def train(
+        self,
+        store: str,
+        parent_run_id: str,
+        workspace: str,
+        heads: list[str] | None,
+        seed: int,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        from flows.steps.training import train_and_track
+
+        return train_and_track(store, parent_run_id, workspace, heads, seed, progress)
+
+    def reuse(
+        self, store: str, heads: list[str] | None, seed: int
+    ) -> tuple[dict[str, Any] | None, str]:
+        from flows.steps.training import reusable_training
+
+        return reusable_training(store, heads, seed)
+
+    def decide(
+        self, summary: dict[str, Any], target: float | None, always_finetune: bool
+    ) -> dict[str, Any]:
+        from flows.steps.training import escalation_decision
+
+        return escalation_decision(summary, target, always_finetune)
+
+    def finetune(
+        self,
+        store: str,
+        parent_run_id: str,
+        workspace: str,
+        settings: FineTuneSettings,
+        best_head: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        from flows.steps.finetuning import finetune_and_track
+
+        return finetune_and_track(
+            store, parent_run_id, workspace, settings, best_head, progress=progress
+        )
+
+    def audit(self, store: str, parent_run_id: str, workspace: str, seed: int) -> dict[str, Any]:
+        from flows.steps.audit import audit_and_track
+
+        return audit_and_track(store, parent_run_id, workspace, seed)
+
+    def score(
+        self,
+        source: str,
+        predictions: str,
+        model: str,
+        store: str | None,
+        workspace: str,
+        embedding: EmbedSettings,
+        progress: bool,
+    ) -> dict[str, Any]:
+        from flows.steps.scoring import score_new
+
+        return score_new(source, predictions, model, store, workspace, embedding, progress)
+
+    def log(self, message: str) -> None:
+        logging.getLogger("headstart").info(message)
+
+    def publish(
+        self, name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None
+    ) -> None:
+        """A training run's results where a person looks (here: nowhere but the log)."""
+
+    def publish_score(self, name: str, report: dict) -> None:
+        """A scoring run's results where a person looks (here: nowhere but the log)."""
 
 
-def _step(module: str, name: str) -> Callable[..., Any]:
-    """A function of flows.steps.<module>, imported at its first call: a command imports only
-    the stages it runs."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(f"flows.steps.{module}"), name)(*args, **kwargs)
-
-    return call
-
-
-def _local_embed(retry_delay_s: float, **kwargs: Any) -> dict[str, Any]:
-    return _step("embedding", "embed_source")(**kwargs)  # no retries here: the user sees it
-
-
-LOCAL = Runner(
-    embed=_local_embed,
-    train=_step("training", "train_and_track"),
-    reuse=_step("training", "reusable_training"),
-    decide=_step("training", "escalation_decision"),
-    finetune=_step("finetuning", "finetune_and_track"),
-    log=logging.getLogger("headstart").info,
-    publish=lambda *args: None,  # Prefect artifacts need a Prefect server
-    score=_step("scoring", "score_new"),
-    publish_score=lambda *args: None,
-    audit=_step("audit", "audit_and_track"),
-)
+LOCAL = Runner()
 
 
 def prefect_api_url() -> str | None:
@@ -118,23 +172,23 @@ def check_prefect_server(timeout_s: float = 5.0) -> str:
     )
 
 
-def for_cli(name: str, workspace: str | Path | None = None) -> Callable[..., dict[str, Any]]:
-    """The run `name` for a CLI command: the Prefect flow of flows/pipeline.py when a Prefect
-    server is set up (its UI then shows the run; one clear error when it does not answer),
-    else the run itself, in this process, without Prefect. Either way the same steps, and
-    MLflow records the run: given the `workspace` the run logs to, its tracking store is
-    checked first (it answers, it can be written), so a run does not embed or train for
-    minutes and then fail on it."""
+def for_cli(run: Run, workspace: str | Path | None = None) -> Run:
+    """`run` (one of this module's) for a CLI command: its Prefect flow (flows/pipeline.py)
+    when a Prefect server is set up (its UI then shows the run; one clear error when it does
+    not answer), else the run itself, in this process, without Prefect. Either way the same
+    steps, and MLflow records the run: given the `workspace` the run logs to, its tracking
+    store is checked first (it answers, it can be written), so a run does not embed or train
+    for minutes and then fail on it."""
     if workspace is not None:
         from flows.tracking.store import check
 
         check(workspace)
     if not using_prefect():
-        return globals()[name]
+        return run
     check_prefect_server()
     from flows import pipeline
 
-    return getattr(pipeline, name)
+    return pipeline.flow_of(run)
 
 
 def run_name(prefix: str) -> str:
@@ -144,6 +198,22 @@ def run_name(prefix: str) -> str:
 def nothing_new(report: dict[str, Any]) -> bool:
     """An embed report of a store that the update left exactly as it was."""
     return not (report["embedded"] or report["removed"])
+
+
+def _embedded(runner: Runner, report: dict[str, Any]) -> dict[str, Any]:
+    """An embed step's report, said in one line."""
+    from flows.steps.embedding import embed_summary
+
+    runner.log(embed_summary(report))
+    return report
+
+
+def _log_embedding(tracker: Tracker, run_id: str, report: dict[str, Any]) -> None:
+    """What the embed step did on the parent run: counts, throughput, the index."""
+    from flows.steps.embedding import embed_metrics
+
+    tracker.log_to_run(run_id, metrics=embed_metrics(report))
+    tracker.log_index(run_id, report["index"])
 
 
 def embed(
@@ -160,30 +230,21 @@ def embed(
     """Extract embeddings of new or changed images into the store and refresh its index;
     counts, per-stage throughput and the index's recall curve go to an MLflow run (none when
     nothing changed: there is nothing to record, and the command stays fast)."""
-    report = runner.embed(
-        retry_delay_s,
-        source=source,
-        embedding=embedding,
-        index=index,
-        engine=engine,
-        store=store,
-        workspace=workspace,
-        progress=progress,
+    report = _embedded(
+        runner,
+        runner.embed(source, embedding, index, engine, store, workspace, progress, retry_delay_s),
     )
-    from flows.steps.embedding import embed_metrics, embed_summary, run_params
-
-    runner.log(embed_summary(report))
     if nothing_new(report):
         return report | {"run_id": None}
-    from flows.tracking import lifecycle as tracking
+    from flows.steps.embedding import run_params
+    from flows.tracking.tracker import Tracker
 
+    tracker = Tracker(workspace)
     params = run_params(report, embedding.seed, None) | flat_params(
         {"embed": embedding, "index": index, "engine": engine}
     )
-    run_id = tracking.start_parent_run(report["source_name"], workspace, run_name("embed"), params)
-    with tracking.closing_run(run_id, workspace):
-        tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
-        tracking.log_index(run_id, workspace, report["index"])
+    with tracker.parent_run(report["source_name"], run_name("embed"), params) as run_id:
+        _log_embedding(tracker, run_id, report)
     return report | {"run_id": run_id}
 
 
@@ -197,14 +258,12 @@ def train_heads(
 ) -> dict[str, Any]:
     """Train the heads on a store under one MLflow parent run."""
     from extractors.store.store import Store
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.tracker import Tracker
 
     name = experiment or Store(store).manifest()["source"]["name"]
-    run_id = tracking.start_parent_run(
-        name, workspace, run_name("train"), {"store": store, "seed": seed}
-    )
-    with tracking.closing_run(run_id, workspace):
-        summary = runner.train(store, run_id, workspace=workspace, heads=heads, seed=seed)
+    params = {"store": store, "seed": seed}
+    with Tracker(workspace).parent_run(name, run_name("train"), params) as run_id:
+        summary = runner.train(store, run_id, workspace, heads, seed)
     return {**summary, "run_id": run_id, "experiment": name}
 
 
@@ -222,52 +281,22 @@ def pipeline(
     escalate to fine-tuning when the best head is below `settings.target` (or
     `settings.always_finetune`), scored on the same test split; every setting, the decisions
     and their reasons go to MLflow, the heads table to a Prefect artifact."""
-    s = settings
-    report = runner.embed(
-        retry_delay_s,
-        source=source,
-        embedding=s.embed,
-        index=s.index,
-        engine=s.engine,
-        store=store,
-        workspace=workspace,
-        progress=progress,
-    )
-    from flows.steps.embedding import embed_metrics, embed_summary, run_params
-    from flows.tracking import lifecycle as tracking
+    from flows.steps.embedding import run_params
+    from flows.tracking.tracker import Tracker
 
-    runner.log(embed_summary(report))
+    s = settings
+    report = _embedded(
+        runner,
+        runner.embed(source, s.embed, s.index, s.engine, store, workspace, progress, retry_delay_s),
+    )
     name = experiment or report["source_name"]
-    seed = s.embed.seed
-    params = run_params(report, seed, s.target) | flat_params(s.as_dict())
-    run_id = tracking.start_parent_run(name, workspace, run_name("pipeline"), params)
-    with tracking.closing_run(run_id, workspace):
-        tracking.log_to_run(run_id, workspace, metrics=embed_metrics(report))
-        tracking.log_index(run_id, workspace, report["index"])
-        summary, why = runner.reuse(report["store"], s.heads, seed)
-        if summary is None or s.retrain:
-            why = "asked to retrain (--retrain)" if summary is not None else why
-            summary = runner.train(
-                report["store"], run_id, workspace, heads=s.heads, seed=seed, progress=progress
-            )
-        tracking.log_to_run(
-            run_id,
-            workspace,
-            params={"heads_retrained": "reused_from" not in summary},
-            tags={"retrain_reason": why},
-        )
-        runner.log(f"heads: {why}")
-        decision = runner.decide(summary, s.target, s.always_finetune)
-        tracking.log_to_run(
-            run_id,
-            workspace,
-            params={"escalate": decision["escalate"]},
-            tags={"escalation_reason": decision["reason"]},
-        )
-        audited = None
-        if s.audit:
-            audited = runner.audit(report["store"], run_id, workspace, seed=seed)
-            runner.log(audited["line"])
+    tracker = Tracker(workspace)
+    params = run_params(report, s.embed.seed, s.target) | flat_params(s.as_dict())
+    with tracker.parent_run(name, run_name("pipeline"), params) as run_id:
+        _log_embedding(tracker, run_id, report)
+        summary, why = _heads(runner, tracker, run_id, report["store"], s, progress)
+        decision = _decide(runner, tracker, run_id, summary, s)
+        audited = _audit(runner, run_id, report["store"], workspace, s)
         tuned = None
         if decision["escalate"]:
             best = next(h for h in summary["heads"] if h["head"] == summary["best"])
@@ -288,6 +317,54 @@ def pipeline(
         "run_id": run_id,
         "experiment": name,
     }
+
+
+def _heads(
+    runner: Runner,
+    tracker: Tracker,
+    run_id: str,
+    store: str,
+    s: PipelineSettings,
+    progress: bool,
+) -> tuple[dict[str, Any], str]:
+    """The pipeline's heads: reused when the data is unchanged (unless `s.retrain`), else
+    trained; and why, on the run."""
+    seed = s.embed.seed
+    summary, why = runner.reuse(store, s.heads, seed)
+    if summary is None or s.retrain:
+        why = "asked to retrain (--retrain)" if summary is not None else why
+        summary = runner.train(store, run_id, str(tracker.workspace), s.heads, seed, progress)
+    tracker.log_to_run(
+        run_id,
+        params={"heads_retrained": "reused_from" not in summary},
+        tags={"retrain_reason": why},
+    )
+    runner.log(f"heads: {why}")
+    return summary, why
+
+
+def _decide(
+    runner: Runner, tracker: Tracker, run_id: str, summary: dict[str, Any], s: PipelineSettings
+) -> dict[str, Any]:
+    """Whether to escalate to fine-tuning, and why, on the run."""
+    decision = runner.decide(summary, s.target, s.always_finetune)
+    tracker.log_to_run(
+        run_id,
+        params={"escalate": decision["escalate"]},
+        tags={"escalation_reason": decision["reason"]},
+    )
+    return decision
+
+
+def _audit(
+    runner: Runner, run_id: str, store: str, workspace: str, s: PipelineSettings
+) -> dict[str, Any] | None:
+    """The label audit, when asked for (`s.audit`)."""
+    if not s.audit:
+        return None
+    audited = runner.audit(store, run_id, workspace, s.embed.seed)
+    runner.log(audited["line"])
+    return audited
 
 
 def champion_of(summary: dict[str, Any], tuned: dict[str, Any] | None) -> dict[str, Any]:
@@ -311,15 +388,14 @@ def finetune(
     """Fine-tune a store's backbone on its labelled images under an MLflow parent run of its
     own (scored on the store's test split, like the heads)."""
     from extractors.store.store import Store
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.tracker import Tracker
 
     manifest = Store(store).manifest()
     name = experiment or manifest["source"]["name"]
     params = {"store": store, "backbone": manifest["backbone"]} | flat_params(
         {"finetune": settings}
     )
-    run_id = tracking.start_parent_run(name, workspace, run_name("finetune"), params)
-    with tracking.closing_run(run_id, workspace):
+    with Tracker(workspace).parent_run(name, run_name("finetune"), params) as run_id:
         row = runner.finetune(store, run_id, workspace, settings, progress=progress)
     return {"finetune": row, "run_id": run_id, "experiment": name}
 
@@ -343,15 +419,7 @@ def score(
     name = experiment or Path(source).stem
     model = model or f"models:/{name}-image@champion"
     predictions = predictions or str(Path(workspace) / "predictions" / slug(name))
-    report = runner.score(
-        source,
-        predictions,
-        model,
-        store=store,
-        workspace=workspace,
-        embedding=embedding,
-        progress=progress,
-    )
+    report = runner.score(source, predictions, model, store, workspace, embedding, progress)
     if report["nothing_new"]:
         runner.log(f"nothing new in {source}: all {report['unchanged']} files already scored")
     else:

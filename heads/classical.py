@@ -24,6 +24,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import SVC
 
 from heads.knn import FaissKNNClassifier
+from heads.settings import HEAD_NAMES
 
 PRE = ("standardize", "pca_whiten", "none")
 RBF_MAX_TRAIN_ROWS = 5000  # an RBF SVM costs O(n^2) memory and O(n^2..n^3) time
@@ -103,39 +104,52 @@ class HeadSpec:
     max_train_rows: int | None = None
 
 
-HEADS: dict[str, HeadSpec] = {
-    "logreg": HeadSpec(
-        "logreg",
-        _logreg,
-        {"C": tuple(float(c) for c in np.logspace(-6, 5, 12))},
-        "multinomial logistic regression (L-BFGS), C swept 1e-6..1e5 with warm starts",
-        warm_start=True,
-    ),
-    "linear_svm": HeadSpec(
-        "linear_svm",
-        _linear_svm,
-        {"C": tuple(float(c) for c in np.logspace(-4, 1, 6))},
-        "linear SVM (LinearSVC's squared-hinge objective, L-BFGS over all classes at once), "
-        "C swept with warm starts, sigmoid-calibrated probabilities",
-        calibrate=True,
-        warm_start=True,
-    ),
-    "rbf_svm": HeadSpec(
-        "rbf_svm",
-        _rbf_svm,
-        {"C": (0.1, 1.0, 10.0, 100.0), "gamma": (0.5, 1.0, 2.0, 5.0)},
-        f"RBF SVM on L2-normalised features, C x gamma; only up to {RBF_MAX_TRAIN_ROWS} "
-        "training rows",
-        calibrate=True,
-        max_train_rows=RBF_MAX_TRAIN_ROWS,
-    ),
-    "knn": HeadSpec(
-        "knn",
-        _knn,
-        {"k": (1, 3, 5, 10, 20, 50), "weights": ("uniform", "similarity")},
-        "cosine k-NN over FAISS, plain or similarity-weighted votes (T=0.07, as DINOv2)",
-    ),
-}
+def _in_declared_order(specs: tuple[HeadSpec, ...]) -> dict[str, HeadSpec]:
+    """The heads by name, in the order of heads.settings.HEAD_NAMES (the one list of names)."""
+    by_name = {spec.name: spec for spec in specs}
+    if set(by_name) != set(HEAD_NAMES):
+        raise ImportError(
+            f"heads.settings.HEAD_NAMES {HEAD_NAMES} and the heads specified here "
+            f"{tuple(by_name)} differ: declare each head in both"
+        )
+    return {name: by_name[name] for name in HEAD_NAMES}
+
+
+HEADS: dict[str, HeadSpec] = _in_declared_order(
+    (
+        HeadSpec(
+            "logreg",
+            _logreg,
+            {"C": tuple(float(c) for c in np.logspace(-6, 5, 12))},
+            "multinomial logistic regression (L-BFGS), C swept 1e-6..1e5 with warm starts",
+            warm_start=True,
+        ),
+        HeadSpec(
+            "linear_svm",
+            _linear_svm,
+            {"C": tuple(float(c) for c in np.logspace(-4, 1, 6))},
+            "linear SVM (LinearSVC's squared-hinge objective, L-BFGS over all classes at once), "
+            "C swept with warm starts, sigmoid-calibrated probabilities",
+            calibrate=True,
+            warm_start=True,
+        ),
+        HeadSpec(
+            "rbf_svm",
+            _rbf_svm,
+            {"C": (0.1, 1.0, 10.0, 100.0), "gamma": (0.5, 1.0, 2.0, 5.0)},
+            f"RBF SVM on L2-normalised features, C x gamma; only up to {RBF_MAX_TRAIN_ROWS} "
+            "training rows",
+            calibrate=True,
+            max_train_rows=RBF_MAX_TRAIN_ROWS,
+        ),
+        HeadSpec(
+            "knn",
+            _knn,
+            {"k": (1, 3, 5, 10, 20, 50), "weights": ("uniform", "similarity")},
+            "cosine k-NN over FAISS, plain or similarity-weighted votes (T=0.07, as DINOv2)",
+        ),
+    )
+)
 
 
 def build_head(

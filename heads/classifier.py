@@ -37,7 +37,7 @@ from extractors.embedding.images import ImageError, open_rgb
 from extractors.store.layout import embedding_matrix
 from heads.classical import class_scores
 from heads.persist import load_head, save_head
-from heads.scoring import PROBA
+from heads.scoring.table import PROBA
 
 MODEL_JSON, HEAD_FILE, NETWORK = "model.json", "head.skops", "network"
 

@@ -1,4 +1,5 @@
-"""Plots people would rather look at than read: confusion matrices and 2-D embedding maps."""
+"""Plots people would rather look at than read: confusion matrices, 2-D embedding maps,
+sweeps, training curves, mistakes and index tuning curves."""
 
 from __future__ import annotations
 
@@ -192,3 +193,36 @@ def mistakes_png(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path).with_suffix(".png")
+
+
+def index_curve_png(entry: dict[str, Any], path: str | Path) -> Path:
+    """An index's tuning sweep: recall against milliseconds per query, one line per re-rank
+    factor, each point labelled with its search knob, the recall target dashed."""
+    tuning = entry["tuning"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list[dict]] = {}
+    for row in tuning["curve"]:
+        key = f"rerank x{row['rerank']}" if "rerank" in row else entry["type"]
+        groups.setdefault(key, []).append(row)
+    for key, rows in groups.items():
+        ax.plot([r["ms_per_query"] for r in rows], [r["recall"] for r in rows], "o-", label=key)
+        for r in rows:
+            knob = {k: v for k, v in r.items() if k in ("nprobe", "efSearch")}
+            if knob:
+                ax.annotate(
+                    ",".join(map(str, knob.values())),
+                    (r["ms_per_query"], r["recall"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.axhline(tuning.get("target", 0.95), color="grey", ls="--", lw=1, label="recall target")
+    ax.set_xlabel("ms per query (batched)")
+    ax.set_ylabel(f"recall@{tuning.get('k', 10)} on held-out queries")
+    size = entry.get("file_bytes", 0) / 2**20
+    ax.set_title(f"{entry['type']}: {entry['ntotal']:,} vectors, {size:.1f} MB", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

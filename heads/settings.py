@@ -10,7 +10,9 @@ from typing import ClassVar
 from extractors.settings import Settings, at_least, in_range, setting
 
 STRATEGIES = ("head", "partial", "full")
-HEAD_NAMES = ("logreg", "linear_svm", "rbf_svm", "knn")  # heads.classical.HEADS, in order
+# The classical heads, in the order they are trained and listed: declared here, where the CLI
+# reads them without importing scikit-learn; heads/classical.py builds HEADS in this order.
+HEAD_NAMES = ("logreg", "linear_svm", "rbf_svm", "knn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from extractors.common import HeadstartError, write_json_atomic
+from extractors.store.layout import HEADS_DIR, LATEST_HEADS
 from heads.classical import HEADS
 from heads.evaluate import HeadResult, HeadSkipped, Splits, fit_head, is_imbalanced, sweep_size
 from heads.persist import save_head
@@ -132,7 +133,7 @@ def save_heads(
     """Save every head under <folder>/heads/<run_tag>/ with what it was trained on (from the
     store's `manifest`) and point heads/latest.json at the best."""
     folder = Path(folder)
-    out_dir = folder / "heads" / run_tag
+    out_dir = folder / HEADS_DIR / run_tag
     saved = {}
     for r in results:
         meta = {
@@ -157,7 +158,7 @@ def save_heads(
         saved[r.name] = save_head(r.estimator, meta, out_dir / f"{r.name}.skops")
     best = results[0]
     write_json_atomic(
-        folder / "heads" / "latest.json",
+        folder / LATEST_HEADS,
         {
             "run": run_tag,
             "best": best.name,

@@ -32,9 +32,21 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def backbone():
+    """The default network on the CPU, built once: every test that embeds with it shares it."""
     from extractors.embedding.backbones import create_backbone
 
     return create_backbone("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture
+def borrowed_backbone(backbone):
+    """The shared `backbone` for a test that sets extra layers on it (`set_layers`): lent
+    without any and handed back without any, whatever the test did."""
+    assert not backbone.layers, "a test left extra layers on the shared backbone"
+    try:
+        yield backbone
+    finally:
+        backbone.set_layers([])
 
 
 @pytest.fixture(scope="session")
@@ -66,16 +78,18 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
-def layered_store(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A store with the last two stages saved as extra columns (`--layers=-2,-1`)."""
-    from extractors.embedding.backbones import create_backbone
+def layered_store(digits_dir: Path, backbone, tmp_path_factory: pytest.TempPathFactory):
+    """A store with the last two stages saved as extra columns (`--layers=-2,-1`), embedded by
+    the shared `backbone`, handed back without the layers."""
     from extractors.embedding.sources import read_source
     from extractors.store.store import Store
 
-    bb = create_backbone("efficientnet_lite0", device="cpu")
-    bb.set_layers(["-2", "-1"])
     store = Store(tmp_path_factory.mktemp("layered") / "digits")
-    store.update(read_source(digits_dir), bb, progress=False)
+    backbone.set_layers(["-2", "-1"])
+    try:
+        store.update(read_source(digits_dir), backbone, progress=False)
+    finally:
+        backbone.set_layers([])
     return store
 
 

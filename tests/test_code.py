@@ -1,7 +1,8 @@
 """Rules of the code base, checked: no public function takes more than a dozen parameters
 (settings travel as objects; the exceptions are the CLI's commands, one option each, and a
-dataclass's constructor, which is its fields), every
-module says what it is, and only flows/ imports Prefect or MLflow."""
+dataclass's constructor, which is its fields), every module says what it is and stays short
+enough to read (as do its functions), the run path looks nothing up by name, and only flows/
+imports Prefect or MLflow."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("extractors", "heads", "flows")
 MOST_PARAMETERS = 12
+MOST_MODULE_LINES = 450
+MOST_FUNCTION_LINES = 80  # docstring included
 
 
 def _modules() -> list[str]:
@@ -77,3 +80,40 @@ def test_only_flows_imports_prefect_or_mlflow() -> None:
                     names = [node.module]
                 bad = [n for n in names if n.split(".")[0] in ("prefect", "mlflow", "flows")]
                 assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def _sources() -> list[Path]:
+    return [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
+
+
+def test_modules_and_functions_stay_short() -> None:
+    """One job per module and named phases per function: a module over 450 lines or a
+    function over 80 is two of them."""
+    long = []
+    for path in _sources():
+        text = path.read_text()
+        name = path.relative_to(ROOT)
+        if text.count("\n") > MOST_MODULE_LINES:
+            long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MOST_FUNCTION_LINES:
+                    long.append(f"{name}:{node.lineno} {node.name}() is {lines} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_run_path_looks_nothing_up_by_name() -> None:
+    """Steps and runs are called, not found: no importlib, globals() or edited __wrapped__
+    in the packages (flows/__init__.py compiles bytecode with importlib.util; metadata
+    lookups of package versions are not code lookups)."""
+    found = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "globals":
+                found.append(f"{path.relative_to(ROOT)}: globals()")
+            elif isinstance(node, ast.Attribute) and node.attr == "__wrapped__":
+                found.append(f"{path.relative_to(ROOT)}: __wrapped__")
+            elif isinstance(node, ast.Attribute) and node.attr == "import_module":
+                found.append(f"{path.relative_to(ROOT)}: import_module")
+    assert not found, found

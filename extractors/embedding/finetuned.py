@@ -6,7 +6,7 @@
     config.json            base backbone and weights, classes, input size, temperature,
                            preprocessing, dim, the fine-tuning settings and a summary
 
-heads/finetune.py writes it (`save_network`); extractors/embedding/backbones.py loads it as the
+heads/finetune/ writes it (`save_network`); extractors/embedding/backbones/ loads it as the
 `finetuned:<id>` backbone (`read_network`). Tensors only (safetensors): nothing is unpickled.
 """
 

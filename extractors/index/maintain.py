@@ -31,18 +31,8 @@ from typing import Any
 import numpy as np
 
 from extractors.common import normalize
-from extractors.index.ann import (
-    AnnIndex,
-    IndexChoice,
-    Reranker,
-    choose,
-    index_ids,
-    kind_of,
-    new_index,
-    read_index,
-    train_sample_size,
-    write_index,
-)
+from extractors.index.ann import AnnIndex, index_ids, read_index, write_index
+from extractors.index.kinds import IndexChoice, choose, kind_of, new_index, train_sample_size
 from extractors.index.recall import (
     TUNE_QUERIES,
     ExactTopK,
@@ -53,6 +43,7 @@ from extractors.index.recall import (
     recall_at_k,
     tune,
 )
+from extractors.index.rerank import Reranker
 from extractors.settings import IndexSettings
 from extractors.store.layout import INDEX, VECTOR_IDS, VECTORS
 

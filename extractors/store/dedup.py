@@ -10,7 +10,9 @@ of query vectors; the rows are read one Parquet row group at a time.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -128,16 +130,48 @@ def split_groups(store: Store, grouping: Grouping | None = None) -> tuple[Groups
     the rows' id, path, label and split. A manifest's group keys are the source's, not the
     store's: they are not part of this."""
     grouping = grouping or store_grouping(store)
+    labels, edges, meta = _links(store, grouping)
+    if grouping.by == "none" or not meta.num_rows:
+        return Groups([[i] for i in labels]), meta
+    return group_rows(labels, edges, grouping.threshold), meta
+
+
+def _links(store: Store, grouping: Grouping) -> tuple[dict[int, Any], list, pa.Table]:
+    """The rows' labels, their near-duplicate links at the grouping's threshold (none for
+    `by="none"`), and the rows' id, path, label and split."""
     meta = store.table(["id", "path", "label", "split"])
     labels = dict(zip(meta["id"].to_pylist(), meta["label"].to_pylist(), strict=True))
     if grouping.by == "none" or not meta.num_rows:
-        return Groups([[i] for i in labels]), meta
+        return labels, [], meta
     index = flat_copy(store.batches(), store.manifest()["dim"])
     search = lambda q, k: index.search(q, min(k, index.ntotal))  # noqa: E731
     edges = []
     for vectors, ids in store.batches():
         edges += knn_edges(search, vectors, ids, grouping.threshold)
-    return group_rows(labels, edges, grouping.threshold), meta
+    return labels, edges, meta
+
+
+def leak_check(store: Store, grouping: Grouping) -> dict[str, Any]:
+    """Leaks measured at the grouping's own threshold: the near-duplicate groups (connected
+    components of the links, before the too-large guard of extractors/store/grouping.py cuts
+    any) whose images sit in more than one split (`leaks`); of those, the ones the guard cuts
+    (`too_large_groups`: too large to keep in one split, so the split cannot be leak-free);
+    and the groups `dedup --fix-splits` would move (`groups_to_move`, the guard's pieces that
+    span splits)."""
+    labels, edges, meta = _links(store, grouping)
+    base = Groups(sorted(components(labels, edges, grouping.threshold), key=lambda g: g[0]))
+    found = leaks(groups_table(base, meta))
+    guarded = group_rows(labels, edges, grouping.threshold)
+    split_of = dict(zip(meta["id"].to_pylist(), meta["split"].to_pylist(), strict=True))
+    piece_of = guarded.of()
+    spanning = [g for g in base.members if len({split_of[i] for i in g}) > 1]
+    splits = Counter(s for s in split_of.values() if s)
+    return found | {
+        "too_large_groups": sum(len({piece_of[i] for i in g}) > 1 for g in spanning),
+        "groups_to_move": len({m["group"] for m in split_moves(guarded, meta)}),
+        "threshold": grouping.threshold,
+        "split_sizes": {s: splits.get(s, 0) for s in SPLIT_ORDER},
+    }
 
 
 def groups_table(groups: Groups, meta: pa.Table) -> pa.Table:

@@ -1,4 +1,4 @@
-"""A store's on-disk layout, the one place it is documented (the README points here): its
+"""A store's on-disk layout, the one place it is documented (docs/store.md points here): its
 file names, the embeddings schema, ids, fingerprints and the default store directory.
 
 One directory per (source, backbone):
@@ -51,11 +51,11 @@ One directory per (source, backbone):
 Every file is written to a temporary name and renamed into place (the re-rank vectors are
 appended past their committed length), so a reader sees the old or the new version, never a
 torn one; `COMMIT_FILES` below lists every file a commit writes, for every index kind, and a
-commit that fails at any write puts all of them back (extractors/store/store.py). The manifest is
-written last and records the row count and fingerprint; an index that does not match the
-Parquet ids (or, for ivf_pq, re-rank vectors that do not match their ids) is rebuilt by the
-next update or `headstart index --rebuild`, and `Store.verify` lists anything on disk that is
-not sound.
+commit that fails at any write puts all of them back (extractors/store/rollback.py). The
+manifest is written last and records the row count and fingerprint; an index that does not
+match the Parquet ids (or, for ivf_pq, re-rank vectors that do not match their ids) is rebuilt
+by the next update or `headstart index --rebuild`, and `Store.verify` lists anything on disk
+that is not sound.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ RERANK_FILES = (VECTORS, VECTOR_IDS, VECTOR_LOOKUP)  # ivf_pq's, written (or rem
 INDEX_FILES = (INDEX, *RERANK_FILES)  # every index kind's files: flat, hnsw and ivf_flat use INDEX
 # Every file a commit (an update, an index rebuild, a split move) may replace, grow or remove,
 # whatever the index kind, in the order written; the rollback of a failed commit
-# (extractors/store/store.py) keeps and restores exactly these. A writer of a new file adds it here.
+# (extractors/store/rollback.py) keeps and restores exactly these. A writer of a new file adds
+# it here.
 COMMIT_FILES = (EMBEDDINGS, ROWS, FAILURES, *INDEX_FILES, MANIFEST)
 GROWN_IN_PLACE = (VECTORS,)  # appended past the committed length rather than replaced
 STAGING = "staging"
@@ -90,6 +91,8 @@ AUDIT, AUDIT_SUMMARY = "audit.parquet", "audit.json"
 AUDIT_FILES = (AUDIT, AUDIT_SUMMARY)  # written together, or neither (Store.keep_audit)
 AUDIT_ISSUES = ("label", "outlier", "near_duplicate")  # the kinds of audit findings
 STAGING_TAG = "staging.json"
+HEADS_DIR = "heads"  # fitted heads, a folder per training run (heads/train.py)
+LATEST_HEADS = f"{HEADS_DIR}/latest.json"  # the last training run's heads and its best
 CHECKPOINT_ROWS = 1024  # rows per staging part: at most this much work is redone after a crash
 
 

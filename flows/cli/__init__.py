@@ -1,6 +1,6 @@
 """The `headstart` command line: one module per command group (embedding, training, using a
-store, the model registry, scheduling), shared options in options.py, printing in render.py,
-and user errors caught once, in app.py."""
+store, scoring, the model registry, scheduling), shared options in options.py, printing in
+render.py, and user errors caught once, in app.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flows.cli import (  # noqa: F401 (register commands)
     embedding,
     models,
     scheduling,
+    scoring,
     training,
     using,
 )

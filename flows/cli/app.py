@@ -6,6 +6,7 @@ is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,20 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-fr
 
 out = Console()
 err = Console(stderr=True)
+
+
+class _Said(logging.Handler):
+    """What a command chose for the user (extractors/workspace.py `defaults`), one dim line on
+    stderr: stdout stays the command's own output (and --json stays JSON)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(Text(record.getMessage(), style="dim"), highlight=False, soft_wrap=True)
+
+
+_said = logging.getLogger("headstart.defaults")
+_said.addHandler(_Said())
+_said.setLevel(logging.INFO)
+_said.propagate = False
 
 
 def fail(exc: HeadstartError) -> typer.Exit:

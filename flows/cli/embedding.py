@@ -45,7 +45,7 @@ def embed(
     from flows.steps.embedding import preflight
 
     preflight(source, store, embedding.backbone, workspace, need_labels=False)
-    report = runs.for_cli("embed", workspace)(
+    report = runs.for_cli(runs.embed, workspace)(
         str(source),
         embedding=embedding,
         index=index,

@@ -6,7 +6,6 @@ and check of its settings class (extractors/settings.py, heads/settings.py, flow
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import typing
 from collections.abc import Callable
@@ -110,7 +109,6 @@ def with_settings(**groups: type[Settings] | Group) -> Callable[[Callable], Call
                 )
                 options[name] = _Option(group, path, parse)
 
-        @functools.wraps(command)
         def run(**kwargs: Any) -> Any:
             values: dict[str, dict[str, Any]] = {g: {} for g in specs}
             for name, opt in options.items():
@@ -126,9 +124,13 @@ def with_settings(**groups: type[Settings] | Group) -> Callable[[Callable], Call
         last = [p.replace(kind=keyword) for p in own if p.name == "as_json"]
         params = [p.replace(kind=keyword) for p in own if p.name != "as_json"]
         ordered = [*params, *added, *last]
+        # What typer reads to make the options: the command's own name, help and parameters,
+        # then one keyword parameter per settings field (inspect.signature honours
+        # __signature__, the documented way to state a callable's parameters).
+        run.__name__, run.__qualname__ = command.__name__, command.__qualname__
+        run.__doc__, run.__module__ = command.__doc__, command.__module__
         run.__signature__ = sig.replace(parameters=ordered)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in ordered}
-        del run.__wrapped__  # typer reads the signature above, not the command's
         return run
 
     return decorate

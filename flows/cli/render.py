@@ -138,8 +138,17 @@ def print_embed(report: dict[str, Any]) -> None:
         out.print(f"  ... and {len(report['failures']) - 10} more: see `headstart info`")
 
 
+def print_splits(result: dict[str, Any]) -> None:
+    """The split sizes and the test interval of a training, and its leak warning if any."""
+    if result.get("splits"):
+        out.print(Text(result["splits"]), highlight=False)
+    leak = result.get("leaks") or {}
+    if leak.get("leaky_groups"):
+        out.print(Text(leak["line"], style="yellow"))
+
+
 def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.tracker import Tracker
 
     print_embed(result["embed"])
     if result.get("reused_from"):
@@ -162,9 +171,7 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
     out.print(f"decision: {verdict}: {escape(d['reason'])}", highlight=False)
     if result.get("audit"):
         out.print(Text(result["audit"]["line"]))
-    leak = result.get("leaks") or {}
-    if leak.get("leaky_groups"):
-        out.print(Text(leak["line"], style="yellow"))
+    print_splits(result)
     if result.get("finetune"):
         print_finetune(result["finetune"], workspace)
     if result.get("registered"):
@@ -176,9 +183,9 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
         out.print(Text(result["champion"]["line"], style="bold"))
     out.print(
         f"MLflow: experiment [bold]{result['experiment']}[/], run {result['run_id']}, "
-        f"store {tracking.tracking_uri(workspace)}"
+        f"store {Tracker(workspace).uri}"
     )
-    out.print(f"open the MLflow UI: [bold]{escape(tracking.ui_command(workspace))}[/]")
+    out.print(f"open the MLflow UI: [bold]{escape(Tracker(workspace).ui_command())}[/]")
     out.print(
         f"compare runs: [bold]uv run headstart compare --workspace {escape(str(workspace))}[/]"
     )

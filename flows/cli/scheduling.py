@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, err, fail, out
 from flows.cli.options import RUN, Experiment, StoreOpt, Workspace, with_settings
 from flows.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from flows.deployments import DeploymentSpec
 
 
 @app.command()
@@ -37,7 +40,7 @@ def serve(
             "source with name, source, cron or interval, store, workspace, experiment, the "
             "run settings (target, heads, ...) and [deployment.embed], [deployment.index], "
             '[deployment.engine] and [deployment.finetune] tables; `kind = "score"` for one '
-            "that scores new images with the champion (see the README)."
+            "that scores new images with the champion (see docs/operations.md)."
         ),
     ] = Path("deployments.toml"),
     limit: Annotated[
@@ -53,11 +56,10 @@ def serve(
     when the data changed, moves the champion only when a new model is better, and publishes
     its heads table as a Prefect artifact. A `score` deployment scores the new or changed
     images with the champion into a predictions table. Runs go to the
-    Prefect API in PREFECT_API_URL (a standing `prefect server start`, see the README) and
+    Prefect API in PREFECT_API_URL (a standing `prefect server start`, see docs/operations.md) and
     MLflow in MLFLOW_TRACKING_URI. With a SOURCE, every option of `run` applies to its runs.
     """
-    from flows import deployments, runs
-    from flows.steps.embedding import preflight
+    from flows import deployments
 
     if source is None:
         if cron or interval or name:
@@ -82,6 +84,15 @@ def serve(
                 locations,
             )
         ]
+    _check_sources(specs)
+    _reach_prefect()
+    _serve(deployments.build(specs), specs, limit)
+
+
+def _check_sources(specs: list[DeploymentSpec]) -> None:
+    """Every deployment's source, store and backbone, checked before anything is served."""
+    from flows.steps.embedding import preflight
+
     for spec in specs:
         where = spec.locations
         preflight(
@@ -91,20 +102,31 @@ def serve(
             Path(where.get("workspace", DEFAULT_WORKSPACE)),
             need_labels=True,
         )
+
+
+def _reach_prefect() -> None:
+    """The Prefect server set up, answering; else a temporary one, said so."""
+    from flows import runs
+
     if runs.using_prefect():
         runs.check_prefect_server()
-    else:
-        # Prefect's own 20 s is too short for a first start on a small, busy machine.
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-        err.print(
-            "no Prefect server set up (PREFECT_API_URL): starting a temporary one, which can "
-            "take a minute the first time; its runs vanish when serve stops. To keep them, run "
-            "`uv run prefect server start` and export "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
-            highlight=False,
-        )
-    built = deployments.build(specs)
+        return
+    # Prefect's own 20 s is too short for a first start on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    err.print(
+        "no Prefect server set up (PREFECT_API_URL): starting a temporary one, which can "
+        "take a minute the first time; its runs vanish when serve stops. To keep them, run "
+        "`uv run prefect server start` and export "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
+        highlight=False,
+    )
+
+
+def _serve(built: list[Any], specs: list[DeploymentSpec], limit: int) -> None:
+    """Serve the deployments until Ctrl-C."""
     from prefect import serve as prefect_serve
+
+    from flows import runs
 
     for spec in specs:
         out.print(

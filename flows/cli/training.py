@@ -22,6 +22,7 @@ from flows.cli.render import (
     metric_columns,
     print_finetune,
     print_pipeline,
+    print_splits,
 )
 from flows.settings import PipelineSettings
 from heads.settings import FineTuneSettings
@@ -63,7 +64,7 @@ def demo(
     settings = settings.replace(finetune=finetune)
     root = materialise_digits(workspace / "sample" / "digits", per_class=per_class)
     out.print(f"sample data: {root} (10 classes x {per_class} images)", highlight=False)
-    run = runs.for_cli("pipeline", workspace)
+    run = runs.for_cli(runs.pipeline, workspace)
     result = run(str(root), settings=settings, workspace=str(workspace))
     print_pipeline(result, workspace)
     example = next(root.glob("3/*.png"))
@@ -88,11 +89,11 @@ def train(
     from extractors.workspace import resolve_store
     from flows import runs
     from flows.steps.training import check_trainable
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.tracker import Tracker
 
-    st = resolve_store(store, workspace)
+    st = resolve_store(store, workspace, need="labels")
     check_trainable(st)
-    result = runs.for_cli("train_heads", workspace)(
+    result = runs.for_cli(runs.train_heads, workspace)(
         str(st.path), experiment=experiment, heads=pipe.heads, workspace=str(workspace), seed=seed
     )
     if as_json:
@@ -100,11 +101,10 @@ def train(
         return
     out.print(heads_table(result["heads"], f"heads on {st.path.name}"))
     out.print(Text(result["image_model"]["champion"]["line"], style="bold"))
-    if result.get("leaks", {}).get("leaky_groups"):
-        out.print(Text(result["leaks"]["line"], style="yellow"))
+    print_splits(result)
     out.print(
         f"MLflow: experiment {result['experiment']}, run {result['run_id']}; "
-        f"UI: {tracking.ui_command(workspace)}",
+        f"UI: {Tracker(workspace).ui_command()}",
         highlight=False,
     )
 
@@ -125,7 +125,7 @@ def run(
     from flows.steps.embedding import preflight
 
     preflight(source, store, settings.embed.backbone, workspace, need_labels=True)
-    result = runs.for_cli("pipeline", workspace)(
+    result = runs.for_cli(runs.pipeline, workspace)(
         str(source),
         settings=settings,
         store=None if store is None else str(store),
@@ -158,9 +158,9 @@ def finetune_cmd(
     from flows import runs
     from flows.steps.training import check_trainable
 
-    st = resolve_store(store, workspace)
+    st = resolve_store(store, workspace, need="labels")
     check_trainable(st)
-    result = runs.for_cli("finetune", workspace)(
+    result = runs.for_cli(runs.finetune, workspace)(
         str(st.path),
         settings=settings,
         experiment=experiment,
@@ -236,9 +236,10 @@ def compare(
 
 
 def _print_disagreements(workspace: Path, experiment: str | None, as_json: bool) -> None:
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.results import disagreements
+    from flows.tracking.tracker import Tracker
 
-    models, rows = tracking.disagreements(workspace, experiment)
+    models, rows = disagreements(Tracker(workspace), experiment)
     if as_json:
         print(json.dumps({"models": models, "images": rows}, indent=2))
         return

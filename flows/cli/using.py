@@ -1,4 +1,4 @@
-"""Commands that use a store: `search`, `predict`, `dedup`, `info`, `ui` (search page and JSON
+"""Commands that use a store: `search`, `audit`, `dedup`, `info`, `ui` (search page and JSON
 API) and `map` (2-D embedding map)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.settings import EmbedSettings, SearchSettings
+from extractors.settings import SearchSettings
 from flows.cli.app import app, out
-from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.options import JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable, index_line
 
 
@@ -90,145 +90,6 @@ def _titles(
 
 
 @app.command()
-@with_settings(
-    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
-)
-def predict(
-    sources: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Image files, or one folder (any depth; one sub-folder per class gives each "
-            "row its label) or a CSV/Parquet manifest with path[,label]."
-        ),
-    ],
-    embedding: EmbedSettings,
-    out_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Write every image's prediction to this .parquet or .csv file: path, "
-            "prediction, probability, model, error and proba_CLASS for each class. "
-            "Resumable: run again after an interruption. Without it, a table is printed.",
-        ),
-    ] = None,
-    head: Annotated[
-        Path | None,
-        typer.Option(
-            help="A saved head (.skops); default: the best head of the store's latest run."
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Instead of a head: a fine-tuned network, `finetuned:<id>`, or a registered "
-            "image model, `models:/<name>@champion` or `models:/<name>/<version>`."
-        ),
-    ] = None,
-    store: StoreOpt = None,
-    workspace: Workspace = DEFAULT_WORKSPACE,
-    top: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
-    as_json: JsonOpt = False,
-) -> None:
-    """Label images with a trained head, a fine-tuned network or a registered model.
-
-    With --out, a whole folder or manifest is scored into a table, one row per image (files
-    that cannot be read are rows with an `error`, never dropped). Embeddings the store
-    already holds for the same content are reused, the rest are embedded.
-    """
-    if out_file is None:
-        from flows.steps.scoring import predict_images
-
-        preds = predict_images(
-            sources,
-            head=head,
-            store=store,
-            workspace=workspace,
-            top=top,
-            model=model,
-            device=embedding.device,
-        )
-        _print_predictions(preds, as_json)
-        return
-    from flows.steps.scoring import predict_to_file
-
-    report = predict_to_file(
-        sources,
-        out_file,
-        model=model,
-        head=head,
-        store=store,
-        workspace=workspace,
-        embedding=embedding,
-        progress=not as_json,
-    )
-    if as_json:
-        print(json.dumps(report.as_dict(), indent=2))
-        return
-    out.print(
-        Text(
-            f"{report.rows} rows -> {report.out} (model {report.model}): {report.scored} scored "
-            f"({report.reused} embeddings reused from a store, {report.embedded} embedded, "
-            f"{report.resumed} from an interrupted run), {report.duplicates} duplicates, "
-            f"{report.errors} errors; {report.seconds:.1f} s"
-        )
-    )
-    for path, why in list(report.errors_by_path.items())[:5]:
-        out.print(Text(f"  error: {path}: {why}", style="red"))
-
-
-@app.command()
-@with_settings(
-    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
-)
-def score(
-    source: Annotated[Path, typer.Argument(help="Folder (any depth) or CSV/Parquet manifest.")],
-    embedding: EmbedSettings,
-    predictions: Annotated[
-        Path | None,
-        typer.Option(
-            help="Predictions folder the new rows are appended to, as part-NNNNNN.parquet "
-            "(default: WORKSPACE/predictions/EXPERIMENT)."
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Model to score with (default: models:/EXPERIMENT-image@champion)."),
-    ] = None,
-    experiment: Experiment = None,
-    store: StoreOpt = None,
-    workspace: Workspace = DEFAULT_WORKSPACE,
-    as_json: JsonOpt = False,
-) -> None:
-    """Score the images of SOURCE not scored yet (new, or changed since) with the champion,
-    and append them to a predictions table: what the scheduled `kind = "score"` deployment
-    runs. Nothing new, nothing written."""
-    from flows import runs
-
-    report = runs.for_cli("score")(
-        str(source),
-        predictions=None if predictions is None else str(predictions),
-        model=model,
-        experiment=experiment,
-        store=None if store is None else str(store),
-        workspace=str(workspace),
-        embedding=embedding,
-        progress=not as_json,
-    )
-    if as_json:
-        print(json.dumps(report, indent=2))
-    elif report["nothing_new"]:
-        out.print(Text(f"nothing new: all {report['unchanged']} files were scored before"))
-    else:
-        out.print(
-            Text(
-                f"{report['rows']} new or changed files scored with {report['model']} -> "
-                f"{report['part']} ({report['errors']} errors; the table holds "
-                f"{report['total_rows']} rows)"
-            )
-        )
-
-
-@app.command()
 def audit(
     out_file: Annotated[
         Path | None,
@@ -252,7 +113,7 @@ def audit(
     from extractors.workspace import resolve_store
     from flows.steps.audit import audit_store, keep_in_store, write_findings
 
-    st = resolve_store(store, workspace)
+    st = resolve_store(store, workspace, need="labels")
     table, summary = audit_store(st.path, threshold=threshold)
     keep_in_store(st.path, table, summary)  # the search page's issues view (`headstart ui`)
     if out_file is not None:
@@ -284,22 +145,6 @@ def audit(
         out.print(t)
     if "out" in summary:
         out.print(Text(f"all {table.num_rows} findings -> {summary['out']}"))
-
-
-def _print_predictions(preds: list[dict], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(preds, indent=2))
-        return
-    table = DataTable(title="predictions")
-    for col in ("image", "label", "top classes"):
-        table.add_column(col)
-    for p in preds:
-        if "error" in p:
-            table.add_row(p["image"], Text("error", style="red"), p["error"])
-        else:
-            tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"])
-            table.add_row(p["image"], p["label"], tops)
-    out.print(table)
 
 
 @app.command()
@@ -341,10 +186,10 @@ def dedup(
     """Find groups of near-duplicate images in a store (before training: duplicates leak
     between train and test splits), and with --fix-splits put each group in one split.
     Exact duplicates are already in `headstart info`."""
-    from extractors.store.dedup import near_duplicate_groups, write_groups
+    from extractors.store.dedup import leaks, near_duplicate_groups, write_groups
     from extractors.workspace import resolve_store
 
-    st = resolve_store(store, workspace)
+    st = resolve_store(store, workspace, need="labels")
     if apply and not fix_splits:
         raise typer.BadParameter("--apply makes the moves of --fix-splits: give both")
     if fix_splits:
@@ -366,11 +211,11 @@ def dedup(
         )
     if rows:
         out.print(table)
-    leaks = sum(len({r["split"] for r in rows if r["group"] == g}) > 1 for g in range(n_groups))
+    leaky = leaks(groups)["leaky_groups"]
     out.print(
-        f"{n_groups} group(s), {len(rows)} images; {leaks} group(s) span more than one split"
+        f"{n_groups} group(s), {len(rows)} images; {leaky} group(s) span more than one split"
         + (f"; written to {written}" if written else "")
-        + ("; `--fix-splits` proposes the moves that fix it" if leaks else "")
+        + ("; `--fix-splits` proposes the moves that fix it" if leaky else "")
     )
 
 
@@ -384,11 +229,18 @@ def _fix_splits(store: Path, workspace: Path, apply: bool, as_json: bool) -> Non
     moves = result["moves"]
     if result["note"]:
         out.print(escape(result["note"]), highlight=False)
-    if not moves:
+    at = f"cosine >= {result['threshold']}"
+    if not moves and result["too_large_to_keep"]:
         out.print(
-            f"no near-duplicate group (cosine >= {result['threshold']}) spans splits: "
-            "nothing to move"
+            f"{result['too_large_to_keep']} near-duplicate group(s) ({at}) span splits, but "
+            "each is too large to keep in one split (over a fifth of its class): nothing can "
+            "be moved, and this split cannot be leak-free at this threshold",
+            style="yellow",
+            highlight=False,
         )
+        return
+    if not moves:
+        out.print(f"no near-duplicate group ({at}) spans splits: nothing to move")
         return
     table = DataTable(title=f"moves that keep each group in one split ({len(moves)})")
     for col in ("group", "from", "to", "path"):
@@ -501,7 +353,9 @@ def ui(
 
     import uvicorn
 
-    from flows.web.app import LOOPBACK, create_app, is_loopback, without_pandas
+    from flows.web.app import create_app
+    from flows.web.memory import without_pandas
+    from flows.web.security import LOOPBACK, is_loopback
 
     without_pandas()
     from extractors.workspace import resolve_store

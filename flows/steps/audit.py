@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 
 from extractors.common import atomic_path
 from extractors.store.dedup import near_duplicate_groups
+from extractors.store.layout import LATEST_HEADS
 from extractors.store.store import Store
 from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
-from heads.scoring import output_format
+from heads.scoring.table import output_format
 
 FINDINGS = pa.schema(
     [
@@ -38,7 +39,7 @@ DEFAULT_HEAD = ("logreg", {"pre": "none", "C": 1.0})
 def head_of(store: Store) -> tuple[str, dict[str, Any], str]:
     """The best head kind of the store's latest training with its chosen settings (logistic
     regression's defaults before any training), and where that choice came from."""
-    latest = store.path / "heads" / "latest.json"
+    latest = store.path / LATEST_HEADS
     if not latest.exists():
         return (*DEFAULT_HEAD, "no training yet: logistic regression, default settings")
     best = json.loads(latest.read_text())
@@ -157,16 +158,14 @@ def audit_and_track(
 ) -> dict[str, Any]:
     """Audit the store and log it to the pipeline's parent run: counts per issue kind and the
     estimated label-noise rate as metrics, the findings as the MLflow table `audit.json`."""
-    import mlflow
+    from flows.tracking.tracker import Tracker
 
-    from flows.tracking import lifecycle as tracking
-
+    tracker = Tracker(workspace)
     table, summary = audit_store(store, seed=seed)
     keep_in_store(store, table, summary)
     counts = summary["issues"]
-    tracking.log_to_run(
+    tracker.log_to_run(
         parent_run_id,
-        workspace,
         metrics={
             "audit_label_issues": counts["label"],
             "audit_outliers": counts["outlier"],
@@ -175,8 +174,7 @@ def audit_and_track(
         },
         tags={"audit_head": summary["head"][:250]},
     )
-    tracking.connect(workspace)
-    mlflow.MlflowClient().log_table(parent_run_id, table.to_pandas(), "audit.json")
+    tracker.client().log_table(parent_run_id, table.to_pandas(), "audit.json")
     line = (
         f"audit: {counts['label']} label issues (estimated label noise "
         f"{summary['label_noise_rate']:.1%}), {counts['outlier']} outliers, "
@@ -189,9 +187,10 @@ def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) ->
     """The moves that stop the store's near-duplicate groups spanning splits (test rows move
     out, never in; extractors/store/dedup.py `split_moves`), the trainings whose test scores were
     measured on the split as it is, and, with `apply`, the moves made."""
-    from extractors.store.dedup import split_groups, split_moves, store_grouping
+    from extractors.store.dedup import leak_check, split_groups, split_moves, store_grouping
     from extractors.store.grouping import Grouping
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.results import runs_scored_on
+    from flows.tracking.tracker import Tracker
 
     st = Store(store)
     grouping = store_grouping(st)
@@ -201,7 +200,8 @@ def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) ->
     groups, meta = split_groups(st, grouping)
     moves = split_moves(groups, meta)
     leaky = len({m["group"] for m in moves})
-    runs = tracking.runs_scored_on(workspace, str(st.path), before["fingerprint"]) if moves else []
+    fingerprint = before["fingerprint"]
+    runs = runs_scored_on(Tracker(workspace), str(st.path), fingerprint) if moves else []
     result: dict[str, Any] = {
         "store": str(st.path),
         "threshold": grouping.threshold,
@@ -211,6 +211,9 @@ def fix_splits(store: str | Path, workspace: str | Path, apply: bool = False) ->
         "runs_on_leaking_split": runs,
         "applied": False,
         "note": groups.note(grouping.threshold),
+        # groups at the threshold itself that span splits, too large for any move to keep
+        # whole: counted only when nothing can be moved (extractors/store/dedup.py)
+        "too_large_to_keep": 0 if moves else leak_check(st, grouping)["leaky_groups"],
     }
     if apply:
         note = {"fixed": {"moved": len(moves), "groups": leaky, "threshold": grouping.threshold}}

@@ -11,18 +11,11 @@ from typing import Any
 import numpy as np
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.search.query import (
-    Example,
-    Filters,
-    Query,
-    QueryError,
-    embed_batches,
-    parse_vector,
-    row_id,
-    searcher_for,
-)
+from extractors.search.filters import Filters
+from extractors.search.query import Example, Query, QueryError, parse_vector, row_id
+from extractors.search.searcher import embed_batches, searcher_for
 from extractors.settings import EmbedSettings, SearchSettings
-from extractors.store.layout import stored_path
+from extractors.store.layout import LATEST_HEADS, stored_path
 from extractors.store.store import StoreError
 from extractors.workspace import backbone_for, resolve_store
 
@@ -54,7 +47,7 @@ def search_store(
 
     searcher = searcher_for(st, embed)
     s = search or SearchSettings()
-    where = Filters(s.label, s.split, s.ids, s.path_prefix)
+    where = Filters.of(s)
     k, offset = s.k, s.offset
 
     def stored(ref: str) -> Example:
@@ -101,7 +94,7 @@ def store_info(
         "index_consistent": st.index_if_consistent() is not None,
         "failures_table": st.failures().to_pylist(),
     }
-    latest = st.path / "heads" / "latest.json"
+    latest = st.path / LATEST_HEADS
     if latest.exists():
         info["heads"] = json.loads(latest.read_text())
     return info

@@ -1,5 +1,5 @@
 """Scoring stage: which model scores (a head, a fine-tuned network, a registered model), which
-store lends its embeddings, and the predictions table written (heads/scoring.py)."""
+store lends its embeddings, and the predictions table written (heads/scoring/runner.py)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ from extractors import DEFAULT_WORKSPACE
 from extractors.embedding.engines import LocalEngine
 from extractors.embedding.sources import read_sources
 from extractors.settings import EmbedSettings
-from extractors.store.layout import MANIFEST
+from extractors.store.layout import LATEST_HEADS, MANIFEST
 from extractors.store.store import StoreError
 from extractors.workspace import backbone_for, resolve_store
 from heads.classifier import BoundClassifier, ImageClassifier
-from heads.scoring import (
-    ScoreReport,
-    hold_folder,
-    output_format,
-    read_parts,
-    score_into_folder,
-    score_source,
-)
+from heads.scoring.runner import ScoreReport, score_into_folder, score_source
+from heads.scoring.table import hold_folder, output_format, read_parts
 
 
 def resolve_model(
@@ -52,8 +46,8 @@ def resolve_model(
         net = backbone_for(model, workspace, device=device)
         return ImageClassifier.of_finetuned(net).bind(net), None
     if head is None:
-        st = resolve_store(store, workspace)
-        latest = st.path / "heads" / "latest.json"
+        st = resolve_store(store, workspace, need="heads")
+        latest = st.path / LATEST_HEADS
         if not latest.exists():
             raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
         best = json.loads(latest.read_text())
@@ -106,7 +100,7 @@ def predict_to_file(
     progress: bool = True,
 ) -> ScoreReport:
     """Score a folder, a manifest or image files into `out` (Parquet or CSV): one row per
-    image, resumable (heads/scoring.py)."""
+    image, resumable (heads/scoring/runner.py)."""
     output_format(out)  # a wrong extension fails before any model loads
     source = read_sources(list(sources))
     bound, trained_on = resolve_model(model, head, store, workspace, embedding.device)
@@ -168,7 +162,7 @@ def score_new(
 ) -> dict[str, Any]:
     """Score the files of `source` that the predictions folder has not scored yet (new, or
     changed since) with `model`, appended as its next part; "nothing new" writes nothing.
-    The folder's lock (heads/scoring.py: `hold_folder`) is taken before the model
+    The folder's lock (heads/scoring/table.py: `hold_folder`) is taken before the model
     is loaded: a second run at once waits (up to FOLDER_WAIT_S, then fails with one line),
     then adds only what is still new."""
     folder = Path(predictions).expanduser().resolve()

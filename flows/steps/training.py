@@ -14,13 +14,15 @@ import pyarrow.compute as pc
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import write_json_atomic
+from extractors.store.layout import LATEST_HEADS
 from extractors.store.store import Store
 from extractors.workspace import weights_file
-from flows.tracking import lifecycle as tracking
+from flows.tracking import models, results
+from flows.tracking.tracker import Tracker
 from heads.classifier import ImageClassifier
 from heads.evaluate import HeadResult, Splits
 from heads.plots import embedding_map_png
-from heads.train import save_heads, splits_of, train_heads
+from heads.train import Trained, save_heads, splits_of, train_heads
 
 
 def load_splits(store: Store, feature: str = "embedding") -> Splits:
@@ -53,11 +55,45 @@ def train_and_track(
     features = {f: load_splits(st, f) for f in st.features()}
     test_rows = _test_rows(st)
     trained = train_heads(features, heads=heads, seed=seed, progress=progress)
-    tracking.log_dataset(parent_run_id, workspace, manifest, st.path)
+    Tracker(workspace).log_dataset(parent_run_id, manifest, st.path)
     leak = split_leaks(st)
-    results, splits = trained.results, trained.splits
     run = {"mlflow_run_id": parent_run_id}
-    saved = save_heads(st.path, manifest, results, run_tag=parent_run_id, extra=run)
+    saved = save_heads(st.path, manifest, trained.results, run_tag=parent_run_id, extra=run)
+    table, model_uris = _log_heads(
+        st, manifest, parent_run_id, workspace, trained, saved, test_rows
+    )
+    tracker = Tracker(workspace)
+    experiment = tracker.experiment_of(parent_run_id)
+    registered = models.register_best(tracker, model_uris[trained.best.name], experiment)
+    best_run = next(row["run_id"] for row in table if row["head"] == trained.best.name)
+    image = _register_best(st, saved[trained.best.name], best_run, experiment, workspace, seed)
+    _log_training(parent_run_id, workspace, manifest, trained, leak, registered, image, seed)
+    summary = {
+        "store": str(st.path),
+        "heads": table,
+        "best": trained.best.name,
+        "skipped": trained.skipped,
+        "imbalanced": trained.imbalanced,
+        "registered": registered,
+        "image_model": image,
+        "leaks": leak,
+        "splits": split_line(trained),
+    }
+    _remember_training(st, parent_run_id, manifest, heads, seed, summary)
+    return summary
+
+
+def _log_heads(
+    st: Store,
+    manifest: dict[str, Any],
+    parent_run_id: str,
+    workspace: str | Path,
+    trained: Trained,
+    saved: dict[str, Path],
+    test_rows: dict[str, list[Any]],
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One nested MLflow run (and model) per head: the heads table (best first) and each
+    head's model URI."""
     context = {
         "backbone": manifest["backbone"],
         "store": str(st.path),
@@ -65,33 +101,60 @@ def train_and_track(
         "manifest": manifest,
     }
     table, model_uris = [], {}
-    examples = {"embedding": splits.X_train[:5]}  # real rows for the models' signatures
-    for r in results:
+    tracker = Tracker(workspace)
+    examples = {"embedding": trained.splits.X_train[:5]}  # real rows for the models' signatures
+    for r in trained.results:
         feature = r.params.get("feature", "embedding")
         if feature not in examples:  # a --layers column: read once
             examples[feature] = st.arrays(where_labelled=True, feature=feature)[0][:5]
-        run_id, model_uris[r.name] = tracking.log_head_run(
-            parent_run_id, workspace, r, saved[r.name], context, examples[feature], test_rows
+        run_id, model_uris[r.name] = models.log_head_run(
+            tracker, parent_run_id, r, saved[r.name], context, examples[feature], test_rows
         )
         table.append(_row(r, run_id, path=str(saved[r.name])))
-    experiment = tracking.experiment_of(parent_run_id, workspace)
-    registered = tracking.register_best(model_uris[results[0].name], experiment, workspace)
-    best = ImageClassifier.from_head(saved[results[0].name])
+    return table, model_uris
+
+
+def _register_best(
+    st: Store,
+    head: Path,
+    run_id: str,
+    experiment: str,
+    workspace: str | Path,
+    seed: int,
+) -> dict[str, Any]:
+    """The best head (saved at `head`) registered as an image model with its backbone, and
+    named in heads/latest.json (predict uses the registered version)."""
+    best = ImageClassifier.from_head(head)
     network = weights_file(best.backbone, workspace)  # a fine-tuned body travels with it
     image = register_image_model(
         best,
-        table[0]["run_id"],
+        run_id,
         experiment,
         workspace,
         seed,
         None if network is None else Path(network),
     )
-    latest = st.path / "heads" / "latest.json"  # predict names the registered version
+    latest = st.path / LATEST_HEADS  # predict names the registered version
     write_json_atomic(
         latest,
         json.loads(latest.read_text())
         | {"registered": {"name": image["name"], "version": image["version"]}},
     )
+    return image
+
+
+def _log_training(
+    parent_run_id: str,
+    workspace: str | Path,
+    manifest: dict[str, Any],
+    trained: Trained,
+    leak: dict[str, Any],
+    registered: dict[str, Any],
+    image: dict[str, Any],
+    seed: int,
+) -> None:
+    """The training's params, metrics, tags and embedding map on the parent run."""
+    splits = trained.splits
     with tempfile.TemporaryDirectory() as tmp:
         X = np.concatenate([splits.X_train, splits.X_val, splits.X_test])
         y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
@@ -102,12 +165,11 @@ def train_and_track(
             Path(tmp) / "embedding_map.png",
             seed=seed,
         )
-        tracking.log_to_run(
+        Tracker(workspace).log_to_run(
             parent_run_id,
-            workspace,
             params={
                 "imbalanced": trained.imbalanced,
-                "selection_metric": results[0].selection_metric,
+                "selection_metric": trained.best.selection_metric,
             },
             metrics={
                 **{k: v for k, v in leak.items() if isinstance(v, int)},
@@ -115,11 +177,11 @@ def train_and_track(
                 "n_val": len(splits.y_val),
                 "n_test": len(splits.y_test),
                 "n_classes": len(splits.classes),
-                "best_val_score": results[0].val_score,
-                "best_test_accuracy": results[0].metrics["accuracy"],
+                "best_val_score": trained.best.val_score,
+                "best_test_accuracy": trained.best.metrics["accuracy"],
             },
             tags={
-                "best_head": results[0].name,
+                "best_head": trained.best.name,
                 "skipped_heads": "; ".join(trained.skipped.values()) or "none",
                 "registered_model": registered["uri"],
                 "image_model": image["uri"],
@@ -127,16 +189,17 @@ def train_and_track(
             },
             artifacts=[emap],
         )
-    summary = {
-        "store": str(st.path),
-        "heads": table,
-        "best": results[0].name,
-        "skipped": trained.skipped,
-        "imbalanced": trained.imbalanced,
-        "registered": registered,
-        "image_model": image,
-        "leaks": leak,
-    }
+
+
+def _remember_training(
+    st: Store,
+    parent_run_id: str,
+    manifest: dict[str, Any],
+    heads: list[str] | None,
+    seed: int,
+    summary: dict[str, Any],
+) -> None:
+    """Record what this training was run on, for `reusable_training` to compare with."""
     write_json_atomic(
         st.path / "heads" / LAST_TRAINING,
         {
@@ -147,7 +210,6 @@ def train_and_track(
             "summary": summary,
         },
     )
-    return summary
 
 
 def _test_rows(store: Store) -> dict[str, list[Any]]:
@@ -162,13 +224,7 @@ def split_leaks(store: Store) -> dict[str, Any]:
     """Near-duplicate groups (as the store's split groups them, extractors/store/grouping.py) whose
     images sit in more than one split, and a line that says so when the test score is
     measured on such a split."""
-    from extractors.store.dedup import (
-        LEAK_CHECK_MAX_ROWS,
-        groups_table,
-        leaks,
-        split_groups,
-        store_grouping,
-    )
+    from extractors.store.dedup import LEAK_CHECK_MAX_ROWS, leak_check, store_grouping
     from extractors.store.grouping import Grouping
 
     rows = store.manifest()["rows"]
@@ -177,16 +233,45 @@ def split_leaks(store: Store) -> dict[str, Any]:
     grouping = store_grouping(store)
     if grouping.by == "none":  # split row by row: still check, at the default threshold
         grouping = Grouping()
-    found = leaks(groups_table(*split_groups(store, grouping)))
+    found = leak_check(store, grouping)
     at = f"cosine >= {grouping.threshold}"
     if not found["leaky_groups"]:
         return found | {"line": f"leaks: no near-duplicate groups ({at}) span splits"}
+    stuck = found["too_large_groups"]
     line = (
         f"warning: {found['leaky_groups']} near-duplicate groups ({at}) span splits, "
         f"{found['leaky_test_images']} test images among them: the test scores may be "
-        "optimistic (`headstart dedup --fix-splits` proposes the moves that fix it)"
+        "optimistic"
     )
+    if stuck:
+        line += (
+            f"; {stuck} of these groups are too large to keep in one split (over a fifth of "
+            "their class), so this split cannot be leak-free: add images, or group them "
+            "with a manifest `group` column"
+        )
+    if found["groups_to_move"]:
+        line += "; `headstart dedup --fix-splits` proposes the moves that can be made"
     return found | {"line": line}
+
+
+FEW_TEST_IMAGES = 100  # below this, a test score's interval is wider than +-0.05 or so
+
+
+def split_line(trained: Trained) -> str:
+    """How large each split really is, and how far the best head's test accuracy can be
+    trusted: its 95% bootstrap interval (heads/evaluate.py), said plainly when it is wide."""
+    s = trained.splits
+    sizes = {"train": len(s.y_train), "val": len(s.y_val), "test": len(s.y_test)}
+    total = sum(sizes.values()) or 1
+    parts = ", ".join(f"{k} {n} ({n / total:.0%})" for k, n in sizes.items())
+    m = trained.best.metrics
+    line = (
+        f"splits: {parts}; best head's test accuracy {m['accuracy']:.3f}, 95% interval "
+        f"[{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]"
+    )
+    if sizes["test"] < FEW_TEST_IMAGES:
+        line += f": only {sizes['test']} test images, so the interval is wide"
+    return line
 
 
 def register_image_model(
@@ -201,8 +286,7 @@ def register_image_model(
     `<experiment>-image` (alias `newest`), and let the champion rule decide on it."""
     from flows.tracking import champion, image_model
 
-    tracking.connect(workspace)
-    client = mlflow.tracking.MlflowClient()
+    client = Tracker(workspace).client()
     ended = client.get_run(run_id).info.end_time  # the run spans its model's fit: keep that
     with mlflow.start_run(run_id=run_id, nested=True):
         uri = image_model.log_image_model(clf, network=network)
@@ -277,7 +361,7 @@ def compare(
     last: int | None = None,
 ) -> list[dict[str, Any]]:
     """Heads and fine-tuned networks side by side, as logged in MLflow."""
-    return tracking.compare_runs(workspace, experiment=experiment, last=last)
+    return results.compare_runs(Tracker(workspace), experiment=experiment, last=last)
 
 
 def heads_table(summary: dict[str, Any], finetuned: dict[str, Any] | None = None) -> list[dict]:

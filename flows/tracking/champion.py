@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from extractors.common import HeadstartError
-from flows.tracking.lifecycle import TEST_TABLE as TABLE
+from flows.tracking.models import TEST_TABLE as TABLE
 from flows.tracking.store import connect, registry_lock
 
 ALIAS = "champion"

@@ -14,13 +14,18 @@ from mlflow.tracking import MlflowClient
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
-from flows.tracking.lifecycle import explicit_requirements, pinned, quiet, tracking_uri
-from flows.tracking.store import connect, registry_lock
+from flows.tracking.models import (
+    explicit_requirements,
+    model_code_paths,
+    pinned,
+    quiet,
+    register_newest,
+)
+from flows.tracking.store import connect, tracking_uri
+from flows.tracking.tracker import Tracker
 from heads.classifier import BoundClassifier, ImageClassifier
 
-ROOT = Path(__file__).resolve().parents[2]
 CODE = Path(__file__).with_name("pyfunc_image.py")
-MODEL_CODE = ("heads", "extractors")  # what the model imports, shipped with it
 # What heads/ and extractors/ import on the way to a prediction.
 REQUIREMENTS = (
     "torch",
@@ -56,7 +61,7 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from heads.scoring import PROBA
+    from heads.scoring.table import PROBA
 
     inputs = Schema(
         [ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)]
@@ -77,7 +82,7 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
                 name="image_model",
                 python_model=str(CODE),
                 artifacts={"model": str(folder)},
-                code_paths=[str(ROOT / p) for p in MODEL_CODE],
+                code_paths=model_code_paths(),
                 pip_requirements=pinned(REQUIREMENTS),
                 signature=ModelSignature(inputs=inputs, outputs=outputs),
             )
@@ -85,15 +90,8 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
 
 
 def register(model_uri: str, experiment: str, workspace: str | Path) -> dict[str, Any]:
-    """A new version of `<experiment>-image` with the alias `newest` (under the registry's
-    lock: two trainings at once each get a version, and `newest` ends on the later one)."""
-    connect(workspace)
-    name = image_name(experiment)
-    with registry_lock(workspace):
-        with quiet("mlflow.tracking._model_registry.fluent"):
-            version = mlflow.register_model(model_uri, name)
-        MlflowClient().set_registered_model_alias(name, "newest", version.version)
-    return {"name": name, "version": int(version.version), "uri": f"models:/{name}@newest"}
+    """A new version of `<experiment>-image` with the alias `newest`."""
+    return register_newest(Tracker(workspace), model_uri, image_name(experiment))
 
 
 def latest_image_model(workspace: str | Path = DEFAULT_WORKSPACE) -> str:

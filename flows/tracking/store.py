@@ -328,7 +328,7 @@ SQLITE_FAILURES = {
     "unable to open database file": "cannot open the MLflow database {store}: check that its "
     "folder exists and is writable",
     "database is locked": "the MLflow database {store} stayed locked by another process: run "
-    "again when it is done (several writers at once want a tracking server: README, Team set-up)",
+    "again when it is done (several writers at once want a tracking server: docs/operations.md)",
 }
 
 

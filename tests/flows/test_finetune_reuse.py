@@ -9,7 +9,7 @@ import shutil
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.tracking.lifecycle import TEST_TABLE
+from flows.tracking.models import TEST_TABLE
 
 runner = CliRunner()
 SMALL = [

@@ -48,3 +48,39 @@ def test_nothing_new_means_no_change_at_all() -> None:
     assert runs.nothing_new({"embedded": 0, "removed": 0})
     assert not runs.nothing_new({"embedded": 1, "removed": 0})
     assert not runs.nothing_new({"embedded": 0, "removed": 2})
+
+
+def test_without_a_prefect_server_the_cli_calls_the_run_itself(no_prefect_env) -> None:
+    for run in (runs.embed, runs.train_heads, runs.pipeline, runs.finetune, runs.score):
+        assert runs.for_cli(run) is run
+
+
+def test_each_prefect_flow_takes_exactly_its_runs_parameters() -> None:
+    """The flows of flows/pipeline.py are written out (a reader can grep them); this keeps
+    their parameters, defaults and types those of the runs they call, and the deployable
+    kinds those deployments.toml takes."""
+    import inspect
+
+    from flows import deployments, pipeline
+
+    def params(fn):
+        return [
+            (p.name, p.kind, p.default, p.annotation)
+            for p in inspect.signature(fn).parameters.values()
+            if p.name != "runner"
+        ]
+
+    assert set(pipeline.FLOWS) == {
+        runs.embed,
+        runs.train_heads,
+        runs.pipeline,
+        runs.finetune,
+        runs.score,
+    }
+    for run, flow in pipeline.FLOWS.items():
+        assert params(flow.fn) == params(run), run.__name__
+        assert flow.name == run.__name__.replace("_", "-")
+        assert flow.description == run.__doc__
+        assert pipeline.flow_of(run) is flow
+    assert set(pipeline.DEPLOYABLE) == set(deployments.KINDS)
+    assert all(pipeline.FLOWS[getattr(runs, k)] is f for k, f in pipeline.DEPLOYABLE.items())

@@ -30,8 +30,8 @@ from extractors.store.store import Store
 from flows.cli import app
 from flows.steps import training
 from flows.tracking import champion
-from flows.tracking import lifecycle as tracking
-from heads.scoring import PROBA
+from flows.tracking.tracker import Tracker
+from heads.scoring.table import PROBA
 
 runner = CliRunner()
 EXPERIMENT = "audit"
@@ -81,8 +81,7 @@ def registry(digits_dir, backbone, tmp_path_factory):
             src = _manifest(digits_dir, root / f"{kind}.csv", shuffled)
             stores[kind] = Store(ws / "stores" / kind)
             stores[kind].update(read_source(src), backbone, progress=False)
-        parent = tracking.start_parent_run(EXPERIMENT, ws, run, {})
-        with tracking.closing_run(parent, ws):
+        with Tracker(ws).parent_run(EXPERIMENT, run, {}) as parent:
             summary = training.train_and_track(stores[kind].path, parent, ws, heads=heads)
         decisions.append(summary["image_model"]["champion"])
     yield {"ws": ws, "stores": stores, "decisions": decisions, "root": root}
@@ -321,8 +320,7 @@ def test_a_fine_tuned_network_registers_an_image_model_too(registry, digits_dir)
     ws = registry["ws"]
     store = registry["stores"]["good"]
     cfg = FineTuneSettings(strategy="head", epochs=1, image_size=32, batch_size=16)
-    parent = tracking.start_parent_run(EXPERIMENT, ws, "tuned", {})
-    with tracking.closing_run(parent, ws):
+    with Tracker(ws).parent_run(EXPERIMENT, "tuned", {}) as parent:
         row = finetune_and_track(store.path, parent, ws, cfg, progress=False)
     image = row["image_model"]
     assert image["name"] == IMAGE and image["version"] == 4

@@ -18,18 +18,12 @@ import torch
 from extractors.embedding.backbones import create_backbone
 from extractors.settings import SettingsError
 from heads.evaluate import METRICS
-from heads.finetune import (
-    CHECKPOINT,
-    DONE,
-    FineTuneError,
-    FineTuneNet,
-    FineTuneSettings,
-    LabelledImages,
-    _frozen_groups,
-    _param_groups,
-    finetune,
-    layer_groups,
-)
+from heads.finetune.data import FineTuneError, LabelledImages
+from heads.finetune.loop import CHECKPOINT, frozen_groups, param_groups
+from heads.finetune.network import FineTuneNet, layer_groups
+from heads.finetune.outcome import DONE
+from heads.finetune.run import finetune
+from heads.settings import FineTuneSettings
 
 SMALL = {"image_size": 32, "batch_size": 16, "flip": False}
 
@@ -70,7 +64,7 @@ def test_learning_rates_decay_with_depth_and_partial_trains_only_the_top(backbon
     net = FineTuneNet(backbone, 4)
     groups = layer_groups(backbone)
     group_of = {n: i for i, g in enumerate(groups) for n in g}
-    pg = _param_groups(net, groups, group_of, trainable=2, cfg=cfg)
+    pg = param_groups(net, groups, group_of, trainable=2, cfg=cfg)
     lrs = {g["name"].split(".")[0]: g["lr"] for g in pg}
     assert lrs == {"head": 1e-3, "group5": 1e-4, "group4": pytest.approx(0.8e-4)}
     in_opt = {id(p) for g in pg for p in g["params"]}
@@ -81,9 +75,9 @@ def test_learning_rates_decay_with_depth_and_partial_trains_only_the_top(backbon
 
 def test_gradual_unfreezing_adds_one_group_per_epoch() -> None:
     cfg = FineTuneSettings(strategy="full", gradual=True)
-    assert [_frozen_groups(cfg, e, 6, 6) for e in range(8)] == [6, 5, 4, 3, 2, 1, 0, 0]
+    assert [frozen_groups(cfg, e, 6, 6) for e in range(8)] == [6, 5, 4, 3, 2, 1, 0, 0]
     plain = FineTuneSettings(strategy="partial", blocks=2)
-    assert _frozen_groups(plain, 0, 6, 2) == 4
+    assert frozen_groups(plain, 0, 6, 2) == 4
 
 
 def test_bad_settings_are_refused_where_they_are_built() -> None:
@@ -151,7 +145,8 @@ def test_full_finetune_resumes_after_sigkill_and_becomes_a_backbone(built_store,
 import json, numpy as np
 from extractors.embedding.backbones import create_backbone
 from extractors.store.store import Store
-from heads.finetune import FineTuneSettings, finetune
+from heads.finetune.run import finetune
+from heads.settings import FineTuneSettings
 from tests.heads.test_finetune import _data
 data, classes = _data(Store({str(built_store.path)!r}))
 cfg = FineTuneSettings(**json.loads({json.dumps(cfg.__dict__)!r}))

@@ -21,14 +21,8 @@ from sklearn.linear_model import LogisticRegression
 
 from extractors.embedding.sources import SourceError, read_source, read_sources
 from heads.classifier import ImageClassifier
-from heads.scoring import (
-    PROBA,
-    ScoringError,
-    output_format,
-    score_into_folder,
-    score_source,
-    work_folder,
-)
+from heads.scoring.runner import score_into_folder, score_source
+from heads.scoring.table import PROBA, ScoringError, output_format, work_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,7 +150,7 @@ MODEL = """
 import sys
 from extractors.embedding.backbones import create_backbone
 from extractors.embedding.engines import LocalEngine
-from heads.scoring import score_into_folder, score_source
+from heads.scoring.runner import score_into_folder, score_source
 from extractors.settings import EmbedSettings
 from extractors.embedding.sources import read_source
 from heads.classifier import ImageClassifier

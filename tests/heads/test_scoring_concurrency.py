@@ -99,7 +99,7 @@ def test_a_full_disk_under_out_is_one_error_naming_the_file(digits_dir: Path, tm
     _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
-    assert last.startswith("heads.scoring.ScoringError: cannot write"), err[-3000:]
+    assert last.startswith("heads.scoring.table.ScoringError: cannot write"), err[-3000:]
     assert str(out.parent) in last and "Nothing was written" in last, last
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == []
     assert not list(out.parent.glob(".*.tmp"))

@@ -124,7 +124,7 @@ def test_cuda_autocast_matches_cpu(backbone) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
+def test_compiled_backbone_embeds_like_the_eager_one(backbone, borrowed_backbone) -> None:
     """The compiled package (frozen weights) gives the same features, extra layers included,
     for a full batch, a short last batch (padded) and a longer one (split); a second backbone
     loads the package the first one built instead of building it again."""
@@ -136,7 +136,7 @@ def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
     package = aot.package_path(compiled, 8)
     assert package.is_file()
     built = package.stat().st_mtime_ns
-    eager = create_backbone("efficientnet_lite0", device="cpu")
+    eager = borrowed_backbone
     eager.set_layers(["-2"])
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     x = torch.stack([backbone.transform(Image.fromarray(p)) for p in photos * 2])  # 8 images
@@ -148,7 +148,7 @@ def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
         torch.testing.assert_close(
             got_extra["emb_blocks_4"], want_extra["emb_blocks_4"], atol=1e-4, rtol=1e-4
         )
-    assert compiled._compiled_batch == 8
+    assert compiled.runtime.compiled_batch == 8
     again = create_backbone("efficientnet_lite0", device="cpu")
     again.set_layers(["-2"])
     assert aot.decide(again, 8, 8, None) == (True, "compiled (package built by an earlier run)")
@@ -160,8 +160,8 @@ def test_compiled_backbone_embeds_like_the_eager_one(backbone) -> None:
     assert aot.decide(eager, 32, 10**6, False) == (False, "eager (--no-compile)")
 
 
-def test_a_layer_off_the_embedding_path_is_refused_with_the_stages() -> None:
-    bb = create_backbone("efficientnet_lite0", device="cpu")
+def test_a_layer_off_the_embedding_path_is_refused_with_the_stages(borrowed_backbone) -> None:
+    bb = borrowed_backbone
     with pytest.raises(BackboneError, match="does not run on the way to the embedding"):
         bb.set_layers(["classifier"])
     assert bb.layers == {} and bb.embed_all(bb.prepare(Image.new("RGB", (64, 64))))[1] == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from extractors.embedding import compiled
-from extractors.embedding.backbones import create_backbone
+from extractors.embedding.backbones import Backbone
 
 ROOT = Path(__file__).resolve().parents[3]
 BATCH = 8
@@ -55,10 +55,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | N
     return proc.returncode, report, err
 
 
-def _package(cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _package(cache: Path, monkeypatch: pytest.MonkeyPatch, backbone: Backbone) -> Path:
     """Where `embed` (default backbone, on the CPU, batches of BATCH) looks for its package."""
     monkeypatch.setenv(compiled.CACHE_ENV, str(cache))
-    return compiled.package_path(create_backbone(device="cpu"), BATCH)
+    return compiled.package_path(backbone, BATCH)
 
 
 def test_a_full_compile_cache_embeds_eagerly(digits_dir, tmp_path) -> None:
@@ -85,7 +85,7 @@ def test_a_full_compile_cache_embeds_eagerly(digits_dir, tmp_path) -> None:
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_a_planted_package_is_never_loaded(digits_dir, tmp_path, monkeypatch) -> None:
+def test_a_planted_package_is_never_loaded(digits_dir, backbone, tmp_path, monkeypatch) -> None:
     """A package at the path the cache computes that headstart has no record of building
     (here a library whose constructor writes a marker) is not loaded: a warning, and the
     embed goes on without it."""
@@ -97,7 +97,7 @@ def test_a_planted_package_is_never_loaded(digits_dir, tmp_path, monkeypatch) ->
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(so), str(tmp_path / "planted.c")], check=True)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    package = _package(cache, monkeypatch)
+    package = _package(cache, monkeypatch, backbone)
     with zipfile.ZipFile(package, "w") as zf:  # the layout aoti_load_package opens
         zf.writestr("pkg/archive_format", "pt2")
         zf.writestr(
@@ -171,7 +171,9 @@ def test_a_package_is_hashed_once_while_it_stays_the_same(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_two_embeds_build_one_package_at_a_time(digits_dir, tmp_path, monkeypatch) -> None:
+def test_two_embeds_build_one_package_at_a_time(
+    digits_dir, backbone, tmp_path, monkeypatch
+) -> None:
     """Two `embed --compile` runs on an empty cache at once: they take turns on the package's
     lock, both run compiled, and the package left is whole and matches its record."""
     cache = tmp_path / "cache"
@@ -184,7 +186,7 @@ def test_two_embeds_build_one_package_at_a_time(digits_dir, tmp_path, monkeypatc
         assert code == 0, err[-3000:]
         assert report["embedded"] == 100 and report["model_path"] == "compiled (--compile)"
         assert "compiling the network failed" not in err
-    package = _package(cache, monkeypatch)
+    package = _package(cache, monkeypatch, backbone)
     record = json.loads(compiled.record_path(package).read_text())
     assert record["sha256"] == compiled.file_sha256(package)
     assert record["built_by_pid"] in {proc.pid for proc in procs}

@@ -1,4 +1,4 @@
-"""Index choice, recall tuning on held-out queries, incremental updates, re-rank files."""
+"""Index building, recall tuning on held-out queries, incremental updates, re-rank files."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from extractors.common import parse_bytes
-from extractors.index.ann import Reranker, choose, index_ids
+from extractors.index.ann import index_ids
 from extractors.index.maintain import consistent, open_index, refresh
 from extractors.index.recall import exact_topk, recall_at_k, tune
+from extractors.index.rerank import Reranker
 from extractors.settings import IndexSettings, SettingsError
 from extractors.store.layout import VECTOR_IDS, VECTORS
 
@@ -30,21 +31,6 @@ def stream(x: np.ndarray, ids: np.ndarray, rows: int = 700):
             yield x[i : i + rows], ids[i : i + rows]
 
     return batches
-
-
-def test_choice_follows_size_and_budget():
-    assert choose(5_000, 1280).kind == "flat"
-    hnsw = choose(100_000, 1280, "2GB")
-    assert hnsw.kind == "hnsw" and "fits" in hnsw.reason
-    pq = choose(1_000_000, 1280, "2GB")
-    assert pq.kind == "ivf_pq" and 1280 % pq.m == 0 and pq.memory_bytes <= parse_bytes("2GB")
-    assert "exceed" in pq.reason and pq.disk_bytes == 1_000_000 * 1280 * 4
-    # Room for the vectors but not for the HNSW graph on top of them.
-    ivf = choose(1_000_000, 1280, 1_000_000 * (1280 * 4 + 100))
-    assert ivf.kind == "ivf_flat" and ivf.nlist == 2048
-    assert choose(5_000, 1280, kind="ivf_pq").reason == "asked for ivf_pq"
-    with pytest.raises(ValueError, match="unknown index kind"):
-        choose(10, 8, kind="annoy")
 
 
 def test_parse_bytes():

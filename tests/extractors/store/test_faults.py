@@ -146,7 +146,7 @@ FAULTY = EMBED.replace(
     "src, store = sys.argv[1], sys.argv[2]",
     """src, store = sys.argv[1], sys.argv[2]
 import errno
-import extractors.store.commit, extractors.store.staging, extractors.store.store
+import extractors.store.commit, extractors.store.staging, extractors.store.update
 import extractors.index.maintain
 
 def full(*args, **kwargs):
@@ -161,7 +161,7 @@ if step == "failures table":
 elif step == "index":
     extractors.index.maintain.write_index = faiss_full
 elif step == "manifest":
-    extractors.store.store.write_manifest = full
+    extractors.store.update.write_manifest = full
 elif step == "staging part":
     extractors.store.staging.StagingWriter._seal = staticmethod(full)""",
 )

@@ -19,7 +19,7 @@ from extractors.embedding.sources import read_source
 from extractors.store.store import Store
 from flows.cli import app
 from flows.steps import finetuning, training
-from flows.tracking import lifecycle as tracking
+from flows.tracking.tracker import Tracker
 from heads.settings import FineTuneSettings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -36,8 +36,7 @@ def trained(digits_dir, backbone, tmp_path_factory):
     ws = root / "ws"
     store = Store(ws / "stores" / "digits")
     store.update(read_source(digits_dir), backbone, progress=False)
-    parent = tracking.start_parent_run("analyst", ws, "pipeline-1", {"store": str(store.path)})
-    with tracking.closing_run(parent, ws):
+    with Tracker(ws).parent_run("analyst", "pipeline-1", {"store": str(store.path)}) as parent:
         summary = training.train_and_track(store.path, parent, ws, heads=["logreg", "knn"])
         cfg = FineTuneSettings(strategy="head", epochs=1, image_size=32, batch_size=16)
         tuned = finetuning.finetune_and_track(store.path, parent, ws, cfg, progress=False)

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.tracking.lifecycle import artifact_location, tracking_uri
+from flows.tracking.store import tracking_uri
+from flows.tracking.tracker import Tracker
 
 
 def test_default_store_is_sqlite_in_the_workspace(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert artifact_location("digits", tmp_path) == (tmp_path / "mlartifacts/digits").as_uri()
+    assert (
+        Tracker(tmp_path).artifact_location("digits") == (tmp_path / "mlartifacts/digits").as_uri()
+    )
 
 
 @pytest.mark.parametrize(
@@ -32,11 +35,11 @@ def test_a_database_store_keeps_artifacts_where_the_team_says(
         monkeypatch.delenv("HEADSTART_ARTIFACTS", raising=False)
     else:
         monkeypatch.setenv("HEADSTART_ARTIFACTS", artifacts.format(tmp=tmp_path))
-    got = artifact_location("team", ws)
+    got = Tracker(ws).artifact_location("team")
     want = expected.format(ws=ws.resolve(), tmp=tmp_path)
     assert got == (want if "://" in want else Path(want).as_uri())
 
 
 def test_a_tracking_server_decides_for_itself(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    assert artifact_location("team", "/nowhere") is None
+    assert Tracker("/nowhere").artifact_location("team") is None

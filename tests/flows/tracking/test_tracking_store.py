@@ -62,14 +62,15 @@ LOG_A_RUN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from flows.tracking import lifecycle as tracking
+    from flows.tracking.tracker import Tracker
     ws, n = Path(sys.argv[1]), sys.argv[2]
     (ws / f"ready-{n}").touch()
     while not (ws / "go").exists():
         time.sleep(0.005)
-    run = tracking.start_parent_run("race", ws, f"run-{n}", {"n": n})
-    tracking.log_to_run(run, ws, metrics={"m": 1.0})
-    tracking.end_run(run, ws)
+    tracker = Tracker(ws)
+    run = tracker.start_parent_run("race", f"run-{n}", {"n": n})
+    tracker.log_to_run(run, metrics={"m": 1.0})
+    tracker.end_run(run)
     print(run)
     """
 )

@@ -21,7 +21,8 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from flows.cli import app as cli
-from flows.web.app import MAX_REQUEST_IMAGES, create_app
+from flows.web.app import create_app
+from flows.web.security import MAX_REQUEST_IMAGES
 from tests.flows.web.live import serving
 
 HUGE = "99999999999999999999999"  # past int64

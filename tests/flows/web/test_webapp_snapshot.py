@@ -18,7 +18,8 @@ from starlette.testclient import TestClient
 from extractors.embedding.sources import read_source
 from extractors.store.layout import INDEX
 from extractors.store.store import Store
-from flows.web.app import SWAP_RETRY_S, create_app
+from flows.web.app import create_app
+from flows.web.service import SWAP_RETRY_S
 from tests.flows.web.live import serving
 
 
