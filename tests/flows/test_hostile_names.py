@@ -36,7 +36,7 @@ def test_the_pipeline_and_every_command_take_hostile_names(tmp_path, mlflow_tmp)
     def ok(*args: str) -> str:
         res = runner.invoke(app, [*args, "--workspace", ws], env={"COLUMNS": "300"})
         assert res.exit_code == 0, res.output + repr(res.exception)
-        return res.output
+        return res.stdout  # stderr says which store a command picked
 
     out = ok("run", str(root), "--target", "0", "--head", "logreg", "--head", "knn")
     assert "decision: no escalation" in out
