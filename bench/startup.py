@@ -131,8 +131,9 @@ def main() -> None:
         sync, _ = timed([uv, "run", "true"], env | {"UV_CACHE_DIR": _uv_cache()}, args.repeats)
         bare, _ = timed([uv, "run", "--no-sync", "true"], env, args.repeats)
         print(
-            f"\n`uv run` itself: {sync:.2f} s ({sync / floor:.2f}x floor; it re-checks the "
-            f"compiled bytecode of the whole environment, uv issue #12202), --no-sync {bare:.2f} s"
+            f"\n`uv run` itself: {sync:.2f} s ({sync / floor:.2f}x floor; no `compile-bytecode`, "
+            f"which would re-check the whole environment each time: uv issue #12202), "
+            f"--no-sync {bare:.2f} s"
         )
     print(
         f"\nMLflow first use (create + migrate mlflow.db): {mlflow_first:.2f} s; "

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from flows.tracking.tracker import experiment_page
+
 RUN_NAME = "[col-id='attributes.`Run Name`']"
 
 
@@ -81,7 +83,7 @@ def _drive(browser: Any, base: str, exp: str, out: Path) -> dict[str, Any]:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(f"{base}/#/experiments/{exp}?workflowType=machine_learning")
+    page.goto(experiment_page(base, exp))  # the link headstart prints after each training
     try:
         page.wait_for_selector(f".ag-row {RUN_NAME}", timeout=60_000)
         opens_on = "runs"

@@ -138,6 +138,24 @@ def print_embed(report: dict[str, Any]) -> None:
         out.print(f"  ... and {len(report['failures']) - 10} more: see `headstart info`")
 
 
+def print_mlflow(result: dict[str, Any], workspace: Path) -> None:
+    """Where a training landed in MLflow: the experiment's runs page (the model-training view)
+    and the command that serves it. Links and commands are never wrapped inside a token."""
+    from flows.tracking.tracker import Tracker
+
+    tracker = Tracker(workspace)
+    out.print(
+        Text(f"MLflow: experiment {result['experiment']}, run {result['run_id']}, store ")
+        + Text(tracker.uri),
+        soft_wrap=True,
+    )
+    out.print(
+        Text("runs page: ") + Text(tracker.experiment_url(result["experiment"]), style="bold"),
+        soft_wrap=True,
+    )
+    out.print(Text("open it with: ") + Text(tracker.ui_command(), style="bold"), soft_wrap=True)
+
+
 def print_splits(result: dict[str, Any]) -> None:
     """The split sizes and the test interval of a training, and its leak warning if any."""
     if result.get("splits"):
@@ -148,7 +166,6 @@ def print_splits(result: dict[str, Any]) -> None:
 
 
 def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
-    from flows.tracking.tracker import Tracker
 
     print_embed(result["embed"])
     if result.get("reused_from"):
@@ -181,11 +198,7 @@ def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
         )
     if result.get("champion"):
         out.print(Text(result["champion"]["line"], style="bold"))
-    out.print(
-        f"MLflow: experiment [bold]{result['experiment']}[/], run {result['run_id']}, "
-        f"store {Tracker(workspace).uri}"
-    )
-    out.print(f"open the MLflow UI: [bold]{escape(Tracker(workspace).ui_command())}[/]")
+    print_mlflow(result, workspace)
     out.print(
         f"compare runs: [bold]uv run headstart compare --workspace {escape(str(workspace))}[/]"
     )

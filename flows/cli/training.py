@@ -21,6 +21,7 @@ from flows.cli.render import (
     metric_cells,
     metric_columns,
     print_finetune,
+    print_mlflow,
     print_pipeline,
     print_splits,
 )
@@ -89,7 +90,6 @@ def train(
     from extractors.workspace import resolve_store
     from flows import runs
     from flows.steps.training import check_trainable
-    from flows.tracking.tracker import Tracker
 
     st = resolve_store(store, workspace, need="labels")
     check_trainable(st)
@@ -102,11 +102,7 @@ def train(
     out.print(heads_table(result["heads"], f"heads on {st.path.name}"))
     out.print(Text(result["image_model"]["champion"]["line"], style="bold"))
     print_splits(result)
-    out.print(
-        f"MLflow: experiment {result['experiment']}, run {result['run_id']}; "
-        f"UI: {Tracker(workspace).ui_command()}",
-        highlight=False,
-    )
+    print_mlflow(result, workspace)
 
 
 @app.command()

@@ -27,6 +27,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # rather than on the GenAI overview of traces and tokens.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARAM_CHARS = 500  # MLflow's limit on a param's value
+# The UI's view of an experiment: model training (its runs), not the GenAI overview.
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def experiment_page(base: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment's runs at `base` (tests/flows/tracking/
+    test_mlflow_ui.py opens it in a browser and finds the runs table)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING}"
 
 
 def short(value: Any) -> str:
@@ -100,15 +108,25 @@ class Tracker:
             return f"{root.rstrip('/')}/{experiment}"
         return (Path(root).resolve() / experiment).as_uri()
 
-    def run_url(self, run_id: str, ui_url: str | None = None) -> str:
-        """Link to a run in the MLflow UI at `ui_url` ($MLFLOW_UI_URL, else the tracking
-        server itself, else http://127.0.0.1:5000 where `headstart`'s `mlflow ui` serves)."""
+    def ui_base(self, ui_url: str | None = None) -> str:
+        """Where the MLflow UI of this store is: `ui_url`, $MLFLOW_UI_URL, else the tracking
+        server itself, else http://127.0.0.1:5000 (where `ui_command` serves it)."""
         uri = self.uri
         default = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        base = (ui_url or os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
+        return (ui_url or os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
+
+    def run_url(self, run_id: str, ui_url: str | None = None) -> str:
+        """Link to a run in the MLflow UI (`ui_base`)."""
         exp = self.client(write=False).get_run(run_id).info.experiment_id
-        # workflowType: the UI opens on model training (runs), not the GenAI overview.
-        return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+        return f"{self.ui_base(ui_url)}/#/experiments/{exp}/runs/{run_id}?{MODEL_TRAINING}"
+
+    def experiment_url(self, experiment: str, ui_url: str | None = None) -> str:
+        """Link to an experiment's runs in the MLflow UI (`ui_base`): where analysts compare
+        the heads side by side."""
+        exp = self.client(write=False).get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no MLflow experiment {experiment!r} in {self.uri}")
+        return experiment_page(self.ui_base(ui_url), exp.experiment_id)
 
     def start_parent_run(self, experiment: str, run_name: str, params: dict[str, Any]) -> str:
         """Create a command's parent run and return its id (open until `end_run`)."""

@@ -4,6 +4,7 @@ said plainly, measured at the grouping's own threshold."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -111,3 +112,27 @@ def test_a_query_image_that_is_not_there_is_named(built_store: Store, tmp_path: 
     assert res.exit_code == 2, res.output
     line = res.output.strip()
     assert "\n" not in line and str(missing) in line and "file not found" in line
+
+
+def test_a_training_prints_its_runs_page_and_commands_that_fit_80_columns(
+    built_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link an analyst opens (the experiment's runs, the view tests/flows/tracking/
+    test_mlflow_ui.py checks in a browser) and the command that serves it, each on one line
+    even in an 80-column terminal, so they copy and paste whole."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = tmp_path / "ws"
+    store = ws / "stores" / "digits"
+    shutil.copytree(built_store.path, store)
+    args = ["train", "--store", str(store), "--workspace", str(ws), "--head", "logreg"]
+    res = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    page = next(line for line in lines if line.startswith("runs page: "))
+    assert re.fullmatch(
+        r"runs page: http://127\.0\.0\.1:5000/#/experiments/\d+\?workflowType=machine_learning",
+        page,
+    )
+    db = (ws / "mlflow.db").resolve()
+    command = f"uv run mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
+    assert f"open it with: {command}" in lines
