@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,3 +50,20 @@ def serving(store: Path, workspace: Path) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def serving_process(store: Path, workspace: Path) -> Iterator[tuple[str, int]]:
+    """`headstart ui` on `store` in a process of its own: its base URL and process id (for
+    what only the server's own memory may show)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "flows.cli", "ui", "--store", str(store)]
+    cmd += ["--workspace", str(workspace), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answering(base, 120)
+        yield base, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from flows.cli import app as cli
 from flows.web.app import create_app
 from flows.web.security import MAX_REQUEST_IMAGES
-from tests.flows.web.live import serving
+from tests.flows.web.live import serving, serving_process
 
 HUGE = "99999999999999999999999"  # past int64
 
@@ -32,17 +32,17 @@ def _rows(store) -> list[dict]:
     return store.table(["id", "path", "label", "split"]).to_pylist()
 
 
-def _hwm_kb() -> int:
-    """This process's peak resident memory (the server runs in a thread of it)."""
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def _hwm_kb(pid: int) -> int:
+    """The server process's peak resident memory."""
+    return int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
-def _rss_kb() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def _rss_kb(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
-def _reset_hwm() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from now
+def _reset_hwm(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from now
 
 
 def _vector_body(numbers: int) -> bytes:
@@ -66,18 +66,29 @@ def _raw(base: str, head: str, chunks: list[bytes] = ()) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
-def test_oversized_bodies_are_refused_before_parsing_at_no_memory_cost(client, server) -> None:
+def test_oversized_bodies_are_refused_before_parsing_at_no_memory_cost(
+    built_store, tmp_path
+) -> None:
+    """Measured on `headstart ui` in a process of its own: only the server's memory counts."""
+    with (
+        serving_process(built_store.path, tmp_path) as (server, pid),
+        httpx.Client(base_url=server, timeout=120) as client,
+    ):
+        _refuse_oversized_bodies(client, server, pid)
+
+
+def _refuse_oversized_bodies(client: httpx.Client, server: str, pid: int) -> None:
     limits = client.get("/api/info").json()["limits"]
     cap = limits["max_query_body_bytes"]
     assert 1 * 2**20 < cap < 48 * 2**20  # what the largest legitimate query needs, no more
     many = _vector_body(4_000_000)  # 16 MB of numbers: within the bytes, past the values
     assert len(many) < cap
     head = "POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    base_rss = _rss_kb()
-    _reset_hwm()
+    base_rss = _rss_kb(pid)
+    _reset_hwm(pid)
     t0 = time.perf_counter()
     res = client.post("/api/query", content=many, headers={"content-type": "application/json"})
-    grown_mb = (_hwm_kb() - base_rss) / 1024
+    grown_mb = (_hwm_kb(pid) - base_rss) / 1024
     assert grown_mb < 120, f"a refused body took the process {grown_mb:.0f} MB up"
     assert res.status_code == 413 and "JSON values" in res.json()["detail"], res.text
     # Announced too big: refused on the head alone, none of the 60 MB is waited for.
@@ -90,7 +101,7 @@ def test_oversized_bodies_are_refused_before_parsing_at_no_memory_cost(client, s
     status, body = _raw(server, head + "Transfer-Encoding: chunked\r\n\r\n", parts)
     assert status == 413 and b"request body over" in body
     assert time.perf_counter() - t0 < 60  # a server waiting for the 60 MB would time out at 20
-    grown_mb = (_hwm_kb() - base_rss) / 1024
+    grown_mb = (_hwm_kb(pid) - base_rss) / 1024
     assert grown_mb < 120, f"the refused bodies took the process {grown_mb:.0f} MB up"
     assert client.get("/api/health").json() == {"ok": True}
 
