@@ -124,6 +124,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """A count and its noun in the right number: `1 group`, `2 groups` (`many` where an "s"
+    does not make the plural: plural(n, "match", "matches"))."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
 class DaemonPool:
     """Daemon worker threads for file work (Pillow, torch and hashing release the GIL).
 

@@ -192,6 +192,13 @@ class EmbedSettings(Settings):
     weights: str | None = setting(
         None, "Local weights file for the backbone instead of a download.", cli=(Any, str)
     )
+    split_from: str | None = setting(
+        None,
+        "A store whose split the images take (matched by path; the images it lacks are split "
+        "as usual), so the stores of several backbones hold one split: a run with several "
+        "--backbone sets it.",
+        cli=(Any, str),
+    )
     layers: list[str] | None = setting(
         None,
         "Also save pooled features of these layers as extra columns, comma-separated: stage "
@@ -364,3 +371,53 @@ class SearchSettings(Settings):
         None, sentence(Filters, "ids"), check=_row_ids, cli=(str | None, _ids)
     )
     path_prefix: str | None = setting(None, sentence(Filters, "path_prefix"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings(Settings):
+    """Thresholds of the drift and out-of-distribution checks of a scoring run
+    (extractors/monitor/). Each batch test alarms when its p-value is below drift_alpha and
+    its effect reaches its floor: at most 4 x drift_alpha (1%) of in-distribution batches
+    alarm, measured in bench/monitor.py."""
+
+    section: ClassVar[str] = "monitor"
+
+    ood_k: int = setting(10, "Neighbour whose distance is an image's OOD score.", check=at_least(1))
+    ood_level: float = setting(
+        0.01,
+        "Flag an image out of distribution when its conformal p-value is at most this: the "
+        "share of in-distribution images flagged (needs 1/level - 1 val images).",
+        check=in_range(0.0, 0.5),
+    )
+    drift_alpha: float = setting(
+        0.0025, "p-value below which a batch test alarms.", check=in_range(0.0, 0.5)
+    )
+    drift_rows: int = setting(
+        500, "Rows per side of the embedding two-sample test (bounds its cost).", check=at_least(10)
+    )
+    drift_permutations: int = setting(
+        999, "Permutations of the embedding two-sample test.", check=at_least(99)
+    )
+    min_drift_auc: float = setting(
+        0.55,
+        "Embedding drift alarms only from this witness AUC (0.5: no difference).",
+        check=in_range(0.5, 1.0),
+    )
+    min_ood_ratio: float = setting(
+        2.0, "The OOD share alarms only from this many times the level.", check=at_least(1.0)
+    )
+    min_class_shift: float = setting(
+        0.1,
+        "Prediction drift alarms only from this total variation distance between predicted "
+        "and training class shares.",
+        check=in_range(0.0, 1.0),
+    )
+    min_confidence_drop: float = setting(
+        0.05, "The mean top probability alarms only from this drop.", check=in_range(0.0, 1.0)
+    )
+    seed: int = setting(0, "Seed of the subsampling, permutations and Monte-Carlo draws.")
+
+    def check(self) -> None:
+        if 1.0 / (self.drift_permutations + 1) >= self.drift_alpha:
+            least = 1 / self.drift_alpha - 1
+            self.fail("drift_permutations", f"must exceed 1/drift_alpha - 1 = {least:g}")

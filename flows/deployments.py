@@ -108,11 +108,12 @@ class DeploymentSpec:
 
     def parameters(self) -> dict[str, Any]:
         """The flow's parameters (JSON: Prefect stores them and validates them)."""
-        if self.kind == "score":
+        if self.kind == "score":  # a schedule never floats to whatever was trained last
             return {
                 "source": self.source,
                 "embedding": self.settings.embed.as_dict(),
                 "progress": False,
+                "experiment": Path(self.source).stem,
                 **self.locations,
                 **self.options,
             }

@@ -25,16 +25,19 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.embedding.sources import read_source
-from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
+from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, MonitorSettings
 from extractors.store.layout import os_path
 from extractors.store.store import StoreBusy
 from extractors.workspace import resolve_store
 from flows import runs
 from flows.settings import PipelineSettings
 from flows.steps import audit, embedding, finetuning, scoring, training
+from flows.tracking import monitoring
+from flows.tracking.monitoring import DRIFT_EVENT
 from flows.tracking.tracker import Tracker
 from heads.settings import FineTuneSettings
 
@@ -200,11 +203,17 @@ class PrefectRunner(runs.Runner):
         workspace: str,
         embedding: EmbedSettings,
         progress: bool,
+        monitor: MonitorSettings = MonitorSettings(),
     ) -> dict[str, Any]:
-        return score_task(source, predictions, model, store, workspace, embedding, progress)
+        return score_task(
+            source, predictions, model, store, workspace, embedding, progress, monitor
+        )
 
     def log(self, message: str) -> None:
         get_run_logger().info(message)
+
+    def step(self, number: int, total: int, what: str) -> None:
+        self.log(f"step {number}/{total}: {what}")
 
     def publish(
         self, name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None
@@ -234,6 +243,20 @@ class PrefectRunner(runs.Runner):
             | {"part": report["part"] or "nothing new", "predictions": report["predictions"]}
         ]
         create_table_artifact(rows, key=f"score-{_key(name)}", description=f"Scoring of {name}")
+        watched = report.get("monitor")
+        if not watched:
+            return
+        create_markdown_artifact(
+            monitoring.summary(watched),
+            key=f"monitor-{_key(name)}",
+            description=f"Drift and out-of-distribution figures of {name}'s batch",
+        )
+        if watched["alarm"]:
+            emit_event(
+                event=DRIFT_EVENT,
+                resource={"prefect.resource.id": f"headstart.experiment.{name}"},
+                payload=monitoring.figures(watched),
+            )
 
 
 def _key(name: str) -> str:
@@ -312,9 +335,19 @@ def score(
     workspace: str = str(DEFAULT_WORKSPACE),
     embedding: EmbedSettings = EmbedSettings(),
     progress: bool = True,
+    monitor: MonitorSettings = MonitorSettings(),
 ) -> dict[str, Any]:
     return runs.score(
-        source, predictions, model, experiment, store, workspace, embedding, progress, PREFECT
+        source,
+        predictions,
+        model,
+        experiment,
+        store,
+        workspace,
+        embedding,
+        progress,
+        monitor,
+        PREFECT,
     )
 
 

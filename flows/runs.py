@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import tomllib
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.common import HeadstartError
-from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, Settings
+from extractors.common import plural
+from extractors.settings import (
+    EmbedSettings,
+    EngineSettings,
+    IndexSettings,
+    MonitorSettings,
+    Settings,
+    SettingsError,
+)
 from flows.settings import PipelineSettings
 from heads.settings import FineTuneSettings
 
@@ -108,13 +112,18 @@ class Runner:
         workspace: str,
         embedding: EmbedSettings,
         progress: bool,
+        monitor: MonitorSettings = MonitorSettings(),
     ) -> dict[str, Any]:
         from flows.steps.scoring import score_new
 
-        return score_new(source, predictions, model, store, workspace, embedding, progress)
+        return score_new(source, predictions, model, store, workspace, embedding, progress, monitor)
 
     def log(self, message: str) -> None:
         logging.getLogger("headstart").info(message)
+
+    def step(self, number: int, total: int, what: str) -> None:
+        """Which step of a run starts: one line a person sees (the CLI prints it)."""
+        logging.getLogger("headstart.steps").info(f"step {number}/{total}: {what}")
 
     def publish(
         self, name: str, run_id: str, workspace: str, summary: dict, tuned: dict | None
@@ -128,50 +137,6 @@ class Runner:
 LOCAL = Runner()
 
 
-def prefect_api_url() -> str | None:
-    """The Prefect API runs report to: `PREFECT_API_URL`, else the active Prefect profile's
-    (`prefect config set PREFECT_API_URL=...`); None when neither names one. Read without
-    importing Prefect."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
-    try:
-        profiles = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
-    url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
-    return str(url) if url else None
-
-
-def using_prefect() -> bool:
-    """Run the CLI's commands as Prefect flows: when a Prefect server is set up for them."""
-    return prefect_api_url() is not None
-
-
-class OrchestrationError(HeadstartError, RuntimeError):
-    """The Prefect server that runs should report to is not there."""
-
-
-def check_prefect_server(timeout_s: float = 5.0) -> str:
-    """The configured Prefect API's URL, once it answers its health check; else a clear
-    error (not Prefect's traceback after its own time-out)."""
-    url = prefect_api_url()
-    if url is None:
-        raise OrchestrationError("no Prefect server is set up (PREFECT_API_URL is not set)")
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return url
-    except (OSError, ValueError):
-        pass
-    raise OrchestrationError(
-        f"no Prefect server answers at {url} (PREFECT_API_URL): start it with "
-        "`uv run prefect server start`, or unset PREFECT_API_URL to run without Prefect"
-    )
-
-
 def for_cli(run: Run, workspace: str | Path | None = None) -> Run:
     """`run` (one of this module's) for a CLI command: its Prefect flow (flows/pipeline.py)
     when a Prefect server is set up (its UI then shows the run; one clear error when it does
@@ -183,6 +148,8 @@ def for_cli(run: Run, workspace: str | Path | None = None) -> Run:
         from flows.tracking.store import check
 
         check(workspace)
+    from flows.orchestration import check_prefect_server, using_prefect
+
     if not using_prefect():
         return run
     check_prefect_server()
@@ -285,6 +252,15 @@ def pipeline(
     from flows.tracking.tracker import Tracker
 
     s = settings
+    if len(s.candidates()) > 1:
+        from flows.candidates import pipeline_over
+
+        if store is not None:
+            raise SettingsError("--store names one store: give one --backbone with it")
+        return pipeline_over(source, s, workspace, experiment, progress, retry_delay_s, runner)
+    s = s.replace(embed=s.embed.replace(backbone=s.candidates()[0]))
+    steps = 4 if s.audit else 3  # embed, heads, (audit), fine-tuning or not
+    runner.step(1, steps, f"embedding the new or changed images of {source}")
     report = _embedded(
         runner,
         runner.embed(source, s.embed, s.index, s.engine, store, workspace, progress, retry_delay_s),
@@ -294,9 +270,13 @@ def pipeline(
     params = run_params(report, s.embed.seed, s.target) | flat_params(s.as_dict())
     with tracker.parent_run(name, run_name("pipeline"), params) as run_id:
         _log_embedding(tracker, run_id, report)
+        runner.step(2, steps, "the heads, each swept on val and scored once on test")
         summary, why = _heads(runner, tracker, run_id, report["store"], s, progress)
         decision = _decide(runner, tracker, run_id, summary, s)
+        if s.audit:
+            runner.step(3, steps, "the label audit")
         audited = _audit(runner, run_id, report["store"], workspace, s)
+        runner.step(steps, steps, f"fine-tuning: {decision['reason']}")
         tuned = None
         if decision["escalate"]:
             best = next(h for h in summary["heads"] if h["head"] == summary["best"])
@@ -409,23 +389,35 @@ def score(
     workspace: str = str(DEFAULT_WORKSPACE),
     embedding: EmbedSettings = EmbedSettings(),
     progress: bool = True,
+    monitor: MonitorSettings = MonitorSettings(),
     runner: Runner = LOCAL,
 ) -> dict[str, Any]:
     """Score the new or changed images of `source` with `model` (default: the champion of
-    `<experiment>-image`, the experiment defaulting to the source's name) and append them to
-    the predictions table `predictions` (default: WORKSPACE/predictions/<source name>)."""
+    `<experiment>-image`; without an experiment, the champion a bare `predict` uses: that of
+    the latest store with heads, or of `store`) and append them to the predictions table
+    `predictions` (default: WORKSPACE/predictions/<experiment>), each image with its
+    out-of-distribution score; the batch's drift figures (`monitor`'s thresholds) go to an
+    MLflow monitoring run, and an alarm is said (and, under Prefect, emitted as an event)."""
     from extractors.store.layout import slug
+    from flows.steps.scoring import scoring_model
 
-    name = experiment or Path(source).stem
-    model = model or f"models:/{name}-image@champion"
+    model, name = scoring_model(source, model, experiment, store, workspace)
     predictions = predictions or str(Path(workspace) / "predictions" / slug(name))
-    report = runner.score(source, predictions, model, store, workspace, embedding, progress)
+    report = runner.score(
+        source, predictions, model, store, workspace, embedding, progress, monitor
+    )
+    if report.get("monitor"):
+        from flows.tracking.monitoring import log_batch
+
+        report["monitor"]["run_id"] = log_batch(workspace, name, source, report)
+        if report["monitor"]["alarm"]:
+            runner.log(f"drift alarm on {source}: {'; '.join(report['monitor']['reasons'])}")
     if report["nothing_new"]:
         runner.log(f"nothing new in {source}: all {report['unchanged']} files already scored")
     else:
         runner.log(
-            f"scored {report['rows']} new or changed files of {source} with {report['model']} "
-            f"into {report['part']} ({report['errors']} errors)"
+            f"scored {plural(report['rows'], 'new or changed file')} of {source} with "
+            f"{report['model']} into {report['part']} ({plural(report['errors'], 'error')})"
         )
     runner.publish_score(name, report)
     return report

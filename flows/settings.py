@@ -36,6 +36,21 @@ class PipelineSettings(Settings):
     index: IndexSettings = dataclasses.field(default_factory=IndexSettings)
     engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
     finetune: FineTuneSettings = dataclasses.field(default_factory=FineTuneSettings)
+    backbones: list[str] | None = setting(
+        None,
+        "Backbone (repeatable): efficientnet_lite0 (offline default), efficientnet_lite1, "
+        "efficientnet_lite2, `torchvision:<model>`, `timm:<model>` or `finetuned:<id>`. Two or "
+        "more are compared in one run: a store each, all on one split (the first's), the "
+        "heads of each under one MLflow parent run, fine-tuning from the best when none "
+        "reaches --target. Default: embed.backbone.",
+        flags=("--backbone",),
+    )
+    shortlist: int | None = setting(
+        None,
+        "With several --backbone: train heads only on the N that LogME ranks best from their "
+        "train embeddings (`headstart rank`), in seconds, before any head is fitted.",
+        check=lambda v: None if v >= 1 else f"must be at least 1, not {v}",
+    )
     heads: list[str] | None = setting(
         None,
         f"Head to train (repeatable): {', '.join(HEAD_NAMES)} (default: all of them).",
@@ -62,3 +77,8 @@ class PipelineSettings(Settings):
         "audit`) and log the findings to the run.",
         flags=("--audit/--no-audit",),
     )
+
+    def candidates(self) -> list[str | None]:
+        """The backbones a run embeds with: `backbones`, else `embed.backbone` (None: the
+        store's own, else the default)."""
+        return list(self.backbones or [self.embed.backbone])

@@ -4,10 +4,15 @@ The protocol:
 
 - **label issues** come from out-of-sample class probabilities only: K-fold cross-validated
   probabilities (stratified, seeded) of the store's best head kind refitted with its chosen
-  settings on the other folds, never a head's in-sample ones. cleanlab (confident learning:
-  `cleanlab.filter.find_label_issues`) decides which rows are issues; each is scored
-  1 - cleanlab's self-confidence label quality (higher = more suspect) and suggests the most
-  probable class. cleanlab's `estimate_noise_matrices` gives the estimated label-noise rate.
+  settings on the other folds, never a head's in-sample ones. cleanlab's confident learning
+  (Northcutt, Jiang and Chuang, "Confident Learning: Estimating Uncertainty in Dataset Labels",
+  JAIR 70, 2021: `cleanlab.filter.find_label_issues`) decides which rows are issues; each is
+  scored 1 - cleanlab's self-confidence label quality (higher = more suspect) and suggests the
+  most probable class. cleanlab's `estimate_noise_matrices` gives the estimated label-noise
+  rate. Logistic regression on the raw embeddings is fitted on them centred (the training
+  fold's mean taken off): the same model, since its intercept is not penalised
+  (x.w + b = (x - m).w + (b + m.w)), found in about a tenth of L-BFGS's iterations (embeddings
+  are far from zero mean; bench/audit.py).
 - **outliers**: the mean cosine distance of a row to its k nearest other rows in the store's
   FAISS index (score in [0, 2], higher = further from everything); reported for the rows above
   the 99th percentile of that distance (at least one), with the nearest neighbour as `related`.
@@ -19,11 +24,14 @@ Scores are comparable within an issue kind, not across kinds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.base import BaseEstimator, clone
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from extractors.common import HeadstartError
 from heads.classical import HEADS, build_head, calibrated, class_scores
@@ -49,31 +57,49 @@ class LabelAudit:
     classes: list[str]
 
 
-def out_of_sample_proba(
-    X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any], seed: int = 0
-) -> tuple[np.ndarray, list[str]]:
-    """K-fold cross-validated probabilities of `head` with `params` (its chosen settings):
-    each row scored by a head that never saw it."""
+def folds_for(y: np.ndarray) -> int:
+    """The number of folds for `y`: FOLDS, fewer when the smallest class is smaller."""
     counts = np.unique(y, return_counts=True)[1]
-    folds = int(min(FOLDS, counts.min()))
-    if folds < 2:
+    if counts.min() < 2:
         raise AuditError(
             "every class needs at least 2 labelled images for out-of-sample probabilities; "
             f"the smallest has {counts.min()}"
         )
+    return int(min(FOLDS, counts.min()))
+
+
+def audit_head(head: str, params: dict[str, Any], y: np.ndarray, seed: int = 0) -> BaseEstimator:
+    """The unfitted estimator each fold fits: `head` with its chosen settings (calibrated when
+    the head is), logistic regression on raw embeddings centred (the same model, faster)."""
     params = {k: v for k, v in params.items() if k not in ("feature", "best_epoch")}
     est = build_head(head, seed=seed, **params)
-    if HEADS[head].calibrate:
-        est = calibrated(est, y)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    if head == "logreg" and isinstance(est.named_steps["pre"], FunctionTransformer):
+        est.steps[0] = ("pre", StandardScaler(with_std=False))  # centring only
+    return calibrated(est, y) if HEADS[head].calibrate else est
+
+
+def out_of_sample_proba(
+    X: np.ndarray,
+    y: np.ndarray,
+    head: str,
+    params: dict[str, Any],
+    seed: int = 0,
+    tick: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """K-fold cross-validated probabilities of `head` with `params` (its chosen settings):
+    each row scored by a head that never saw it. `tick` is called after each fold."""
+    folds = folds_for(y)
+    est = audit_head(head, params, y, seed)
     classes = sorted(np.unique(y).tolist())
-    if hasattr(est, "predict_proba"):
-        proba = cross_val_predict(est, X, y, cv=cv, method="predict_proba")
-    else:  # decision scores, softmaxed as class_scores does
-        proba = np.zeros((len(y), len(classes)))
-        for train, test in cv.split(X, y):
-            proba[test] = class_scores(est.fit(X[train], y[train]), X[test])
-    return np.asarray(proba, np.float64), [str(c) for c in classes]
+    proba = np.zeros((len(y), len(classes)))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+        fitted = clone(est).fit(X[train], y[train])
+        # probabilities, or decision scores softmaxed (class_scores), in `classes` order
+        columns = np.searchsorted(classes, fitted.classes_)
+        proba[np.ix_(test, columns)] = class_scores(fitted, X[test])
+        if tick is not None:
+            tick()
+    return proba, [str(c) for c in classes]
 
 
 def label_issues(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> LabelAudit:

@@ -109,6 +109,7 @@ class ImageClassifier:
                     "weights": self.weights,
                     "feature": self.feature,
                     "feature_module": self.feature_module,
+                    "store": self.store,  # reused for its embeddings, and the OOD reference
                 },
                 folder / HEAD_FILE,
             )
@@ -161,6 +162,8 @@ class BoundClassifier:
     def from_features(self, features: np.ndarray) -> np.ndarray:
         """Probabilities from the feature column the model reads."""
         if self.model.head is None:
+            # A copy: stored features are read-only Arrow memory (torch warns on those).
+            features = np.array(features, dtype=np.float32)
             return self.backbone.proba_of_features(torch.from_numpy(features)).numpy()
         return class_scores(self.model.head, np.asarray(features, np.float32))
 

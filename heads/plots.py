@@ -226,3 +226,33 @@ def index_curve_png(entry: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def history_png(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Scoring batches over time (`headstart monitor`): the out-of-distribution share and the
+    embedding-drift witness AUC, alarms marked in red."""
+    import datetime as dt
+
+    rows = sorted(rows, key=lambda r: r["at"])
+    at = [dt.datetime.fromisoformat(r["at"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(at, [r.get("ood.share", 0.0) for r in rows], "o-", label="share out of distribution")
+    ax.plot(at, [r.get("embedding_drift.auc", 0.5) for r in rows], "s--", label="drift AUC")
+    alarms = [i for i, r in enumerate(rows) if r["alarm"]]
+    if alarms:
+        ax.scatter(
+            [at[i] for i in alarms],
+            [1.0] * len(alarms),
+            color="red",
+            marker="v",
+            label="alarm",
+            zorder=3,
+        )
+    ax.set(ylim=(0, 1.05), ylabel="share / AUC", title="scoring batches")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)

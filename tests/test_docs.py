@@ -42,6 +42,12 @@ SERVERS = {  # command -> default port
     "mlflow models serve": 5000,
 }
 SERVICE_PORT = 8765
+# What only the libraries print (log lines, warnings, registrations, telemetry), never ours.
+NOISE = re.compile(
+    r"^(INFO|WARNING|DEBUG)\b|^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d |\w+Warning: |Traceback|"
+    r"Successfully registered|Created version|[Tt]elemetry|alembic",
+    re.M,
+)
 
 
 def _blocks() -> list[tuple[str, list[str]]]:
@@ -93,6 +99,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     demo = ["headstart", "demo", "--per-class", "24", "--epochs", "1"]
     res = subprocess.run(demo, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not NOISE.search(res.stdout + res.stderr), NOISE.search(res.stdout + res.stderr)
     return root, env
 
 
@@ -166,3 +173,25 @@ def test_documented_commands_run_as_written(
         f"{where}: a documented command failed\n{script}\n--- stdout\n{res.stdout[-2000:]}"
         f"\n--- stderr\n{res.stderr[-3000:]}{logs}"
     )
+
+
+def test_the_example_outputs_come_from_a_real_run(demo_root, tmp_path: Path) -> None:
+    """docs/examples/ is written by docs/examples.py; here it runs every command after the
+    demo, so a command it shows that fails or is gone is a red test."""
+    root, env = demo_root
+    script = ROOT / "docs" / "examples.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--root", str(root), "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    shown = sorted(p.name for p in (ROOT / "docs" / "examples").glob("*.txt"))
+    written = sorted(p.name for p in tmp_path.glob("*.txt"))
+    assert set(written) == set(shown) - {"demo.txt"} and written
+    for page in tmp_path.glob("*.txt"):
+        first, _, rest = page.read_text().partition("\n")
+        assert first.startswith("$ uv run headstart ") and rest.strip(), page.name
+        assert not NOISE.search(rest), (page.name, NOISE.search(rest))  # only our own lines

@@ -16,8 +16,15 @@ from extractors.embedding.images import file_sha256
 from extractors.embedding.sources import Source
 from extractors.index import maintain
 from extractors.index.ann import index_ids
-from extractors.store.layout import EMBEDDINGS, INDEX, STAGING, VECTORS, embedding_matrix, os_path
-from extractors.store.plan import DUPLICATE
+from extractors.store.layout import (
+    DUPLICATE,
+    EMBEDDINGS,
+    INDEX,
+    STAGING,
+    VECTORS,
+    embedding_matrix,
+    os_path,
+)
 
 if TYPE_CHECKING:
     from extractors.store.store import Store

@@ -157,7 +157,9 @@ def leak_check(store: Store, grouping: Grouping) -> dict[str, Any]:
     any) whose images sit in more than one split (`leaks`); of those, the ones the guard cuts
     (`too_large_groups`: too large to keep in one split, so the split cannot be leak-free);
     and the groups `dedup --fix-splits` would move (`groups_to_move`, the guard's pieces that
-    span splits)."""
+    span splits). `twinned_test_images` counts the test images linked directly to a train or
+    val image: a chain of similar images (handwritten digits) makes one large group whose test
+    images are not all near-twins of training images."""
     labels, edges, meta = _links(store, grouping)
     base = Groups(sorted(components(labels, edges, grouping.threshold), key=lambda g: g[0]))
     found = leaks(groups_table(base, meta))
@@ -166,7 +168,15 @@ def leak_check(store: Store, grouping: Grouping) -> dict[str, Any]:
     piece_of = guarded.of()
     spanning = [g for g in base.members if len({split_of[i] for i in g}) > 1]
     splits = Counter(s for s in split_of.values() if s)
+    twinned = {
+        i
+        for a, b, _ in edges
+        for i, j in ((a, b), (b, a))
+        if split_of.get(i) == "test" and split_of.get(j) not in (None, "test")
+    }
     return found | {
+        # test images with a near-twin of their own in train or val: pairs, not chains
+        "twinned_test_images": len(twinned),
         "too_large_groups": sum(len({piece_of[i] for i in g}) > 1 for g in spanning),
         "groups_to_move": len({m["group"] for m in split_moves(guarded, meta)}),
         "threshold": grouping.threshold,

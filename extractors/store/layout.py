@@ -73,6 +73,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.parquet"
 FAILURES = "failures.parquet"
+# The reason of a file whose bytes another path of the source holds: listed in FAILURES (it is
+# not a row) but counted apart, as a duplicate: the store is whole without it.
+DUPLICATE = "duplicate content of "
 INDEX = "index.faiss"
 ROWS = "rows.arrow"
 VECTORS = "vectors.f32"  # ivf_pq: normalised rows for exact re-ranking

@@ -14,12 +14,9 @@ import pyarrow as pa
 from extractors.common import FILE_TIMEOUT_S, DaemonPool
 from extractors.embedding.images import file_sha256
 from extractors.embedding.sources import ImageRecord, Source
-from extractors.store.layout import os_path
+from extractors.store.layout import DUPLICATE, os_path
 
 HASH_THREADS = 4  # files hashed at once (reads; the GIL is released)
-# The reason of a file whose bytes another path of the source holds: listed with the failures
-# (it is not a row) but counted apart (`duplicate_of`): the store is whole without it.
-DUPLICATE = "duplicate content of "
 
 
 @dataclass(frozen=True)

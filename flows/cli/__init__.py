@@ -7,6 +7,8 @@ from __future__ import annotations
 from flows.cli import (  # noqa: F401 (register commands)
     embedding,
     models,
+    monitoring,
+    ranking,
     scheduling,
     scoring,
     training,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import warnings
+from typing import Annotated, Any
 
 import click
 import typer
@@ -20,23 +21,33 @@ from extractors.common import HeadstartError
 
 # Keep the CLI light: `--help` and bad-input errors should not wait for torch to import.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-friendly
+# The libraries' loggers whose INFO lines are theirs, not ours (MLflow's database creation and
+# "Successfully registered model", alembic's migrations): shown with --verbose only.
+LIBRARY_LOGGERS = {"mlflow": "ERROR", "alembic": "WARNING", "httpx": "WARNING"}
+OWN_MODULES = r"(extractors|heads|flows)(\.|$)"
 
 out = Console()
 err = Console(stderr=True)
 
 
 class _Said(logging.Handler):
-    """What a command chose for the user (extractors/workspace.py `defaults`), one dim line on
-    stderr: stdout stays the command's own output (and --json stays JSON)."""
+    """One line on stderr (stdout stays the command's own output, and --json stays JSON):
+    what a command chose for the user (extractors/workspace.py `defaults`), dim, and which step
+    of a run starts (flows/runs.py `Runner.step`), bold."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
 
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(Text(record.getMessage(), style="dim"), highlight=False, soft_wrap=True)
+        err.print(Text(record.getMessage(), style=self.style), highlight=False, soft_wrap=True)
 
 
-_said = logging.getLogger("headstart.defaults")
-_said.addHandler(_Said())
-_said.setLevel(logging.INFO)
-_said.propagate = False
+for _name, _style in (("headstart.defaults", "dim"), ("headstart.steps", "bold")):
+    _log = logging.getLogger(_name)
+    _log.addHandler(_Said(_style))
+    _log.setLevel(logging.INFO)
+    _log.propagate = False
 
 
 def fail(exc: HeadstartError) -> typer.Exit:
@@ -65,6 +76,21 @@ class Commands(TyperGroup):
             raise fail(known) from None
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Only headstart's own lines unless --verbose: the libraries' log lines and warnings off,
+    and their usage telemetry off (on a machine without network it logs an error each run;
+    `DO_NOT_TRACK` set by the user wins)."""
+    if verbose:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+        return
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", LIBRARY_LOGGERS["mlflow"])
+    for name, level in LIBRARY_LOGGERS.items():  # already imported, or configured later
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=OWN_MODULES)
+
+
 app = typer.Typer(
     cls=Commands,
     help=(
@@ -77,3 +103,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Also print the libraries' own log lines and warnings (MLflow, PyTorch, "
+            "alembic), which headstart keeps quiet by default.",
+        ),
+    ] = False,
+) -> None:
+    """headstart: transfer learning for images."""
+    quiet_libraries(verbose)

@@ -12,8 +12,8 @@ from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
-from flows.cli.options import JsonOpt, Workspace
-from flows.cli.render import DataTable
+from flows.cli.options import JsonOpt, WideOpt, Workspace
+from flows.cli.render import DataTable, show, when
 
 ModelName = Annotated[
     str | None,
@@ -67,9 +67,11 @@ def rollback(
 def champion_cmd(
     model: ModelName = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which version is champion, and every decision that moved it or kept it."""
+    """Which version is champion, and every decision that moved it or kept it (times in local
+    time; --json has the UTC stamps)."""
     from flows.tracking import champion
 
     name = _name(model, workspace, False)
@@ -79,13 +81,16 @@ def champion_cmd(
         print(json.dumps({"name": name, "champion": now, "history": entries}, indent=2))
         return
     out.print(Text(f"{name}: champion version {now}", style="bold"))
-    table = DataTable(title=f"decisions on {name}, oldest first")
-    for col in ("at", "version", "decision", "by", "reason"):
-        table.add_column(col)
+    table = DataTable(title=f"decisions on {name}, oldest first", wide=wide)
+    table.add_column("at", no_wrap=True)
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("by", no_wrap=True, spare=1)
+    table.add_column("reason")  # prose: wraps between words
     for e in entries:
         verdict = "champion" if e["promoted"] else "kept out"
-        table.add_row(e["at"], str(e["version"]), verdict, e["by"], e["reason"])
-    out.print(table)
+        table.add_row(when(e["at"]), str(e["version"]), verdict, e["by"], e["reason"])
+    show(table)
 
 
 def _show(decision, as_json: bool) -> None:

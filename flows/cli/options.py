@@ -33,6 +33,14 @@ StoreOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Show every column of the tables, whatever the terminal's width (a narrow one "
+        "leaves some out and names them under the table; --json has everything).",
+    ),
+]
 Experiment = Annotated[
     str | None, typer.Option(help="MLflow experiment (default: the source's name).")
 ]
@@ -151,7 +159,11 @@ def _get(values: dict[str, Any], dotted: str) -> Any:
 # Every setting of a pipeline run, for `run` and `serve`; one --seed for the split, the heads
 # and fine-tuning.
 RUN = Group(
-    PipelineSettings, skip=frozenset({"finetune.seed"}), link={"finetune.seed": "embed.seed"}
+    PipelineSettings,
+    skip=frozenset(
+        {"finetune.seed", "embed.backbone", "embed.split_from"}
+    ),  # --backbone: backbones
+    link={"finetune.seed": "embed.seed"},
 )
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from extractors import DEFAULT_WORKSPACE
+from extractors.common import plural
 from flows.cli.app import app, err, fail, out
 from flows.cli.options import RUN, Experiment, StoreOpt, Workspace, with_settings
 from flows.settings import PipelineSettings
@@ -95,21 +96,22 @@ def _check_sources(specs: list[DeploymentSpec]) -> None:
 
     for spec in specs:
         where = spec.locations
-        preflight(
-            Path(spec.source),
-            where.get("store") and Path(where["store"]),
-            spec.settings.embed.backbone,
-            Path(where.get("workspace", DEFAULT_WORKSPACE)),
-            need_labels=True,
-        )
+        for backbone in spec.settings.candidates():
+            preflight(
+                Path(spec.source),
+                where.get("store") and Path(where["store"]),
+                backbone,
+                Path(where.get("workspace", DEFAULT_WORKSPACE)),
+                need_labels=True,
+            )
 
 
 def _reach_prefect() -> None:
     """The Prefect server set up, answering; else a temporary one, said so."""
-    from flows import runs
+    from flows import orchestration
 
-    if runs.using_prefect():
-        runs.check_prefect_server()
+    if orchestration.using_prefect():
+        orchestration.check_prefect_server()
         return
     # Prefect's own 20 s is too short for a first start on a small, busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
@@ -119,6 +121,7 @@ def _reach_prefect() -> None:
         "`uv run prefect server start` and export "
         "PREFECT_API_URL=http://127.0.0.1:4200/api first.",
         highlight=False,
+        soft_wrap=True,  # the command it names stays one line: it copies and pastes whole
     )
 
 
@@ -126,20 +129,20 @@ def _serve(built: list[Any], specs: list[DeploymentSpec], limit: int) -> None:
     """Serve the deployments until Ctrl-C."""
     from prefect import serve as prefect_serve
 
-    from flows import runs
+    from flows import orchestration
 
     for spec in specs:
         out.print(
             f"serving pipeline/{spec.name} over {spec.source}, {spec.schedule}", highlight=False
         )
-    out.print(f"at most {limit} run(s) at once; Ctrl-C stops")
+    out.print(f"at most {plural(limit, 'run')} at once; Ctrl-C stops")
     try:
         prefect_serve(*built, limit=limit, print_starting_message=False)
     except RuntimeError as exc:
         if "ephemeral Prefect API" not in str(exc):
             raise
         raise fail(
-            runs.OrchestrationError(
+            orchestration.OrchestrationError(
                 "the temporary Prefect server did not start in time; start one with `uv run "
                 "prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and "
                 "run serve again"

@@ -12,9 +12,10 @@ import typer
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.settings import EmbedSettings
+from extractors.common import plural
+from extractors.settings import EmbedSettings, MonitorSettings
 from flows.cli.app import app, out
-from flows.cli.options import Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.options import Group, JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable
 
 if TYPE_CHECKING:
@@ -98,11 +99,13 @@ def predict(
 
 @app.command()
 @with_settings(
-    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
+    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"})),
+    monitor=MonitorSettings,
 )
 def score(
     source: Annotated[Path, typer.Argument(help="Folder (any depth) or CSV/Parquet manifest.")],
     embedding: EmbedSettings,
+    monitor: MonitorSettings,
     predictions: Annotated[
         Path | None,
         typer.Option(
@@ -112,16 +115,23 @@ def score(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Model to score with (default: models:/EXPERIMENT-image@champion)."),
+        typer.Option(
+            help="Model to score with (default: models:/EXPERIMENT-image@champion; without "
+            "--experiment, the champion a bare `predict` uses: that of the latest store with "
+            "heads, or of --store)."
+        ),
     ] = None,
-    experiment: Experiment = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(help="MLflow experiment whose champion scores and where the batch is logged."),
+    ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score the images of SOURCE not scored yet (new, or changed since) with the champion,
-    and append them to a predictions table: what the scheduled `kind = "score"` deployment
-    runs. Nothing new, nothing written."""
+    """Score the images of SOURCE not scored yet (new, or changed since) with the champion
+    (the same model as a bare `predict`, said in one line), and append them to a predictions
+    table: what the scheduled `kind = "score"` deployment runs. Nothing new, nothing written."""
     from flows import runs
 
     report = runs.for_cli(runs.score)(
@@ -133,19 +143,38 @@ def score(
         workspace=str(workspace),
         embedding=embedding,
         progress=not as_json,
+        monitor=monitor,
     )
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, default=str))
     elif report["nothing_new"]:
-        out.print(Text(f"nothing new: all {report['unchanged']} files were scored before"))
+        out.print(Text(f"nothing new: all {plural(report['unchanged'], 'file')} scored before"))
     else:
         out.print(
             Text(
-                f"{report['rows']} new or changed files scored with {report['model']} -> "
-                f"{report['part']} ({report['errors']} errors; the table holds "
-                f"{report['total_rows']} rows)"
+                f"{plural(report['rows'], 'new or changed file')} scored with {report['model']} "
+                f"-> {report['part']} ({plural(report['errors'], 'error')}; the table holds "
+                f"{plural(report['total_rows'], 'row')})"
             )
         )
+        if report.get("monitor"):
+            _print_monitor(report["monitor"])
+
+
+def _print_monitor(watched: dict) -> None:
+    """The batch's drift verdict in one line, its reasons, and the most unusual images."""
+    ood = watched.get("ood") or {}
+    line = (
+        f"monitor: {plural(ood.get('flagged', 0), 'image')} out of distribution "
+        f"({ood.get('share', 0):.1%}, level {ood.get('level', 0):g}); embedding drift p = "
+        f"{watched['embedding_drift']['p_value']:.2g}, AUC {watched['embedding_drift']['auc']:.2f}"
+    )
+    style = "bold red" if watched["alarm"] else "green"
+    out.print(Text(("ALARM: " if watched["alarm"] else "no alarm: ") + line, style=style))
+    for reason in watched["reasons"]:
+        out.print(Text(f"  {reason}"))
+    for f in watched.get("flagged", [])[:5]:
+        out.print(Text(f"  unusual: {f['path']} (ood_score {f['ood_score']:.3f})"))
 
 
 def _print_predictions(preds: list[dict], as_json: bool) -> None:
@@ -171,10 +200,11 @@ def _print_report(report: ScoreReport, as_json: bool) -> None:
         return
     out.print(
         Text(
-            f"{report.rows} rows -> {report.out} (model {report.model}): {report.scored} scored "
-            f"({report.reused} embeddings reused from a store, {report.embedded} embedded, "
-            f"{report.resumed} from an interrupted run), {report.duplicates} duplicates, "
-            f"{report.errors} errors; {report.seconds:.1f} s"
+            f"{plural(report.rows, 'row')} -> {report.out} (model {report.model}): "
+            f"{report.scored} scored ({report.reused} embeddings reused from a store, "
+            f"{report.embedded} embedded, {report.resumed} from an interrupted run), "
+            f"{plural(report.duplicates, 'duplicate')}, "
+            f"{plural(report.errors, 'error')}; {report.seconds:.1f} s"
         )
     )
     for path, why in list(report.errors_by_path.items())[:5]:

@@ -4,26 +4,40 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
 from flows.cli.app import app, out
-from flows.cli.options import RUN, Experiment, Group, JsonOpt, StoreOpt, Workspace, with_settings
+from flows.cli.options import (
+    RUN,
+    Experiment,
+    Group,
+    JsonOpt,
+    StoreOpt,
+    WideOpt,
+    Workspace,
+    with_settings,
+)
 from flows.cli.render import (
+    SPARE_BACKBONE,
     DataTable,
     chosen,
     heads_table,
     metric_cells,
-    metric_columns,
+    model_columns,
     print_finetune,
     print_mlflow,
     print_pipeline,
     print_splits,
+    say,
+    short_path,
+    show,
+    workspace_flag,
 )
 from flows.settings import PipelineSettings
 from heads.settings import FineTuneSettings
@@ -69,10 +83,9 @@ def demo(
     result = run(str(root), settings=settings, workspace=str(workspace))
     print_pipeline(result, workspace)
     example = next(root.glob("3/*.png"))
-    out.print(f"search by image: [bold]uv run headstart search {escape(str(example))} -k 5[/]")
-    ws = "" if workspace == DEFAULT_WORKSPACE else f" --workspace {workspace}"
-    ui = f"uv run headstart ui{escape(ws)}"
-    out.print(f"or in the browser: [bold]{ui}[/] (gallery, map, JSON API)")
+    ws = workspace_flag(workspace)  # commands print whole, one line each: they copy and paste
+    say("search by image: ", f"uv run headstart search {shlex.quote(str(example))} -k 5{ws}")
+    say("or in the browser: ", f"uv run headstart ui{ws}", " (gallery, map, JSON API)")
 
 
 @app.command()
@@ -120,7 +133,8 @@ def run(
     from flows import runs
     from flows.steps.embedding import preflight
 
-    preflight(source, store, settings.embed.backbone, workspace, need_labels=True)
+    for backbone in settings.candidates():
+        preflight(source, store, backbone, workspace, need_labels=True)
     result = runs.for_cli(runs.pipeline, workspace)(
         str(source),
         settings=settings,
@@ -188,17 +202,19 @@ def compare(
             "model's prediction (from their test_predictions tables).",
         ),
     ] = False,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Heads and fine-tuned networks side by side, read back from MLflow: one block per run
-    (newest first), best validation score first, the same metrics as the MLflow UI."""
+    (newest first), best validation score first, the same metrics as the MLflow UI (a narrow
+    terminal shows the main ones: --wide for all)."""
     from flows.tracking.store import check
 
     check(workspace, write=False)  # before the imports below: a store that is down fails fast
     from flows.steps.training import compare as compare_runs
 
     if errors:
-        _print_disagreements(workspace, experiment, as_json)
+        _print_disagreements(workspace, experiment, wide, as_json)
         return
 
     rows = compare_runs(workspace, experiment=experiment, last=last)
@@ -208,30 +224,63 @@ def compare(
     if not rows:
         out.print("no heads in MLflow yet: run `headstart demo` or `headstart run SOURCE`")
         return
-    table = DataTable(title="heads and fine-tuned networks (test split; val = validation score)")
-    for col in ("run", "backbone"):
-        table.add_column(col, overflow="fold")
-    table.add_column("model", no_wrap=True, min_width=max(len(r["model"]) for r in rows))
-    table.add_column("chosen", overflow="fold", min_width=12)
-    metric_columns(table)
-    previous = None
+    table = DataTable(
+        title="heads and fine-tuned networks (test split; val = validation score)", wide=wide
+    )
+    # A run is its experiment over its name, each cut with "..." if too long: never folded.
+    table.add_column("run", overflow="ellipsis")
+    table.add_column("backbone", no_wrap=True, overflow="ellipsis", spare=SPARE_BACKBONE)
+    model_columns(table, [r["model"] for r in rows])
+    previous = backbone = None
     for r in rows:
         first = r["parent_run_id"] != previous
         if first and previous is not None:
             table.add_section()
-        previous = r["parent_run_id"]
-        label = f"{r['experiment']}/{r['parent_run']}" if first else ""
+        label = f"{r['experiment']}\n{r['parent_run']}" if first else ""
         table.add_row(
             label,
-            r["backbone"] if first else "",
+            r["backbone"] if first or r["backbone"] != backbone else "",
             r["model"],
             chosen(r["chosen"]),
             *metric_cells(r),
         )
-    out.print(table)
+        previous, backbone = r["parent_run_id"], r["backbone"]
+    show(table)
+    for run_rows in _runs_over_several_backbones(rows):
+        show(_grid(run_rows, wide))
 
 
-def _print_disagreements(workspace: Path, experiment: str | None, as_json: bool) -> None:
+def _runs_over_several_backbones(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each run that trained heads on more than one backbone."""
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["parent_run_id"], []).append(r)
+    return [g for g in runs.values() if len({r["backbone"] for r in g}) > 1]
+
+
+def _grid(rows: list[dict], wide: bool) -> DataTable:
+    """One row per backbone of a run: its best model on validation; the best overall marked."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["backbone"] not in best or (r.get("val_score") or 0) > (
+            best[r["backbone"]].get("val_score") or 0
+        ):
+            best[r["backbone"]] = r
+    top = max(best.values(), key=lambda r: r.get("val_score") or 0)
+    run = f"{rows[0]['experiment']}/{rows[0]['parent_run']}"
+    table = DataTable(title=f"{run}: the best model of each backbone", wide=wide)
+    table.caption = "* the best overall, on validation"
+    table.add_column("backbone", no_wrap=True)
+    model_columns(table, [r["model"] for r in best.values()])
+    for name, r in best.items():
+        mark = " *" if r is top else ""
+        table.add_row(name + mark, r["model"], chosen(r["chosen"]), *metric_cells(r))
+    return table
+
+
+def _print_disagreements(
+    workspace: Path, experiment: str | None, wide: bool, as_json: bool
+) -> None:
     from flows.tracking.results import disagreements
     from flows.tracking.tracker import Tracker
 
@@ -242,16 +291,16 @@ def _print_disagreements(workspace: Path, experiment: str | None, as_json: bool)
     if not models:
         out.print("no test predictions in MLflow yet: run `headstart demo` or `headstart run`")
         return
-    table = DataTable(title=f"test images the models disagree on ({len(rows)})")
-    table.add_column("path", overflow="fold")
-    table.add_column("label")
-    for m in models:
-        table.add_column(m)
+    table = DataTable(title=f"test images the models disagree on ({len(rows)})", wide=wide)
+    table.add_column("path", overflow="fold", max_width=None if wide else 40)
+    table.add_column("label", no_wrap=True)
+    for n, m in enumerate(models):  # the models after the first two give way, last first
+        table.add_column(m, no_wrap=True, spare=max(n - 1, 0))
     for r in rows:
         cells = []
         for m in models:
             pred = r["predictions"].get(m)
             style = "green" if pred == r["label"] else "red"
             cells.append(Text("" if pred is None else str(pred), style=style))
-        table.add_row(r["path"], str(r["label"]), *cells)
-    out.print(table)
+        table.add_row(short_path(r["path"]), str(r["label"]), *cells)
+    show(table)

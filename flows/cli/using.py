@@ -12,10 +12,11 @@ from rich.markup import escape
 from rich.text import Text
 
 from extractors import DEFAULT_WORKSPACE
+from extractors.common import plural
 from extractors.settings import SearchSettings
 from flows.cli.app import app, out
-from flows.cli.options import JsonOpt, StoreOpt, Workspace, with_settings
-from flows.cli.render import DataTable, index_line
+from flows.cli.options import JsonOpt, StoreOpt, WideOpt, Workspace, with_settings
+from flows.cli.render import DataTable, index_line, short_path, show
 
 
 @app.command()
@@ -47,6 +48,7 @@ def search(
     ] = None,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the images in a store most similar to IMAGES, to stored rows (--like, --unlike)
@@ -69,14 +71,17 @@ def search(
         return
     titles = _titles(images or [], like or [], unlike or [], vector)
     for answer, title in zip(results, titles, strict=True):
-        table = DataTable(title=title)
-        for col in ("rank", "score", "label", "split", "id", "path"):
+        table = DataTable(title=title, wide=wide)
+        for col in ("rank", "score", "label", "split"):
             table.add_column(col, overflow="fold")
+        table.add_column("id", no_wrap=True, spare=1)
+        table.add_column("path", overflow="fold")
         for n, h in enumerate(answer["hits"], search.offset + 1):
             table.add_row(
-                str(n), f"{h['score']:.4f}", str(h["label"]), str(h["split"]), h["id"], h["path"]
-            )
-        out.print(table)
+                str(n), f"{h['score']:.4f}", str(h["label"]), str(h["split"]), h["id"],
+                short_path(h["path"]),
+            )  # fmt: skip
+        show(table)
 
 
 def _titles(
@@ -102,6 +107,7 @@ def audit(
         typer.Option(min=0.0, max=1.0, help="Cosine similarity of near-duplicates (as dedup)."),
     ] = 0.95,
     top: Annotated[int, typer.Option(min=0, help="Findings to print per issue kind.")] = 10,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Rank a store's suspect images: wrong labels (cleanlab on out-of-sample probabilities of
@@ -114,7 +120,7 @@ def audit(
     from flows.steps.audit import audit_store, keep_in_store, write_findings
 
     st = resolve_store(store, workspace, need="labels")
-    table, summary = audit_store(st.path, threshold=threshold)
+    table, summary = audit_store(st.path, threshold=threshold, progress=not as_json)
     keep_in_store(st.path, table, summary)  # the search page's issues view (`headstart ui`)
     if out_file is not None:
         summary["out"] = str(write_findings(table, out_file))
@@ -124,27 +130,29 @@ def audit(
     counts = summary["issues"]
     out.print(
         Text(
-            f"{summary['labelled_rows']} labelled of {summary['rows']} images: "
-            f"{counts['label']} label issues (estimated label noise "
-            f"{summary['label_noise_rate']:.1%}), {counts['outlier']} outliers, "
-            f"{counts['near_duplicate']} near-duplicates; {summary['head']}"
+            f"{summary['labelled_rows']} labelled of {plural(summary['rows'], 'image')}: "
+            f"{plural(counts['label'], 'label issue')} (estimated label noise "
+            f"{summary['label_noise_rate']:.1%}), {plural(counts['outlier'], 'outlier')}, "
+            f"{plural(counts['near_duplicate'], 'near-duplicate')}; {summary['head']}"
         )
     )
     for kind in ("label", "outlier", "near_duplicate"):
         rows = [r for r in table.to_pylist() if r["issue"] == kind][:top]
         if not rows:
             continue
-        t = DataTable(title=f"{kind} findings, most suspect first")
-        for col in ("score", "label", "split", "suggested", "path", "related"):
+        t = DataTable(title=f"{kind} findings, most suspect first", wide=wide)
+        for col in ("score", "label", "split", "suggested", "path"):
             t.add_column(col, overflow="fold")
+        t.add_column("related", overflow="fold", spare=1)
         for r in rows:
             t.add_row(
                 f"{r['score']:.3f}", str(r["label"]), str(r["split"]),
-                str(r["suggested_label"] or ""), r["path"], str(r["related"] or ""),
+                str(r["suggested_label"] or ""), short_path(r["path"]),
+                short_path(str(r["related"] or "")),
             )  # fmt: skip
-        out.print(t)
+        show(t)
     if "out" in summary:
-        out.print(Text(f"all {table.num_rows} findings -> {summary['out']}"))
+        out.print(Text(f"all {plural(table.num_rows, 'finding')} -> {summary['out']}"))
 
 
 @app.command()
@@ -207,13 +215,18 @@ def dedup(
         table.add_column(col, overflow="fold")
     for r in rows[:60]:
         table.add_row(
-            str(r["group"]), f"{r['similarity']:.3f}", str(r["label"]), str(r["split"]), r["path"]
+            str(r["group"]),
+            f"{r['similarity']:.3f}",
+            str(r["label"]),
+            str(r["split"]),
+            short_path(r["path"]),
         )
     if rows:
         out.print(table)
     leaky = leaks(groups)["leaky_groups"]
     out.print(
-        f"{n_groups} group(s), {len(rows)} images; {leaky} group(s) span more than one split"
+        f"{plural(n_groups, 'group')}, {plural(len(rows), 'image')}; "
+        f"{plural(leaky, 'group')} {'spans' if leaky == 1 else 'span'} more than one split"
         + (f"; written to {written}" if written else "")
         + ("; `--fix-splits` proposes the moves that fix it" if leaky else "")
     )
@@ -232,7 +245,8 @@ def _fix_splits(store: Path, workspace: Path, apply: bool, as_json: bool) -> Non
     at = f"cosine >= {result['threshold']}"
     if not moves and result["too_large_to_keep"]:
         out.print(
-            f"{result['too_large_to_keep']} near-duplicate group(s) ({at}) span splits, but "
+            f"{plural(result['too_large_to_keep'], 'near-duplicate group')} ({at}) "
+            f"{'spans' if result['too_large_to_keep'] == 1 else 'span'} splits, but "
             "each is too large to keep in one split (over a fifth of its class): nothing can "
             "be moved, and this split cannot be leak-free at this threshold",
             style="yellow",
@@ -246,13 +260,14 @@ def _fix_splits(store: Path, workspace: Path, apply: bool, as_json: bool) -> Non
     for col in ("group", "from", "to", "path"):
         table.add_column(col, overflow="fold")
     for m in moves[:60]:
-        table.add_row(str(m["group"]), m["from"], m["to"], m["path"])
+        table.add_row(str(m["group"]), m["from"], m["to"], short_path(m["path"]))
     out.print(table)
     if len(moves) > 60:
         out.print(f"... and {len(moves) - 60} more (--json lists them all)")
     out.print(
-        f"{result['leaky_groups']} group(s) span splits: {len(moves)} move(s), "
-        f"{result['out_of_test']} of them out of the test split",
+        f"{plural(result['leaky_groups'], 'group')} "
+        f"{'spans' if result['leaky_groups'] == 1 else 'span'} splits: "
+        f"{plural(len(moves), 'move')}, {result['out_of_test']} of them out of the test split",
         highlight=False,
     )
     for r in result["runs_on_leaking_split"]:
@@ -300,8 +315,9 @@ def info(
         how = "row by row" if grouped["by"] == "none" else f"cosine >= {grouped['threshold']}"
         table.add_row(
             "split groups",
-            f"{how}; last update: {grouped.get('grouped_rows', 0)} images in "
-            f"{grouped.get('groups', 0)} groups, {grouped.get('joined', 0)} joined a group"
+            f"{how}; last update: {plural(grouped.get('grouped_rows', 0), 'image')} in "
+            f"{plural(grouped.get('groups', 0), 'group')}, "
+            f"{grouped.get('joined', 0)} joined a group"
             + (f"; fixed: {grouped['fixed']['moved']} moved" if "fixed" in grouped else ""),
         )
     if data.get("index"):
@@ -310,10 +326,11 @@ def info(
     if "heads" in data:
         table.add_row("best head", f"{data['heads']['best']} ({data['heads']['best_path']})")
     out.print(table)
+    from extractors.store.layout import DUPLICATE
+
     for f in data["failures_table"][:20]:
-        out.print(
-            f"  [yellow]failed[/] {escape(f['path'])}: {escape(f['reason'])}", highlight=False
-        )
+        kind = "duplicate" if f["reason"].startswith(DUPLICATE) else "[yellow]failed[/]"
+        out.print(f"  {kind} {escape(f['path'])}: {escape(f['reason'])}", highlight=False)
 
 
 @app.command()
@@ -395,4 +412,4 @@ def map_cmd(
     data = project(st, max_points=points, seed=seed)
     png = write_png(data, out_file.with_suffix(".png"))
     html = write_html(data, out_file.with_suffix(".html"))
-    out.print(f"{data['method']} map of {len(data['points'])} rows: {png} and {html}")
+    out.print(f"{data['method']} map of {plural(len(data['points']), 'row')}: {png} and {html}")

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from extractors.common import atomic_path
+from extractors.common import atomic_path, plural
 from extractors.store.dedup import near_duplicate_groups
 from extractors.store.layout import LATEST_HEADS
 from extractors.store.store import Store
-from heads.audit import OUTLIER_K, label_issues, out_of_sample_proba, outliers
+from heads.audit import OUTLIER_K, folds_for, label_issues, out_of_sample_proba, outliers
 from heads.scoring.table import output_format
 
 FINDINGS = pa.schema(
@@ -51,23 +51,31 @@ def head_of(store: Store) -> tuple[str, dict[str, Any], str]:
 
 
 def audit_store(
-    store: str | Path, threshold: float = 0.95, seed: int = 0
+    store: str | Path, threshold: float = 0.95, seed: int = 0, progress: bool = False
 ) -> tuple[pa.Table, dict[str, Any]]:
     """(the findings, most suspect first within each issue kind; a summary: counts per kind,
-    the estimated label-noise rate, the head and folds used)."""
+    the estimated label-noise rate, the head and folds used). `progress`: a bar with an
+    estimate of the time left for the folds and for the neighbour search (stderr)."""
     st = Store(store)
     head, params, why = head_of(st)
     feature = params.get("feature", "embedding")
-    X, meta = st.arrays(where_labelled=True, feature=feature)
+    X_all, meta_all = st.arrays(where_labelled=False)  # read once: every row, for neighbours
+    labelled = meta_all["label"].is_valid().to_numpy(zero_copy_only=False)
+    if feature == "embedding":
+        X, meta = X_all[labelled], meta_all.filter(labelled)
+    else:
+        X, meta = st.arrays(where_labelled=True, feature=feature)
     rows: list[dict[str, Any]] = []
     y = np.asarray(meta["label"].to_pylist(), dtype=object).astype(str)
-    proba, classes = out_of_sample_proba(X, y, head, params, seed)
+    folds = folds_for(y)
+    with _bar(progress, folds, f"audit: labels, {folds} folds of {head}", "fold") as bar:
+        proba, classes = out_of_sample_proba(X, y, head, params, seed, tick=bar.update)
     labels = label_issues(y, proba, classes)
     info = meta.to_pylist()
     for i, score, suggested in zip(labels.rows, labels.scores, labels.suggested, strict=True):
         rows.append(_finding(info[i], "label", score, suggested, None))
-    X_all, meta_all = st.arrays(where_labelled=False)
-    dist, nearest, closest = _neighbour_distances(st, X_all, meta_all)
+    with _bar(progress, len(X_all), "audit: neighbours", "img") as bar:
+        dist, nearest, closest = _neighbour_distances(st, X_all, meta_all, tick=bar.update)
     found, cut = outliers(dist)
     every = meta_all.to_pylist()
     paths = {r["id"]: r["path"] for r in every}
@@ -76,7 +84,9 @@ def audit_store(
     # Members of the dedup groups but each group's first; since a group is a connected
     # component (it can chain many images), each is related to its own nearest image, with
     # that similarity as its score.
-    groups = near_duplicate_groups(st, threshold=threshold).to_pylist()
+    with _bar(progress, 1, "audit: near-duplicates", "search") as bar:
+        groups = near_duplicate_groups(st, threshold=threshold).to_pylist()
+        bar.update()
     position = {r["id"]: i for i, r in enumerate(every)}
     seen: set[int] = set()
     for g in groups:
@@ -101,8 +111,16 @@ def audit_store(
         "head": why,
         "outlier_distance_cut": cut,
         "near_duplicate_threshold": threshold,
+        "folds": folds,
     }
     return table, summary
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str) -> Any:
+    """A progress bar with the time left (tqdm, as the other stages), or none."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
 
 
 def _finding(
@@ -121,10 +139,11 @@ def _finding(
 
 
 def _neighbour_distances(
-    st: Store, X: np.ndarray, meta: pa.Table, batch: int = 1024
+    st: Store, X: np.ndarray, meta: pa.Table, batch: int = 1024, tick: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each row's mean cosine distance to its OUTLIER_K nearest other rows, through the
-    store's FAISS index; the id of its nearest other row, and their similarity."""
+    store's FAISS index; the id of its nearest other row, and their similarity. `tick(n)`
+    after each batch of n rows."""
     index = st.index(mmap=True)
     ids = meta["id"].to_numpy()
     k = min(OUTLIER_K + 1, max(index.ntotal, 1))
@@ -139,6 +158,8 @@ def _neighbour_distances(
             dist[s + j] = float(1 - sims.mean()) if len(sims) else 0.0
             nearest[s + j] = others[0] if len(others) else -1
             closest[s + j] = float(sims[0]) if len(sims) else 0.0
+        if tick is not None:
+            tick(len(found))
     return dist, nearest, closest
 
 
@@ -176,9 +197,10 @@ def audit_and_track(
     )
     tracker.client().log_table(parent_run_id, table.to_pandas(), "audit.json")
     line = (
-        f"audit: {counts['label']} label issues (estimated label noise "
-        f"{summary['label_noise_rate']:.1%}), {counts['outlier']} outliers, "
-        f"{counts['near_duplicate']} near-duplicates: `headstart audit --out FILE` lists them"
+        f"audit: {plural(counts['label'], 'label issue')} (estimated label noise "
+        f"{summary['label_noise_rate']:.1%}), {plural(counts['outlier'], 'outlier')}, "
+        f"{plural(counts['near_duplicate'], 'near-duplicate')}: `headstart audit --out FILE` "
+        "lists them"
     )
     return summary | {"line": line}
 

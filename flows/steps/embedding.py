@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE
+from extractors.common import plural
 from extractors.embedding.backbones import check_name
 from extractors.embedding.engines import make_engine
 from extractors.embedding.sources import Source, read_source
@@ -72,6 +73,8 @@ def embed_source(
     The report's `model_path` says whether the network ran compiled and why.
     """
     src = read_source(source)
+    if embedding.split_from is not None:
+        src = splits_of(src, Store(embedding.split_from))
     st = resolve_store(store, workspace, source=src.root, backbone=embedding.backbone)
     backbone = embedding.backbone or (st.manifest()["backbone"] if st.exists else DEFAULT_BACKBONE)
     st.check_backbone(backbone)
@@ -94,6 +97,20 @@ def embed_source(
         src, bb, seed=embedding.seed, index=index, engine=runner, grouping=embedding.grouping()
     )
     return _report(st, report, src, engine.kind, compiled=bb.compiled)  # False where it fell back
+
+
+def splits_of(src: Source, other: Store) -> Source:
+    """`src` with the split `other` gives each of its images (by path), where `src` gives none:
+    the stores of several backbones of one run then hold one split."""
+    import dataclasses
+
+    rows = other.table(["path", "split"]).to_pydict()
+    split = dict(zip(rows["path"], rows["split"], strict=True))
+    records = tuple(
+        r if r.split is not None else dataclasses.replace(r, split=split.get(r.path))
+        for r in src.records
+    )
+    return dataclasses.replace(src, records=records)
 
 
 def _report(
@@ -143,9 +160,9 @@ def embed_summary(report: dict[str, Any]) -> str:
     """One line for a run's log: "nothing new" or what changed in the store."""
     if not (report["embedded"] or report["removed"]):
         how = " (cached)" if report.get("cached") else ""
-        return f"nothing new{how}: {report['rows']} images unchanged in {report['store']}"
+        return f"nothing new{how}: {plural(report['rows'], 'image')} unchanged in {report['store']}"
     return (
-        f"{report['embedded']} images embedded, {report['removed']} removed, "
-        f"{report['kept']} unchanged, {report['failed']} failed: {report['rows']} rows in "
-        f"{report['store']}"
+        f"{plural(report['embedded'], 'image')} embedded, {report['removed']} removed, "
+        f"{report['kept']} unchanged, {report['failed']} failed: "
+        f"{plural(report['rows'], 'row')} in {report['store']}"
     )

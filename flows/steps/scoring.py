@@ -12,13 +12,56 @@ import pyarrow as pa
 from extractors import DEFAULT_WORKSPACE
 from extractors.embedding.engines import LocalEngine
 from extractors.embedding.sources import read_sources
-from extractors.settings import EmbedSettings
+from extractors.settings import EmbedSettings, MonitorSettings
 from extractors.store.layout import LATEST_HEADS, MANIFEST
-from extractors.store.store import StoreError
-from extractors.workspace import backbone_for, resolve_store
+from extractors.store.store import Store, StoreError
+from extractors.workspace import backbone_for, defaults, resolve_store
+from flows.steps.monitoring import batch_figures, watch
 from heads.classifier import BoundClassifier, ImageClassifier
 from heads.scoring.runner import ScoreReport, score_into_folder, score_source
 from heads.scoring.table import hold_folder, output_format, read_parts
+
+
+def default_model(
+    store: str | Path | None = None, workspace: str | Path = DEFAULT_WORKSPACE
+) -> str | None:
+    """What a bare `predict` and `score` use: the champion of the image model registered by
+    the last training of `store` (default: the latest store with heads, said in one line);
+    None when that training registered none."""
+    return _champion_of(resolve_store(store, workspace, need="heads"))
+
+
+def _champion_of(st: Store) -> str | None:
+    latest = st.path / LATEST_HEADS
+    if not latest.exists():
+        raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
+    name = (json.loads(latest.read_text()).get("registered") or {}).get("name")
+    return f"models:/{name}@champion" if name else None
+
+
+def scoring_model(
+    source: str,
+    model: str | None,
+    experiment: str | None,
+    store: str | Path | None,
+    workspace: str | Path = DEFAULT_WORKSPACE,
+) -> tuple[str, str]:
+    """(model, experiment) of a `score` run: the champion of `<experiment>-image`; with
+    neither given, `default_model` (what a bare `predict` uses) and its experiment; the
+    experiment of a model given alone is the source's name."""
+    if model is None and experiment is None:
+        model = default_model(store, workspace)
+    name = experiment or _experiment_of(model) or Path(source).stem
+    return model or f"models:/{name}-image@champion", name
+
+
+def _experiment_of(model: str | None) -> str | None:
+    """`digits` of `models:/digits-image@champion` or `models:/digits-image/3`; else None."""
+    if not model or not model.startswith("models:/"):
+        return None
+    spec = model.removeprefix("models:/")
+    name = spec.partition("@")[0] if "@" in spec else spec.rpartition("/")[0]
+    return name.removesuffix("-image") if name.endswith("-image") else None
 
 
 def resolve_model(
@@ -31,12 +74,22 @@ def resolve_model(
     """The model that scores, on its own backbone, and the store it was trained on (if any).
 
     `model`: `finetuned:<id>`, or `models:/<name>@<alias>` / `models:/<name>/<version>` (a
-    registered image model, flows/tracking/image_model.py); `head`: a saved head file; neither: the
-    best head of the store's latest training."""
+    registered image model, flows/tracking/image_model.py); `head`: a saved head file; neither:
+    `default_model`, the champion `score` uses too (the best head of the store's latest
+    training when it registered no image model)."""
+    if model is None and head is None:
+        st = resolve_store(store, workspace, need="heads")
+        model = _champion_of(st)
+        if model is None:
+            return _best_head(st, workspace, device)
+        bound, trained_on = _registered(model, workspace, device)
+        defaults.info(
+            f"model: {model}, version {bound.name.rpartition('/')[2]} "
+            "(the champion; --model or --head picks another)"
+        )
+        return bound, trained_on
     if model is not None and model.startswith("models:/"):
-        from flows.tracking.image_model import load_registered
-
-        return load_registered(model, workspace, device)
+        return _registered(model, workspace, device)
     if model is not None:
         if not model.startswith("finetuned:"):
             raise StoreError(
@@ -45,24 +98,33 @@ def resolve_model(
             )
         net = backbone_for(model, workspace, device=device)
         return ImageClassifier.of_finetuned(net).bind(net), None
-    if head is None:
-        st = resolve_store(store, workspace, need="heads")
-        latest = st.path / LATEST_HEADS
-        if not latest.exists():
-            raise StoreError(f"no trained heads in {st.path}; run `headstart train` first")
-        best = json.loads(latest.read_text())
-        head = st.path / best["best_path"]
-        registered = best.get("registered") or {}
-        name = (
-            f"{registered['name']}/{registered['version']}"
-            if registered.get("name")
-            else f"{best['best']} ({head})"
-        )
-        clf = ImageClassifier.from_head(head, name=name)
-    else:
-        clf = ImageClassifier.from_head(head)
+    return _bind_head(ImageClassifier.from_head(head), Path(head), workspace, device)
+
+
+def _registered(
+    model: str, workspace: str | Path, device: str
+) -> tuple[BoundClassifier, Path | None]:
+    from flows.tracking.image_model import load_registered
+
+    return load_registered(model, workspace, device)
+
+
+def _best_head(
+    st: Store, workspace: str | Path, device: str
+) -> tuple[BoundClassifier, Path | None]:
+    """The best head of the store's latest training, named by its file."""
+    best = json.loads((st.path / LATEST_HEADS).read_text())
+    head = st.path / best["best_path"]
+    defaults.info(f"model: the best head of the latest training, {best['best']} ({head})")
+    clf = ImageClassifier.from_head(head, name=f"{best['best']} ({head})")
+    return _bind_head(clf, head, workspace, device)
+
+
+def _bind_head(
+    clf: ImageClassifier, head: Path, workspace: str | Path, device: str
+) -> tuple[BoundClassifier, Path | None]:
     bb = backbone_for(clf.backbone, workspace, device=device)
-    trained_on = json.loads(Path(head).with_suffix(".json").read_text()).get("store")
+    trained_on = json.loads(head.with_suffix(".json").read_text()).get("store")
     return clf.bind(bb), Path(trained_on) if trained_on else None
 
 
@@ -98,16 +160,18 @@ def predict_to_file(
     embedding: EmbedSettings = EmbedSettings(),
     previous: pa.Table | None = None,
     progress: bool = True,
+    monitor: MonitorSettings = MonitorSettings(),
 ) -> ScoreReport:
     """Score a folder, a manifest or image files into `out` (Parquet or CSV): one row per
-    image, resumable (heads/scoring/runner.py)."""
+    image with its out-of-distribution score, resumable (heads/scoring/runner.py)."""
     output_format(out)  # a wrong extension fails before any model loads
     source = read_sources(list(sources))
     bound, trained_on = resolve_model(model, head, store, workspace, embedding.device)
     donor = donor_store(bound, store, trained_on, workspace)
     engine = LocalEngine(embedding, progress)
+    scorer = watch(bound, trained_on, monitor) or bound
     return score_source(
-        source, bound.backbone, bound, out, engine, donor, previous=previous, progress=progress
+        source, bound.backbone, scorer, out, engine, donor, previous=previous, progress=progress
     )
 
 
@@ -159,9 +223,12 @@ def score_new(
     workspace: str | Path = DEFAULT_WORKSPACE,
     embedding: EmbedSettings = EmbedSettings(),
     progress: bool = False,
+    monitor: MonitorSettings = MonitorSettings(),
 ) -> dict[str, Any]:
     """Score the files of `source` that the predictions folder has not scored yet (new, or
-    changed since) with `model`, appended as its next part; "nothing new" writes nothing.
+    changed since) with `model`, appended as its next part, with each image's
+    out-of-distribution score and the batch's drift figures (`monitor`, None when the
+    training store cannot serve as the reference); "nothing new" writes nothing.
     The folder's lock (heads/scoring/table.py: `hold_folder`) is taken before the model
     is loaded: a second run at once waits (up to FOLDER_WAIT_S, then fails with one line),
     then adds only what is still new."""
@@ -171,10 +238,15 @@ def score_new(
         bound, trained_on = resolve_model(model, None, store, workspace, embedding.device)
         donor = donor_store(bound, store, trained_on, workspace)
         engine = LocalEngine(embedding, progress)
+        watched = watch(bound, trained_on, monitor)
         report, out, previous = score_into_folder(
-            src, bound.backbone, bound, folder, engine, donor, progress=progress
+            src, bound.backbone, watched or bound, folder, engine, donor, progress=progress
         )
+    figures = None
+    if watched is not None and out is not None and trained_on is not None:
+        figures = batch_figures(watched, trained_on, monitor)
     return report.as_dict() | {
+        "monitor": figures,
         "nothing_new": report.rows == 0,
         "part": str(out) if out is not None else None,
         "predictions": str(folder),

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from extractors import DEFAULT_WORKSPACE
-from extractors.common import write_json_atomic
+from extractors.common import plural, write_json_atomic
 from extractors.store.layout import LATEST_HEADS
 from extractors.store.store import Store
 from extractors.workspace import weights_file
@@ -185,7 +185,7 @@ def _log_training(
                 "skipped_heads": "; ".join(trained.skipped.values()) or "none",
                 "registered_model": registered["uri"],
                 "image_model": image["uri"],
-                "champion": image["champion"]["line"],
+                "champion_decision": f"at this run: {image['champion']['line']}",
             },
             artifacts=[emap],
         )
@@ -238,14 +238,18 @@ def split_leaks(store: Store) -> dict[str, Any]:
     if not found["leaky_groups"]:
         return found | {"line": f"leaks: no near-duplicate groups ({at}) span splits"}
     stuck = found["too_large_groups"]
+    twins = found["twinned_test_images"]
     line = (
-        f"warning: {found['leaky_groups']} near-duplicate groups ({at}) span splits, "
-        f"{found['leaky_test_images']} test images among them: the test scores may be "
-        "optimistic"
+        f"warning: {plural(found['leaky_groups'], 'near-duplicate group')} ({at}) "
+        f"{'spans' if found['leaky_groups'] == 1 else 'span'} splits; "
+        f"{plural(twins, 'test image')} {'has' if twins == 1 else 'have'} a near-twin in train "
+        f"or val ({found['twinned_test_images'] / max(found['split_sizes']['test'], 1):.0%} of "
+        "test): the test scores may be optimistic"
     )
     if stuck:
         line += (
-            f"; {stuck} of these groups are too large to keep in one split (over a fifth of "
+            f"; {stuck} of these groups {'is' if stuck == 1 else 'are'} too large to keep in "
+            "one split (over a fifth of "
             "their class), so this split cannot be leak-free: add images, or group them "
             "with a manifest `group` column"
         )
@@ -270,7 +274,7 @@ def split_line(trained: Trained) -> str:
         f"[{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]"
     )
     if sizes["test"] < FEW_TEST_IMAGES:
-        line += f": only {sizes['test']} test images, so the interval is wide"
+        line += f": only {plural(sizes['test'], 'test image')}, so the interval is wide"
     return line
 
 

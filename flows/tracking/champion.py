@@ -11,9 +11,12 @@ The rule (`consider`), for each new version:
    (heads/evaluate.py:paired_gain); it takes `champion` only if the interval's lower end is
    above zero. An identical retrain (gain 0) never moves it.
 
-Every decision is recorded: tags on the new version and on its run (`champion_decision`,
-`champion_reason`), and the registered model's `champion_history` (by whom, why, when), which
-`rollback` walks back. `promote` and `rollback` are recorded the same way.
+Every decision is recorded as history: tags on the version and on its run (`champion_decision`,
+`champion_reason`, `champion_by`, `champion_decided_at`: the last decision about that version),
+and the registered model's `champion_history` (by whom, why, when), which `rollback` walks
+back. `promote` and `rollback` are recorded the same way. What holds now never goes stale: the
+alias, the model's `champion` tag (who, since when, why) and a `champion` tag, yes or no, on
+each version and run the decisions touched (the old champion's turns to no when it loses).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from flows.tracking.store import connect, registry_lock
 
 ALIAS = "champion"
 HISTORY = "champion_history"
+CURRENT = "champion"  # tag: "yes"/"no" on versions and runs, who and since when on the model
 MIN_SHARED = 0.5  # of the new version's test images, for the old split to still count
 KEEP = 30  # history entries kept
 
@@ -196,21 +200,32 @@ def _holders(entries: list[dict[str, Any]]) -> list[int]:
 
 
 def _record(decision: Decision, by: str) -> Decision:
+    """Move the alias (if promoted), keep the `champion` yes/no tags true on every version and
+    run it concerns, and append the decision to the history."""
     client = MlflowClient()
     name, version = decision.name, str(decision.version)
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     if decision.promoted:
         client.set_registered_model_alias(name, ALIAS, version)
-    tags = {
-        "champion_decision": "promoted" if decision.promoted else "kept",
-        "champion_reason": decision.reason[:4000],
-        "champion_by": by,
-    }
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    run_id = client.get_model_version(name, version).run_id
-    if run_id:
-        for k, v in tags.items():
-            client.set_tag(run_id, f"headstart.{k}", v)
+        if decision.previous is not None and decision.previous != decision.version:
+            _tag(client, name, str(decision.previous), {CURRENT: "no"})
+        _tag(client, name, version, {CURRENT: "yes"})
+        client.set_registered_model_tag(
+            name, CURRENT, f"version {version} since {at} ({by}: {decision.reason[:200]})"
+        )
+    elif decision.previous != decision.version:
+        _tag(client, name, version, {CURRENT: "no"})
+    _tag(
+        client,
+        name,
+        version,
+        {
+            "champion_decision": "promoted" if decision.promoted else "kept",
+            "champion_reason": decision.reason[:4000],
+            "champion_by": by,
+            "champion_decided_at": at,
+        },
+    )
     entries = json.loads(client.get_registered_model(name).tags.get(HISTORY, "[]"))
     entries.append(
         {
@@ -218,13 +233,23 @@ def _record(decision: Decision, by: str) -> Decision:
             "promoted": decision.promoted,
             "by": by,
             "reason": decision.reason[:300],
-            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "at": at,
         }
     )
     while len(json.dumps(entries)) > 4500 or len(entries) > KEEP:
         entries.pop(0)
     client.set_registered_model_tag(name, HISTORY, json.dumps(entries))
     return decision
+
+
+def _tag(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    """`tags` on the version and, prefixed `headstart.`, on the run that logged it."""
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    run_id = client.get_model_version(name, version).run_id
+    if run_id:
+        for k, v in tags.items():
+            client.set_tag(run_id, f"headstart.{k}", v)
 
 
 def _test_table(name: str, version: int) -> Any:

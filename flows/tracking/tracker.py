@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import tempfile
 import time
 import warnings
@@ -61,7 +62,7 @@ class Tracker:
 
     def ui_command(self) -> str:
         """The exact command that opens the MLflow UI on this store."""
-        return f"uv run mlflow ui --backend-store-uri {self.uri} --port 5000"
+        return f"uv run mlflow ui --backend-store-uri {shlex.quote(self.uri)} --port 5000"
 
     def experiment_id(self, name: str) -> str:
         """Get or create the experiment, marked as model training (`EXPERIMENT_KIND`, also

@@ -13,6 +13,12 @@ file `<out>` (Parquet, or CSV by its extension):
                                  label        string   the source's own label, if it has one
                                  sha256       string   content hash (duplicates share a score)
                                  bytes, mtime_ns       what the file was when it was scored
+                                 ood_score    float64  how unusual the image is for the model's
+                                                       training data: its percentile among
+                                                       held-out training images (null: not
+                                                       measured; extractors/monitor/ood.py)
+                                 ood          bool     flagged out of distribution at the
+                                                       stated level
                                  proba_<class> float64 the probability of every class
     <folder>/part-NNNNNN.parquet  the `score` flow's predictions folder: one such table per
                                run that found new files (`score_into_folder`, under the
@@ -58,6 +64,8 @@ def output_schema(classes: list[str]) -> pa.Schema:
             ("sha256", pa.string()),
             ("bytes", pa.int64()),
             ("mtime_ns", pa.int64()),
+            ("ood_score", pa.float64()),
+            ("ood", pa.bool_()),
             *[(f"{PROBA}{c}", pa.float64()) for c in classes],
         ]
     )

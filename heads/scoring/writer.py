@@ -19,6 +19,7 @@ from extractors.common import atomic_path
 from extractors.store.layout import os_path
 from extractors.store.plan import UpdatePlan
 from extractors.store.staging import Staging
+from heads.scoring.monitored import Monitored
 from heads.scoring.table import (
     PROBA,
     ScoringError,
@@ -157,6 +158,10 @@ def _scored(rows: pa.Table, facts: _Facts, scorer: Scorer, osch: pa.Schema) -> p
         "error": [None] * len(paths),
         **{c: [e[c] for e in each] for c in ("label", "sha256", "bytes", "mtime_ns")},
     }
+    if isinstance(scorer, Monitored):
+        cols |= scorer.ood_columns(rows, proba)
+    else:
+        cols |= {"ood_score": [None] * len(paths), "ood": [None] * len(paths)}
     for j, c in enumerate(scorer.classes):
         cols[f"{PROBA}{c}"] = proba[:, j]
     return pa.Table.from_pydict(cols, schema=osch)

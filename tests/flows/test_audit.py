@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def audited(digits_dir, backbone, tmp_path_factory):
         "store": store,
         "out": out,
         "result": json.loads(res.stdout),
+        "stderr": res.stderr,
         "flipped": flipped,
         "odd": str(odd.resolve()),
         "pair": {str(copy.resolve()), str(first3.resolve())},
@@ -83,6 +85,49 @@ def test_flipped_labels_outliers_and_copies_are_found(audited) -> None:
     assert pq.read_table(audited["out"]).num_rows == len(findings)
     kept = pq.read_table(audited["store"].path / "audit.parquet")  # for the search page
     assert kept.num_rows == len(findings)
+
+
+def test_centring_the_raw_embeddings_leaves_the_label_audit_unchanged(audited) -> None:
+    """Logistic regression on raw embeddings is fitted centred (its intercept is unpenalised:
+    the same model; heads/audit.py): converged, its probabilities are the uncentred fit's, and
+    the audit's issues those of the uncentred fit at the head's own tolerance."""
+    import numpy as np
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from heads.audit import audit_head, label_issues, out_of_sample_proba
+    from heads.classical import build_head
+
+    X, meta = audited["store"].arrays()
+    y = np.asarray(meta["label"].to_pylist(), dtype=object).astype(str)
+    params = {"pre": "none", "C": 1.0}
+    centred = audit_head("logreg", params, y)
+    raw = build_head("logreg", **params)  # as trained: no centring
+    assert type(centred.named_steps["pre"]) is not type(raw.named_steps["pre"])
+    cv = StratifiedKFold(5, shuffle=True, random_state=0)  # the folds of the audit
+    tight = {"clf__tol": 1e-10, "clf__max_iter": 20_000}
+    X64 = X.astype(np.float64)  # float32's rounding stops L-BFGS short of the optimum
+    a, b = (
+        cross_val_predict(clone(e).set_params(**tight), X64, y, cv=cv, method="predict_proba")
+        for e in (centred, raw)
+    )
+    assert np.abs(a - b).max() < 1e-3  # one optimum
+    new, classes = out_of_sample_proba(X, y, "logreg", params)
+    old = cross_val_predict(raw, X, y, cv=cv, method="predict_proba")
+    assert set(label_issues(y, new, classes).rows) == set(label_issues(y, old, classes).rows)
+
+
+def test_audit_shows_its_progress_except_under_json(audited) -> None:
+    assert "audit:" not in audited["stderr"]  # --json: the JSON only
+    store = str(audited["store"].path)
+    res = CliRunner().invoke(app, ["audit", "--store", store, "--top", "1"])
+    assert res.exit_code == 0, res.output
+    for phase in ("audit: labels, 5 folds of logreg", "audit: neighbours", "near-duplicates"):
+        assert phase in res.stderr
+    # each fold counted, with the time spent and the time left ("elapsed<left")
+    assert re.search(r"\b1/5 \[\d\d:\d\d<\d\d:\d\d", res.stderr), res.stderr
+    assert re.search(r"\b5/5 \[\d\d:\d\d<00:00", res.stderr), res.stderr
+    assert "label findings" in res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +186,7 @@ def test_the_issues_view_in_headless_chromium(audited, server) -> None:
 def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from extractors.common import plural
     from flows.steps.training import split_leaks
 
     ws = str(tmp_path / "ws")
@@ -159,7 +205,9 @@ def test_run_audit_logs_the_findings_to_the_run(digits_dir, mlflow_tmp, tmp_path
     # Split row by row, near-duplicates straddle splits: counted, logged and said.
     leak = result["leaks"]
     assert run.data.metrics["leaky_groups"] == leak["leaky_groups"] > 0
-    assert leak["line"].startswith(f"warning: {leak['leaky_groups']} near-duplicate groups")
+    assert leak["line"].startswith(
+        f"warning: {plural(leak['leaky_groups'], 'near-duplicate group')} "
+    )
     # Counted at the threshold itself (the digits chain: some groups are too large to keep in
     # one split, and the line says so), `dedup --fix-splits` proposes the moves for the rest
     # and names this training; --apply makes them.

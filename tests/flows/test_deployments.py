@@ -50,6 +50,7 @@ def test_score_deployments_take_only_what_scoring_uses(tmp_path: Path) -> None:
         "source": str(tmp_path / "x"),
         "embedding": spec.settings.embed.as_dict(),
         "progress": False,
+        "experiment": "x",  # pinned: a schedule never scores with whatever was trained last
         "model": "models:/m@champion",
         "predictions": str(tmp_path / "preds"),
     }

@@ -64,6 +64,7 @@ def test_leaks_are_counted_at_the_grouping_threshold(copies_across_splits: Store
     assert cut["leaky_groups"] == 0
     found = leak_check(copies_across_splits, grouping)
     assert found["leaky_groups"] == 1 and found["leaky_test_images"] == 2
+    assert found["twinned_test_images"] == 2  # both test copies link to train or val directly
     assert found["too_large_groups"] == 1 and found["groups_to_move"] == 0
     assert found["split_sizes"] == {"train": 3, "val": 2, "test": 3}
 
@@ -136,3 +137,25 @@ def test_a_training_prints_its_runs_page_and_commands_that_fit_80_columns(
     db = (ws / "mlflow.db").resolve()
     command = f"uv run mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
     assert f"open it with: {command}" in lines
+
+
+def test_only_headstarts_own_lines_unless_verbose(tmp_path: Path) -> None:
+    """A command that creates the MLflow database prints our one line, not MLflow's; with
+    --verbose, the libraries' lines are there too."""
+    import os
+    import subprocess
+    import sys
+
+    headstart = Path(sys.executable).with_name("headstart")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DO_NOT_TRACK"))}
+
+    def stderr(*flags: str) -> str:
+        ws = tmp_path / f"ws{len(flags)}"  # a fresh database each time
+        args = [str(headstart), *flags, "promote", "1", "--workspace", str(ws)]
+        res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and (ws / "mlflow.db").is_file(), res.stderr
+        return res.stderr
+
+    quiet = stderr()
+    assert quiet.startswith("error: no registered image model") and quiet.count("\n") == 1
+    assert "Creating initial MLflow database tables" in stderr("--verbose")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows import runs
+from flows import orchestration, runs
 
 
 @pytest.fixture
@@ -16,9 +16,9 @@ def no_prefect_env(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
 
 def test_no_server_set_up_means_in_process(no_prefect_env) -> None:
-    assert runs.prefect_api_url() is None and not runs.using_prefect()
-    with pytest.raises(runs.OrchestrationError, match="not set"):
-        runs.check_prefect_server()
+    assert orchestration.prefect_api_url() is None and not orchestration.using_prefect()
+    with pytest.raises(orchestration.OrchestrationError, match="not set"):
+        orchestration.check_prefect_server()
 
 
 def test_the_environment_or_the_active_profile_names_the_server(
@@ -29,19 +29,22 @@ def test_the_environment_or_the_active_profile_names_the_server(
         'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://team-server:4200/api"\n'
         '[profiles.other]\nPREFECT_API_URL = "http://other:4200/api"\n'
     )
-    assert runs.prefect_api_url() == "http://team-server:4200/api"
+    assert orchestration.prefect_api_url() == "http://team-server:4200/api"
     monkeypatch.setenv("PREFECT_PROFILE", "other")
-    assert runs.prefect_api_url() == "http://other:4200/api"
+    assert orchestration.prefect_api_url() == "http://other:4200/api"
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    assert runs.prefect_api_url() == "http://127.0.0.1:9/api" and runs.using_prefect()
-    with pytest.raises(runs.OrchestrationError, match="no Prefect server answers"):
-        runs.check_prefect_server(timeout_s=1)
+    assert (
+        orchestration.prefect_api_url() == "http://127.0.0.1:9/api"
+        and orchestration.using_prefect()
+    )
+    with pytest.raises(orchestration.OrchestrationError, match="no Prefect server answers"):
+        orchestration.check_prefect_server(timeout_s=1)
 
 
 def test_a_broken_profiles_file_is_no_server(no_prefect_env) -> None:
     no_prefect_env.mkdir()
     (no_prefect_env / "profiles.toml").write_text("this is [not toml")
-    assert runs.prefect_api_url() is None
+    assert orchestration.prefect_api_url() is None
 
 
 def test_nothing_new_means_no_change_at_all() -> None:

@@ -127,6 +127,13 @@ def test_the_champion_moves_only_for_a_better_model(registry) -> None:
     ]
     res = runner.invoke(app, ["promote", "9", "--workspace", ws])
     assert res.exit_code == 2 and "has no version 9" in res.output
+    # What holds now is never stale: after the moves above, only version 3 says champion.
+    assert client.get_registered_model(IMAGE).tags["champion"].startswith("version 3 since ")
+    for version, now in (("1", "no"), ("2", "no"), ("3", "yes")):
+        mv = client.get_model_version(IMAGE, version)
+        assert mv.tags["champion"] == now, version
+        assert client.get_run(mv.run_id).data.tags["headstart.champion"] == now, version
+    assert client.get_model_version(IMAGE, "1").tags["champion_decision"] == "promoted"  # history
 
 
 def _clean_env(requirements: Path, where: Path) -> Path:
@@ -292,6 +299,35 @@ def test_score_appends_only_new_or_changed_files(
     assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet"]
     paths = [p for part in parts for p in pq.read_table(part)["path"].to_pylist()]
     assert len(paths) == len(set(paths)) == 26
+
+
+def test_a_bare_predict_and_score_use_the_same_champion_and_say_so(
+    registry, digits_dir, tmp_path
+) -> None:
+    """Neither names a model: both use the champion of the store trained last (version 3
+    here, not that store's own best head) and say which; a promotion moves both."""
+    ws = str(registry["ws"])
+    image = sorted((digits_dir / "3").iterdir())[0]
+    incoming = tmp_path / "incoming"
+    shutil.copytree(digits_dir / "3", incoming / "a")
+
+    def bare_calls(tag: str) -> tuple[str, str, str]:
+        res = runner.invoke(app, ["predict", str(image), "--workspace", ws, "--json"])
+        assert res.exit_code == 0, res.output
+        out = str(tmp_path / f"preds-{tag}")
+        scored = _ok(["score", str(incoming), "--workspace", ws, "--predictions", out, "--json"])
+        return json.loads(res.stdout)[0]["model"], json.loads(scored)["model"], res.stderr
+
+    now = champion.current(IMAGE, ws)
+    predicted, scored, said = bare_calls("now")
+    assert predicted == scored == f"{IMAGE}/{now}"
+    assert f"model: models:/{IMAGE}@champion, version {now} (the champion;" in said
+    other = 1 if now != 1 else 3
+    _ok(["promote", str(other), "--workspace", ws])
+    try:
+        assert bare_calls("after")[:2] == (f"{IMAGE}/{other}", f"{IMAGE}/{other}")
+    finally:
+        _ok(["promote", str(now), "--workspace", ws])
 
 
 def _free_port() -> int:

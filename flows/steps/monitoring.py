@@ -1,0 +1,95 @@
+"""Monitoring stage of scoring: an out-of-distribution detector fitted on the model's training
+store (its train split the reference, its val split the calibration), wrapped around the
+scorer (heads/scoring/monitored.py), and the batch's figures once it is scored (embedding,
+prediction and confidence drift, the flagged share: extractors/monitor/drift.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extractors.common import HeadstartError
+from extractors.monitor.drift import batch_report
+from extractors.settings import MonitorSettings
+from extractors.store.store import Store
+from heads.classifier import BoundClassifier
+from heads.scoring.monitored import Monitored
+
+defaults = logging.getLogger("headstart.defaults")
+FLAGGED_SHOWN = 50  # the most unusual images listed with a batch
+
+
+def watch(
+    bound: BoundClassifier, trained_on: Path | None, settings: MonitorSettings
+) -> Monitored | None:
+    """The scorer with OOD columns, when the model's training store can serve as the
+    reference (same backbone and weights, a train and a val split); else None, said in one
+    line (the columns are then null)."""
+    from extractors.monitor.ood import KnnOOD
+
+    why = _unwatchable(bound, trained_on)
+    if why is None:
+        try:
+            detector = KnnOOD.from_store(Store(trained_on), k=settings.ood_k)
+            detector.check_level(settings.ood_level)
+        except HeadstartError as exc:
+            why = str(exc)
+    if why is not None:
+        defaults.info(f"out-of-distribution scores: not measured ({why})")
+        return None
+    return Monitored(bound, detector, settings.ood_level, settings.drift_rows, settings.seed)
+
+
+def _unwatchable(bound: BoundClassifier, trained_on: Path | None) -> str | None:
+    if trained_on is None or not Store(trained_on).exists:
+        return "the model's training store is not here"
+    m = Store(trained_on).manifest()
+    bb = bound.backbone
+    if (m.get("backbone"), m.get("weights")) != (bb.name, bb.weights):
+        return f"the training store {trained_on} holds another network's embeddings"
+    if bound.model.feature not in (None, "embedding"):
+        return "the model reads a --layers column, not the embedding"
+    return None
+
+
+def batch_figures(
+    monitored: Monitored, trained_on: Path, settings: MonitorSettings
+) -> dict[str, Any]:
+    """The batch's figures and alarm against the training store: its val embeddings (the
+    reference of the two-sample test), its label shares, and the model's mean top
+    probability on its test split; with the most unusual images first."""
+    store = Store(trained_on)
+    batch = monitored.batch()
+    vectors, meta = store.arrays(where_labelled=True)
+    split = np.asarray(meta["split"].to_numpy(zero_copy_only=False))
+    labels = meta["label"].to_pylist()
+    test = split == "test"
+    reference_top = None
+    if test.any():
+        proba = monitored.scorer.from_features(vectors[test])
+        reference_top = float(np.asarray(proba).max(axis=1).mean())
+    figures = batch_report(
+        batch["embeddings"],
+        vectors[split == "val"],
+        ood=monitored.detector,
+        p_values=batch["p_values"],
+        predicted=batch["predicted"],
+        label_shares={c: labels.count(c) / len(labels) for c in set(labels)},
+        top_proba=batch["top_proba"],
+        reference_top_proba=reference_top,
+        settings=settings,
+    )
+    order = np.argsort(-batch["raw_scores"], kind="stable")[:FLAGGED_SHOWN]  # most unusual first
+    figures["flagged"] = [
+        {
+            "path": batch["paths"][i],
+            "ood_score": float(1.0 - batch["p_values"][i]),
+            "prediction": batch["predicted"][i],
+        }
+        for i in order
+        if batch["p_values"][i] <= settings.ood_level
+    ]
+    return figures

@@ -1,0 +1,1 @@
+"""Tests of what the CLI prints, as a person reads it in a terminal."""

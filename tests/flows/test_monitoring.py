@@ -1,0 +1,109 @@
+"""Eyes on production (issue 31), on real images: a model trained on handwritten digits scores
+held-out digits (no alarm), photos (alarm, most flagged) and digits with a fifth of photos
+(alarm, the photos ranked most unusual); each batch is a monitoring run in MLflow, and
+`headstart monitor` lists them newest first, with a plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+LEVEL = "0.05"  # the val split of 4 x 40 digits holds 32 images: enough for this level
+
+
+def _photos(folder: Path, n: int, seed: int) -> list[Path]:
+    """`n` crops of scikit-image's photographs, as 8-bit grey squares like the digits."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        y, x = rng.integers(0, img.shape[0] - 200), rng.integers(0, img.shape[1] - 200)
+        crop = Image.fromarray(img[y : y + 200, x : x + 200]).convert("L").resize((32, 32))
+        out.append(folder / f"photo_{i:03d}.png")
+        crop.save(out[-1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from flows.sample_data import materialise_digits
+
+    root = tmp_path_factory.mktemp("monitor")
+    digits = materialise_digits(root / "all", per_class=60)
+    train, held = root / "digits", root / "heldout"
+    for c in ("0", "1", "2", "3"):
+        files = sorted((digits / c).iterdir())
+        (train / c).mkdir(parents=True)
+        (held / c).mkdir(parents=True)
+        for i, f in enumerate(files):  # interleaved: the digits come writer by writer
+            shutil.copy(f, (held if i % 3 == 0 else train) / c / f.name)
+    photos = _photos(root / "photos", 40, seed=1)
+    mixed = root / "mixed"
+    shutil.copytree(held / "0", mixed / "digits")
+    shutil.copytree(held / "1", mixed / "digits", dirs_exist_ok=True)
+    for p in _photos(mixed / "photos", 10, seed=2):
+        assert p.exists()
+    ws = root / "ws"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"}
+    args = ["run", str(train), "--workspace", str(ws), "--target", "0", "--head", "logreg"]
+    res = runner.invoke(app, [*args, "--json"], env=env)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    batches = {}
+    for name, source in (("held", held), ("photos", photos[0].parent), ("mixed", mixed)):
+        args = ["score", str(source), "--experiment", "digits", "--workspace", str(ws)]
+        args += ["--predictions", str(root / f"pred-{name}"), "--ood-level", LEVEL, "--json"]
+        res = runner.invoke(app, args, env=env)
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        batches[name] = json.loads(res.stdout)
+    return {"ws": ws, "env": env, "batches": batches, "root": root}
+
+
+def test_in_distribution_batches_do_not_alarm(watched: dict) -> None:
+    held = watched["batches"]["held"]["monitor"]
+    assert not held["alarm"], held["reasons"]
+    assert held["ood"]["share"] <= 0.15  # the level is 0.05: 80 images, a few flagged at most
+
+
+def test_a_foreign_batch_alarms_and_most_of_it_is_flagged(watched: dict) -> None:
+    photos = watched["batches"]["photos"]["monitor"]
+    assert photos["alarm"] and photos["ood"]["share"] >= 0.8
+    assert any("out of distribution" in r for r in photos["reasons"])
+
+
+def test_a_fifth_of_foreign_images_alarms_and_ranks_them_first(watched: dict) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    mixed = watched["batches"]["mixed"]
+    assert mixed["monitor"]["alarm"]
+    table = pq.read_table(mixed["part"]).to_pydict()
+    foreign = ["/photos/" in p for p in table["path"]]
+    assert sum(foreign) == 10 and roc_auc_score(foreign, table["ood_score"]) >= 0.9
+    flagged = [f["path"] for f in mixed["monitor"]["flagged"]]
+    assert flagged and all("/photos/" in p for p in flagged[:5])
+
+
+def test_monitor_lists_each_batch_newest_first_with_a_plot(watched: dict) -> None:
+    ws, env = str(watched["ws"]), watched["env"]
+    res = runner.invoke(app, ["monitor", "--workspace", ws, "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["alarm"] for r in rows] == [True, True, False]  # mixed, photos, held
+    assert rows[0]["images"] == 50 and rows[0]["ood.share"] >= 0.15
+    plot = watched["root"] / "history.png"
+    res = runner.invoke(app, ["monitor", "--workspace", ws, "--plot", str(plot)], env=env)
+    assert res.exit_code == 0 and "ALARM" in res.stdout
+    assert Image.open(plot).size[0] > 300
