@@ -377,8 +377,8 @@ class SearchSettings(Settings):
 class MonitorSettings(Settings):
     """Thresholds of the drift and out-of-distribution checks of a scoring run
     (extractors/monitor/). Each batch test alarms when its p-value is below drift_alpha and
-    its effect reaches its floor: at most 4 x drift_alpha (1%) of in-distribution batches
-    alarm, measured in bench/monitor.py."""
+    its effect reaches its floor: at most 4 x drift_alpha (0.4%) of in-distribution batches
+    alarm (bench/monitor.py measures it)."""
 
     section: ClassVar[str] = "monitor"
 
@@ -390,13 +390,13 @@ class MonitorSettings(Settings):
         check=in_range(0.0, 0.5),
     )
     drift_alpha: float = setting(
-        0.0025, "p-value below which a batch test alarms.", check=in_range(0.0, 0.5)
+        0.001, "p-value below which a batch test alarms.", check=in_range(0.0, 0.5)
     )
     drift_rows: int = setting(
         500, "Rows per side of the embedding two-sample test (bounds its cost).", check=at_least(10)
     )
     drift_permutations: int = setting(
-        999, "Permutations of the embedding two-sample test.", check=at_least(99)
+        1999, "Permutations of the embedding two-sample test.", check=at_least(99)
     )
     min_drift_auc: float = setting(
         0.55,

@@ -66,6 +66,7 @@ def pipeline_over(
         "best_backbone": best["backbone"],
         "embed": reports[decision["best"]],
         **best["summary"],
+        "retrain_reason": best["why"],
         "decision": decision,
         "finetune": tuned,
         "champion": champ,

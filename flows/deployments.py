@@ -53,7 +53,8 @@ from flows.settings import STAGES, PipelineSettings
 
 LOCATIONS = ("store", "workspace", "experiment")  # where a run reads and records, not settings
 KINDS = ("pipeline", "score")
-SCORE_OPTIONS = ("model", "predictions")  # a score deployment's own keys
+SCORE_OPTIONS = ("model", "predictions", "on_drift")  # a score deployment's own keys
+AUTOMATION_OPTIONS = ("on_drift",)  # what `serve` makes Prefect automations of, not parameters
 SCORE_EMBED = ("batch_size", "decode_threads", "device")  # what a score run takes of embed
 
 
@@ -73,7 +74,7 @@ class DeploymentSpec:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     locations: dict[str, str] = field(default_factory=dict)
     kind: str = "pipeline"
-    options: dict[str, str] = field(default_factory=dict)  # score: model, predictions
+    options: dict[str, str] = field(default_factory=dict)  # score: model, predictions, on_drift
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,7 +116,7 @@ class DeploymentSpec:
                 "progress": False,
                 "experiment": Path(self.source).stem,
                 **self.locations,
-                **self.options,
+                **{k: v for k, v in self.options.items() if k not in AUTOMATION_OPTIONS},
             }
         return {
             "source": self.source,
@@ -184,6 +185,7 @@ class _Entry(BaseModel):
     experiment: Text | None = None
     model: Text | None = None
     predictions: Text | None = None
+    on_drift: Text | None = None
 
 
 # The settings' keys, from the settings object itself (one list): checked by `settings_of`.
@@ -295,7 +297,29 @@ def read_file(path: str | Path) -> list[DeploymentSpec]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise DeploymentError(f"{path}: deployment names must be unique, got {names}")
+    for spec in specs:
+        _check_on_drift(path, spec, specs)
     return specs
+
+
+def _check_on_drift(path: Path, spec: DeploymentSpec, specs: list[DeploymentSpec]) -> None:
+    """`on_drift` names a pipeline deployment of the file that trains the experiment scored."""
+    target = spec.options.get("on_drift")
+    if target is None:
+        return
+    pipelines = {s.name: s for s in specs if s.kind == "pipeline"}
+    where = f"{path}: deployment {spec.name!r}: on_drift {target!r}"
+    if target not in pipelines:
+        raise DeploymentError(
+            f"{where} is not a pipeline deployment of this file ({', '.join(pipelines) or 'none'})"
+        )
+    trains = pipelines[target].locations.get("experiment") or Path(pipelines[target].source).stem
+    scores = spec.parameters()["experiment"]
+    if trains != scores:
+        raise DeploymentError(
+            f"{where} trains experiment {trains!r}, but this deployment scores with {scores!r}'s "
+            "champion: the retrained model would never score here"
+        )
 
 
 def _score_options(path: Path, name: str, kind: str, entry: dict[str, Any]) -> dict[str, str]:
@@ -312,7 +336,7 @@ def _score_options(path: Path, name: str, kind: str, entry: dict[str, Any]) -> d
     ]
     if ignored:
         raise DeploymentError(
-            f"{where}: a score deployment takes model, predictions and embed."
+            f"{where}: a score deployment takes model, predictions, on_drift and embed."
             f"{{{', '.join(SCORE_EMBED)}}}, not {ignored} (its model decides the backbone)"
         )
     if "predictions" in options:

@@ -79,6 +79,9 @@ def embed_cache_key(
         h.update(
             json.dumps([str(st.path), stored, e.backbone, e.weights, e.layers, e.seed]).encode()
         )
+        if e.split_from is not None:  # the split it takes: that store's, as it is now
+            other = resolve_store(e.split_from, workspace).manifest()
+            h.update(json.dumps([e.split_from, other["fingerprint"], other["rows"]]).encode())
         h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
         for r in sorted(src.records, key=lambda r: r.path):
             stat = os.stat(os_path(r.path))

@@ -78,6 +78,17 @@ class PipelineSettings(Settings):
         flags=("--audit/--no-audit",),
     )
 
+    def check(self) -> None:
+        many = self.backbones or []
+        if len(set(many)) != len(many):
+            self.fail("backbones", f"names each backbone once, not {', '.join(many)}")
+        if len(many) > 1 and self.audit:
+            self.fail(
+                "audit",
+                "audits one store: with several --backbone, run `headstart audit --store` on "
+                "the store you keep",
+            )
+
     def candidates(self) -> list[str | None]:
         """The backbones a run embeds with: `backbones`, else `embed.backbone` (None: the
         store's own, else the default)."""

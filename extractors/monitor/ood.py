@@ -48,7 +48,7 @@ class KnnOOD:
     and find the score insensitive to k over a wide range; 10 suits stores of a few hundred
     images a class and up)."""
 
-    def __init__(self, k: int = 10):
+    def __init__(self, k: int = 10) -> None:
         self.k = k
 
     def __repr__(self) -> str:
@@ -61,11 +61,16 @@ class KnnOOD:
         *,
         index: faiss.Index | AnnIndex | None = None,
         allowed_ids: np.ndarray | None = None,
+        calibration_ids: np.ndarray | None = None,
     ) -> Self:
         """Reference = `train_vectors` (an exact inner-product index over them), or an existing
-        `index` (the store's: `Store.index(mmap=True)`) restricted to `allowed_ids` (its train
-        rows, filtered inside FAISS) when given. Calibration = held-out images of the training
-        distribution that are not in the reference (the val split)."""
+        `index` (the store's: `Store.index(mmap=True)`). Calibration = held-out images of the
+        training distribution (the val split). Where the index holds the calibration rows:
+        either `allowed_ids` restricts it to the train rows (filtered inside FAISS: exact, but
+        each query pays the filter, 4x at 1M rows in bench/monitor.py), or `calibration_ids`
+        (their ids in the index) lets each calibration row leave itself out, the reference
+        being every row (leave-one-out: a new image's neighbours are drawn from the same rows,
+        so its p-value stays valid up to one row in n; the unfiltered search's cost)."""
         if self.k < 1:
             raise OODError(f"k must be at least 1, not {self.k}")
         if index is None:
@@ -84,49 +89,64 @@ class KnnOOD:
         self.n_reference_ = int(n_ref)
         if not len(calibration_vectors):
             raise OODError("an OOD detector needs held-out calibration images (the val split)")
-        self.calibration_scores_ = np.sort(self.score(calibration_vectors))
+        if calibration_ids is None:
+            calibration = self.score(calibration_vectors)
+        else:
+            calibration = self.score(calibration_vectors, np.asarray(calibration_ids, np.int64))
+        self.calibration_scores_ = np.sort(calibration)
         return self
 
     @classmethod
     def from_store(
-        cls, store: Any, k: int = 10, reference: str = "train", calibration: str = "val"
+        cls, store: Any, k: int = 10, reference: str | None = "train", calibration: str = "val"
     ) -> KnnOOD:
-        """Fitted on a store (extractors/store/store.py): its index, restricted to the rows of
-        split `reference`, calibrated on the rows of split `calibration`."""
+        """Fitted on a store (extractors/store/store.py) and its index, calibrated on the rows
+        of split `calibration`; the reference is the rows of split `reference` (filtered
+        inside FAISS), or with `reference=None` every row, each calibration row leaving itself
+        out (no filter: the fast path at 1M rows)."""
         vectors, meta = store.arrays(where_labelled=False)
         split = np.asarray(meta["split"].to_numpy(zero_copy_only=False))
         ids = meta["id"].to_numpy()
-        return cls(k).fit(
-            None,
-            vectors[split == calibration],
-            index=store.index(mmap=True),
-            allowed_ids=np.sort(ids[split == reference]),
-        )
+        held = split == calibration
+        if reference is None:
+            return cls(k).fit(
+                None, vectors[held], index=store.index(mmap=True), calibration_ids=ids[held]
+            )
+        allowed = np.sort(ids[split == reference])
+        return cls(k).fit(None, vectors[held], index=store.index(mmap=True), allowed_ids=allowed)
 
     @property
     def n_calibration(self) -> int:
         self._check_fitted()
         return len(self.calibration_scores_)
 
-    def score(self, vectors: np.ndarray) -> np.ndarray:
+    def score(self, vectors: np.ndarray, own_ids: np.ndarray | None = None) -> np.ndarray:
         """Raw OOD score of each row: 1 - cosine similarity of its k-th nearest reference image
-        (in [0, 2]; higher = further from the training data)."""
+        (in [0, 2]; higher = further from the training data). `own_ids`: the rows' ids in the
+        reference, each left out of its own neighbours."""
         self._check_fitted(calibrated=False)
         q = normalize(vectors)
         out = np.empty(len(q), np.float32)
         for start in range(0, len(q), SEARCH_ROWS):
-            sims = self._search(q[start : start + SEARCH_ROWS])
+            own = None if own_ids is None else own_ids[start : start + SEARCH_ROWS]
+            sims = self._search(q[start : start + SEARCH_ROWS], own)
             out[start : start + len(sims)] = 1.0 - sims
         return out
 
-    def _search(self, q: np.ndarray) -> np.ndarray:
-        """Cosine similarity of each query's k-th nearest reference image (missing: -1)."""
+    def _search(self, q: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+        """Cosine similarity of each query's k-th nearest reference image other than its own
+        row (missing: -1)."""
+        k = self.k + (own is not None)
         if isinstance(self.index_, AnnIndex):
-            sims, ids = self.index_.search(q, self.k, self.allowed_ids_)
+            sims, ids = self.index_.search(q, k, self.allowed_ids_)
         else:
-            sims, ids = self.index_.search(q, self.k)
-        kth = np.where(ids[:, -1] >= 0, sims[:, -1], -1.0)
-        return np.clip(kth, -1.0, 1.0)
+            sims, ids = self.index_.search(q, k)
+        kept = ids >= 0
+        if own is not None:
+            kept &= ids != own[:, None]
+        at = np.argmax(np.cumsum(kept, axis=1) >= self.k, axis=1)  # the k-th kept neighbour
+        found = kept[np.arange(len(q)), at] & (kept.sum(axis=1) >= self.k)
+        return np.clip(np.where(found, sims[np.arange(len(q)), at], -1.0), -1.0, 1.0)
 
     def p_values(self, vectors: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
         """Conformal p-value of each row (1 + #{calibration >= s}) / (1 + n); pass `scores`

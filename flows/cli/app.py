@@ -81,7 +81,7 @@ def quiet_libraries(verbose: bool) -> None:
     and their usage telemetry off (on a machine without network it logs an error each run;
     `DO_NOT_TRACK` set by the user wins)."""
     if verbose:
-        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO")
         return
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", LIBRARY_LOGGERS["mlflow"])

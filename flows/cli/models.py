@@ -32,7 +32,7 @@ def _name(model: str | None, workspace, write: bool) -> str:
     check(workspace, write=write)
     from flows.tracking.image_model import latest_image_model
 
-    return model or latest_image_model(workspace)
+    return model or latest_image_model(workspace, write)
 
 
 @app.command()

@@ -135,6 +135,11 @@ def _serve(built: list[Any], specs: list[DeploymentSpec], limit: int) -> None:
         out.print(
             f"serving pipeline/{spec.name} over {spec.source}, {spec.schedule}", highlight=False
         )
+    if any(s.options.get("on_drift") for s in specs):
+        from flows.automations import drift_automations
+
+        for made in drift_automations(specs, built):
+            out.print(f"automation: {made.name}", highlight=False)
     out.print(f"at most {plural(limit, 'run')} at once; Ctrl-C stops")
     try:
         prefect_serve(*built, limit=limit, print_starting_message=False)

@@ -134,7 +134,7 @@ def score(
     table: what the scheduled `kind = "score"` deployment runs. Nothing new, nothing written."""
     from flows import runs
 
-    report = runs.for_cli(runs.score)(
+    report = runs.for_cli(runs.score, workspace)(
         str(source),
         predictions=None if predictions is None else str(predictions),
         model=model,

@@ -13,7 +13,7 @@ from extractors.embedding.backbones import check_name
 from extractors.embedding.engines import make_engine
 from extractors.embedding.sources import Source, read_source
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings
-from extractors.store.store import Store, UpdateReport
+from extractors.store.store import Store, StoreError, UpdateReport
 from extractors.workspace import backbone_for, resolve_store, weights_file
 
 
@@ -104,6 +104,8 @@ def splits_of(src: Source, other: Store) -> Source:
     the stores of several backbones of one run then hold one split."""
     import dataclasses
 
+    if not other.exists:
+        raise StoreError(f"--split-from {other.path}: no store there")
     rows = other.table(["path", "split"]).to_pydict()
     split = dict(zip(rows["path"], rows["split"], strict=True))
     records = tuple(

@@ -1,17 +1,18 @@
 """Monitoring stage of scoring: an out-of-distribution detector fitted on the model's training
-store (its train split the reference, its val split the calibration), wrapped around the
+store (its rows the reference, its val split the calibration), wrapped around the
 scorer (heads/scoring/monitored.py), and the batch's figures once it is scored (embedding,
 prediction and confidence drift, the flagged share: extractors/monitor/drift.py)."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from extractors.common import HeadstartError
 from extractors.monitor.drift import batch_report
 from extractors.settings import MonitorSettings
 from extractors.store.store import Store
@@ -31,16 +32,13 @@ def watch(
     from extractors.monitor.ood import KnnOOD
 
     why = _unwatchable(bound, trained_on)
-    if why is None:
-        try:
-            detector = KnnOOD.from_store(Store(trained_on), k=settings.ood_k)
-            detector.check_level(settings.ood_level)
-        except HeadstartError as exc:
-            why = str(exc)
     if why is not None:
         defaults.info(f"out-of-distribution scores: not measured ({why})")
         return None
-    return Monitored(bound, detector, settings.ood_level, settings.drift_rows, settings.seed)
+    # Every row the reference (its index unfiltered: a few ms an image at 1M rows), each val
+    # row left out of its own neighbours for the calibration.
+    fit = functools.partial(KnnOOD.from_store, Store(trained_on), settings.ood_k, None)
+    return Monitored(bound, fit, settings.ood_level, settings.drift_rows, settings.seed)
 
 
 def _unwatchable(bound: BoundClassifier, trained_on: Path | None) -> str | None:
@@ -57,10 +55,13 @@ def _unwatchable(bound: BoundClassifier, trained_on: Path | None) -> str | None:
 
 def batch_figures(
     monitored: Monitored, trained_on: Path, settings: MonitorSettings
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The batch's figures and alarm against the training store: its val embeddings (the
     reference of the two-sample test), its label shares, and the model's mean top
     probability on its test split; with the most unusual images first."""
+    if monitored.unmeasured is not None:
+        defaults.info(f"out-of-distribution scores: not measured ({monitored.unmeasured})")
+        return None
     store = Store(trained_on)
     batch = monitored.batch()
     vectors, meta = store.arrays(where_labelled=True)
@@ -82,6 +83,7 @@ def batch_figures(
         reference_top_proba=reference_top,
         settings=settings,
     )
+    figures["images"] = len(batch["p_values"])  # the drift test saw a sample of them
     order = np.argsort(-batch["raw_scores"], kind="stable")[:FLAGGED_SHOWN]  # most unusual first
     figures["flagged"] = [
         {
@@ -92,4 +94,15 @@ def batch_figures(
         for i in order
         if batch["p_values"][i] <= settings.ood_level
     ]
-    return figures
+    return _finite(figures)
+
+
+def _finite(value: Any) -> Any:
+    """The figures as JSON takes them: NaN (a test on too few rows) as None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

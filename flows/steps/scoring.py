@@ -47,10 +47,20 @@ def scoring_model(
     workspace: str | Path = DEFAULT_WORKSPACE,
 ) -> tuple[str, str]:
     """(model, experiment) of a `score` run: the champion of `<experiment>-image`; with
-    neither given, `default_model` (what a bare `predict` uses) and its experiment; the
-    experiment of a model given alone is the source's name."""
+    neither given, the champion of the source's own experiment (its name) when one is
+    registered, else `default_model` (what a bare `predict` uses) and its experiment, said in
+    one line; the experiment of a model given alone is the source's name."""
     if model is None and experiment is None:
-        model = default_model(store, workspace)
+        from flows.tracking.image_model import RegistryError, image_name, resolve
+
+        try:
+            resolve(f"models:/{image_name(Path(source).stem)}@champion", workspace)
+            experiment = Path(source).stem
+        except RegistryError:
+            model = default_model(store, workspace)
+            if model is not None:
+                stem = Path(source).stem
+                defaults.info(f"model: {model} (no champion of {stem!r}; --experiment picks)")
     name = experiment or _experiment_of(model) or Path(source).stem
     return model or f"models:/{name}-image@champion", name
 

@@ -21,6 +21,7 @@ each version and run the decisions touched (the old champion's turns to no when 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -243,11 +244,14 @@ def _record(decision: Decision, by: str) -> Decision:
 
 
 def _tag(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
-    """`tags` on the version and, prefixed `headstart.`, on the run that logged it."""
+    """`tags` on the version and, prefixed `headstart.`, on the run that logged it (unless
+    that run was deleted since: the version's tags are what holds)."""
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     run_id = client.get_model_version(name, version).run_id
-    if run_id:
+    if not run_id:
+        return
+    with contextlib.suppress(MlflowException):  # a deleted run takes no tags
         for k, v in tags.items():
             client.set_tag(run_id, f"headstart.{k}", v)
 

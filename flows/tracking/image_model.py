@@ -95,10 +95,10 @@ def register(model_uri: str, experiment: str, workspace: str | Path) -> dict[str
     return register_newest(Tracker(workspace), model_uri, image_name(experiment))
 
 
-def latest_image_model(workspace: str | Path = DEFAULT_WORKSPACE) -> str:
+def latest_image_model(workspace: str | Path = DEFAULT_WORKSPACE, write: bool = False) -> str:
     """The registered image model updated last (what `promote` and `rollback` act on when
-    no --model is given)."""
-    connect(workspace, write=False)
+    no --model is given); `write`: for a command that writes (the store is opened as such)."""
+    connect(workspace, write=write)
     found = [
         m
         for m in MlflowClient().search_registered_models(order_by=["last_updated_timestamp DESC"])

@@ -75,6 +75,12 @@ def check(workspace: str | Path, write: bool = True) -> str:
     else a `TrackingError` naming it, within seconds. MLflow is not imported."""
     uri = tracking_uri(workspace)
     db = sqlite_file(uri)
+    if db is not None and not write and not db.exists():  # a reader never creates it
+        raise TrackingError(
+            f"no MLflow database at {db} yet: nothing is recorded in this workspace; run "
+            "`headstart demo` or `headstart run SOURCE` first (or point MLFLOW_TRACKING_URI "
+            "at your store)"
+        )
     if db is not None:
         _check_sqlite(db, write)
         with _migration_lock(db, write):

@@ -5,12 +5,14 @@ embeddings, p-values, predicted classes and top probabilities) for the batch's d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from extractors.common import HeadstartError
 from extractors.monitor.ood import KnnOOD
 from extractors.store.layout import embedding_matrix
 
@@ -22,7 +24,7 @@ class Monitored:
     reservoir sample of at most `keep` embeddings (the drift test's own bound)."""
 
     scorer: Any
-    detector: KnnOOD
+    fit: Callable[[], KnnOOD]  # the detector, fitted at the first part (never for "nothing new")
     level: float = 0.01
     keep: int = 1000
     seed: int = 0
@@ -33,6 +35,14 @@ class Monitored:
     paths: list[str] = field(default_factory=list)
     _sample: np.ndarray | None = None
     _seen: int = 0
+    _detector: KnnOOD | None = None
+    unmeasured: str | None = None  # why the detector could not be fitted (columns left null)
+
+    @property
+    def detector(self) -> KnnOOD:
+        if self._detector is None:
+            self._detector = self.fit()
+        return self._detector
 
     @property
     def classes(self) -> list[str]:
@@ -48,6 +58,13 @@ class Monitored:
     def ood_columns(self, rows: pa.Table, proba: np.ndarray) -> dict[str, np.ndarray]:
         """`ood_score` (1 - p: the percentile among held-out training images) and `ood`
         (p <= level) of each row, from its `embedding` column; the batch sample grows."""
+        if self.unmeasured is None:
+            try:
+                self.detector.check_level(self.level)
+            except HeadstartError as exc:
+                self.unmeasured = str(exc)
+        if self.unmeasured is not None:
+            return {"ood_score": [None] * rows.num_rows, "ood": [None] * rows.num_rows}
         vectors = embedding_matrix(rows, "embedding")
         raw = self.detector.score(vectors)
         p = self.detector.p_values(vectors, scores=raw)

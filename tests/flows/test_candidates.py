@@ -105,3 +105,16 @@ def test_a_shortlist_trains_only_the_best_ranked(compared: dict, digits_dir: Pat
     assert len(kept) == 2 and kept == [b for b in CANDIDATES if b in kept]  # in the order given
     assert min(logme[b] for b in kept) >= max(v for b, v in logme.items() if b not in kept)
     assert run.tags["shortlist"] == ", ".join(kept)
+
+
+def test_a_rerun_reuses_every_backbones_heads_and_prints_the_grid(
+    compared: dict, digits_dir: Path
+) -> None:
+    ws = compared["ws"]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}", "COLUMNS": "100"}
+    args = ["run", str(digits_dir), "--workspace", str(ws), "--target", "0.5"]
+    args += [f for b in CANDIDATES for f in ("--backbone", b)]
+    res = runner.invoke(app, [*args, "--head", "logreg", "--head", "knn"], env=env)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "backbones on one split" in res.stdout and "nothing new" in res.stdout
+    assert all(b in res.stdout for b in CANDIDATES)

@@ -37,6 +37,13 @@ BAD = [
     (CRON + "kind = 1\n", "deployment 'a': kind 1 is not one of pipeline, score"),
     (CRON + "targett = 1\n", "deployment 'a': unknown key 'targett'"),
     (CRON + "target = nan\n", "deployment 'a'"),
+    (CRON + 'kind = "score"\non_drift = "b"\n', "on_drift 'b' is not a pipeline deployment"),
+    (
+        CRON + '[[deployment]]\nname = "s"\nsource = "y"\ncron = "@daily"\nkind = "score"\n'
+        'on_drift = "a"\n',
+        "on_drift 'a' trains experiment 'x', but this deployment scores with 'y'",
+    ),
+    (CRON + 'backbones = ["b", "b"]\n', "names each backbone once"),
 ]
 
 

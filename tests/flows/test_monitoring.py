@@ -107,3 +107,56 @@ def test_monitor_lists_each_batch_newest_first_with_a_plot(watched: dict) -> Non
     res = runner.invoke(app, ["monitor", "--workspace", ws, "--plot", str(plot)], env=env)
     assert res.exit_code == 0 and "ALARM" in res.stdout
     assert Image.open(plot).size[0] > 300
+
+
+def test_a_drift_alarm_under_prefect_starts_the_training_deployment(
+    prefect_server, watched: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deployments.toml's `on_drift` is an automation on a real Prefect server: the scoring
+    flow's alarm emits the event, and the automation creates a run of the training deployment."""
+    import asyncio
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    from extractors.settings import MonitorSettings
+    from flows import deployments, pipeline
+    from flows.automations import drift_automations
+
+    root, ws = watched["root"], watched["ws"]
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched["env"]["MLFLOW_TRACKING_URI"])
+    toml = root / "deployments.toml"
+    toml.write_text(
+        f'[[deployment]]\nname = "digits-train"\nsource = "{root / "digits"}"\n'
+        f'cron = "0 0 1 1 *"\nworkspace = "{ws}"\n\n'
+        f'[[deployment]]\nname = "digits-watch"\nkind = "score"\nsource = "{root / "photos"}"\n'
+        f'cron = "0 0 1 1 *"\nworkspace = "{ws}"\nexperiment = "digits"\n'
+        'on_drift = "digits-train"\n'
+    )
+    specs = deployments.read_file(toml)
+    built = deployments.build(specs)
+    (made,) = drift_automations(specs, built)
+    target = next(b for b in built if b.name == "digits-train").apply()
+    result = pipeline.score(
+        str(root / "photos"),
+        predictions=str(root / "pred-prefect"),
+        experiment="digits",
+        workspace=str(ws),
+        progress=False,
+        monitor=MonitorSettings(ood_level=0.05),
+    )
+    assert result["monitor"]["alarm"]
+
+    async def runs_of_target() -> list:
+        async with get_client() as client:
+            wanted = DeploymentFilter(id=DeploymentFilterId(any_=[target]))
+            return await client.read_flow_runs(deployment_filter=wanted)
+
+    deadline, found = time.monotonic() + 90, []
+    while not found and time.monotonic() < deadline:
+        time.sleep(2)
+        found = asyncio.run(runs_of_target())
+    assert found, f"the automation {made.name!r} started no run of digits-train"

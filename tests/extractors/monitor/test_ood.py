@@ -71,6 +71,24 @@ def test_an_index_restricted_to_train_ids_scores_like_the_train_vectors(
     assert (unfiltered.calibration_scores_ < 1e-5).all()  # each finds itself: why ids matter
 
 
+def test_calibration_rows_in_the_index_leave_themselves_out(embedded) -> None:
+    """The fast path: every row of the index is the reference, each calibration row scored
+    against all the others (checked against a brute-force leave-one-out)."""
+    rows = normalize(np.concatenate([embedded.train, embedded.calibration]))
+    ids = np.arange(len(rows), dtype=np.int64) * 7 + 3
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(rows.shape[1]))
+    index.add_with_ids(rows, ids)
+    own = ids[len(embedded.train) :]
+    detector = KnnOOD(k=10).fit(None, embedded.calibration, index=index, calibration_ids=own)
+    sims = rows[len(embedded.train) :] @ rows.T
+    sims[np.arange(len(own)), np.arange(len(embedded.train), len(rows))] = -np.inf
+    loo = 1 - np.sort(sims, axis=1)[:, -10]
+    np.testing.assert_allclose(detector.calibration_scores_, np.sort(loo), atol=1e-5)
+    p = detector.p_values(embedded.held_out)
+    assert 0.02 < (p <= 0.1).mean() < 0.2  # about the level
+    assert detector.flag(embedded.foreign, 0.01).mean() >= 0.9
+
+
 def test_refusals(embedded) -> None:
     with pytest.raises(OODError, match="not fitted"):
         KnnOOD().score(embedded.held_out)
@@ -92,3 +110,8 @@ def test_from_store_uses_its_index_on_train_rows_calibrated_on_val(built_store) 
     np.testing.assert_allclose(detector.calibration_scores_, direct.calibration_scores_, atol=1e-5)
     test = vectors[split == "test"]
     np.testing.assert_allclose(detector.score(test), direct.score(test), atol=1e-5)
+    every = KnnOOD.from_store(built_store, k=3, reference=None)
+    assert every.n_reference_ == len(split)  # every row; each val row leaves itself out
+    assert every.calibration_scores_.min() > 1e-4
+    everything = KnnOOD(k=3).fit(vectors, vectors[:1])
+    np.testing.assert_allclose(every.score(test), everything.score(test), atol=1e-5)

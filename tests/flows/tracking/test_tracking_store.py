@@ -124,7 +124,10 @@ def test_a_half_migrated_database_is_one_line_saying_how_to_repair(tmp_path: Pat
     db = ws / "mlflow.db"
     env = _env(tmp_path, f"sqlite:///{db}")
     code, err, _ = _headstart(["compare", "--workspace", str(ws)], env)
-    assert code == 0, err  # a good database first
+    assert code == 2 and "no MLflow database" in _one_line(err), err  # a reader creates none
+    assert not db.exists()
+    code, err, _ = _headstart(["promote", "1", "--workspace", str(ws)], env)
+    assert code == 2 and db.exists(), err  # a writer made a good database
     with sqlite3.connect(db) as con:  # what a migration stopped half-way leaves behind
         con.execute("create table _alembic_tmp_params (key text, value text)")
     for args in (["compare"], ["champion"], ["promote", "1"]):
@@ -239,8 +242,8 @@ def test_promote_on_a_read_only_database_names_it(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     db = ws / "mlflow.db"
     env = _env(tmp_path, f"sqlite:///{db}")
-    code, err, _ = _headstart(["compare", "--workspace", str(ws)], env)  # creates it
-    assert code == 0 and db.exists(), err
+    code, err, _ = _headstart(["promote", "1", "--workspace", str(ws)], env)  # creates it
+    assert code == 2 and db.exists(), err  # (nothing to promote yet)
     if not _read_only(db):
         pytest.skip("cannot make a file read-only here")
     try:
