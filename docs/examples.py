@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+BAR = re.compile(r"^[^\n|]*:\s+\d+%\|.*\n?|^\n", re.M)  # a progress bar's line, blank lines
 # (file name, the command as a user types it, after `uv run`); {image} is a sample digit.
 COMMANDS = (
     ("demo", "headstart demo"),
@@ -35,12 +36,19 @@ QUICK = "headstart demo --per-class 24 --epochs 1"
 
 
 def run(command: str, cwd: Path, env: dict[str, str]) -> tuple[str, float]:
-    """The command's output as a terminal shows it (stdout then stderr, colours off) and its
+    """The command's output as a terminal shows it (colours and progress bars off) and its
     wall time; a failure stops the script with the command's output."""
     t0 = time.perf_counter()
-    res = subprocess.run(command.split(), cwd=cwd, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        command.split(),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     took = time.perf_counter() - t0
-    text = ANSI.sub("", res.stderr + res.stdout)
+    text = BAR.sub("", ANSI.sub("", res.stdout))  # stderr interleaved, as a terminal shows it
     if res.returncode != 0:
         sys.exit(f"`{command}` failed ({res.returncode}):\n{text[-3000:]}")
     return text, took
@@ -54,6 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env |= {"COLUMNS": "80", "NO_COLOR": "1", "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+    env["TQDM_DISABLE"] = "1"  # progress bars are for a terminal, not a page
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="headstart-examples-") as tmp:
         root = args.root.resolve() if args.root else Path(tmp)

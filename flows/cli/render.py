@@ -202,7 +202,7 @@ def heads_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def print_embed(report: dict[str, Any]) -> None:
     out.print(
-        f"store [bold]{escape(report['store'])}[/]: {plural(report['rows'], 'image')} "
+        f"store [bold]{escape(short_path(report['store']))}[/]: {plural(report['rows'], 'image')} "
         f"({report['embedded']} embedded now, {report['kept']} unchanged, "
         f"{report['removed']} removed, {report['failed']} failed"
         + (f", {plural(report['duplicates'], 'duplicate')}" if report.get("duplicates") else "")

@@ -117,10 +117,19 @@ def audit_store(
 
 
 def _bar(progress: bool, total: int, desc: str, unit: str) -> Any:
-    """A progress bar with the time left (tqdm, as the other stages), or none."""
+    """A progress bar with the time left (tqdm, as the other stages), or none; every step
+    shown (a fold is seconds, never too often to draw)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0,
+        miniters=1,
+    )
 
 
 def _finding(

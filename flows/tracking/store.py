@@ -104,6 +104,7 @@ def connect(workspace: str | Path, write: bool = True) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    _follow_logging_level()
     if not fresh:
         return uri
     db = sqlite_file(uri)
@@ -114,6 +115,16 @@ def connect(workspace: str | Path, write: bool = True) -> str:
         _open(uri, None)
     _ready.add((uri, write))
     return uri
+
+
+def _follow_logging_level() -> None:
+    """MLflow's event lines printed outside its loggers ("Successfully registered model",
+    "Created version") follow MLFLOW_LOGGING_LEVEL like its logs do: off above INFO (the
+    CLI's default: flows/cli/app.py), on at INFO or below (--verbose)."""
+    from mlflow.utils.logging_utils import disable_logging, enable_logging
+
+    level = os.environ.get("MLFLOW_LOGGING_LEVEL", "INFO").upper()
+    (enable_logging if level in ("DEBUG", "INFO") else disable_logging)()
 
 
 @contextlib.contextmanager
