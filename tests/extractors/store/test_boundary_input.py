@@ -223,6 +223,6 @@ def test_embed_twice_through_the_cli_odd_names_and_duplicates(
         res = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
         assert res.exit_code == 0, res.output + repr(res.exception)
         outputs.append(res.output)
-    assert "8 images (8 embedded now, 0 unchanged, 0 removed, 0 failed, 1 duplicates)" in outputs[0]
-    assert "8 images (0 embedded now, 8 unchanged, 0 removed, 0 failed, 1 duplicates)" in outputs[1]
+    assert "8 images (8 embedded now, 0 unchanged, 0 removed, 0 failed, 1 duplicate)" in outputs[0]
+    assert "8 images (0 embedded now, 8 unchanged, 0 removed, 0 failed, 1 duplicate)" in outputs[1]
     assert "(unchanged)" in outputs[1]
