@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flows.settings import PipelineSettings
+from flows.tracking.tracker import metric_key
 
 if TYPE_CHECKING:
     from flows.runs import Runner
@@ -92,7 +93,9 @@ def _shortlist(
     kept = [reports[i] for i in sorted(best)]
     tracker.log_to_run(
         run_id,
-        metrics={f"logme.{_key(r['backbone'])}": v for r, v in zip(reports, logme, strict=True)},
+        metrics={
+            f"logme.{metric_key(r['backbone'])}": v for r, v in zip(reports, logme, strict=True)
+        },
         tags={"shortlist": ", ".join(r["backbone"] for r in kept)},
     )
     return kept
@@ -112,7 +115,7 @@ def _rung(
     if summary is None or s.retrain:
         why = "asked to retrain (--retrain)" if summary is not None else why
         summary = runner.train(store, run_id, str(tracker.workspace), s.heads, seed, progress)
-    tracker.log_to_run(run_id, tags={f"retrain_reason.{_key(report['backbone'])}": why})
+    tracker.log_to_run(run_id, tags={f"retrain_reason.{metric_key(report['backbone'])}": why})
     runner.log(f"heads on {report['backbone']}: {why}")
     best = next(h for h in summary["heads"] if h["head"] == summary["best"])
     return {
@@ -175,7 +178,7 @@ def _log_grid(
         run_id,
         params={"escalate": decision["escalate"]},
         metrics={
-            **{f"val.{_key(g['backbone'])}": g["val_score"] for g in grid},
+            **{f"val.{metric_key(g['backbone'])}": g["val_score"] for g in grid},
             "best_val_score": best["val_score"],
         },
         tags={
@@ -185,8 +188,3 @@ def _log_grid(
             "escalation_reason": decision["reason"],
         },
     )
-
-
-def _key(backbone: str) -> str:
-    """A backbone's name as an MLflow metric key (letters, digits, `_-./ ` only)."""
-    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in backbone)

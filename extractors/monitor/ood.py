@@ -167,8 +167,7 @@ class KnnOOD:
         """The scoring table's columns: `ood_score` = 1 - p (the calibrated percentile among
         held-out training images; uniform on in-distribution images) and `ood` (p <= level)."""
         self.check_level(level)
-        p = self.p_values(vectors)
-        return {"ood_score": (1.0 - p).astype(np.float32), "ood": p <= level}
+        return columns_of(self.p_values(vectors), level)
 
     def check_level(self, level: float) -> None:
         """Refuse a level the calibration set is too small to flag at (p >= 1 / (n + 1))."""
@@ -194,3 +193,9 @@ class KnnOOD:
     def _check_fitted(self, calibrated: bool = True) -> None:
         if not hasattr(self, "index_") or (calibrated and not hasattr(self, "calibration_scores_")):
             raise OODError("the OOD detector is not fitted: call fit() first")
+
+
+def columns_of(p: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """The scoring table's columns from conformal p-values: `ood_score` = 1 - p and `ood`
+    (p <= level)."""
+    return {"ood_score": (1.0 - p).astype(np.float64), "ood": p <= level}

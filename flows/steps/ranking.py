@@ -7,7 +7,6 @@ incrementally), and each feature column of that store (the penultimate `embeddin
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -112,7 +111,9 @@ def score(x: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def metric_key(candidate: dict[str, Any]) -> str:
     """A candidate's name in MLflow metric keys: `backbone/feature`, in the characters MLflow
     takes."""
-    return re.sub(r"[^\w.\-:/ ]", "_", f"{candidate['backbone']}/{candidate['feature']}")
+    from flows.tracking.tracker import metric_key as safe  # MLflow: only where it logs
+
+    return safe(f"{candidate['backbone']}/{candidate['feature']}")
 
 
 def log_ranking(ranking: dict[str, Any], workspace: str | Path) -> str:

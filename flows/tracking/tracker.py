@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -42,6 +43,11 @@ def short(value: Any) -> str:
     """A value as an MLflow param: its text, cut to what MLflow takes."""
     text = str(value)
     return text if len(text) <= PARAM_CHARS else text[: PARAM_CHARS - 3] + "..."
+
+
+def metric_key(text: str) -> str:
+    """`text` in the characters MLflow takes in a metric key (any other as `_`)."""
+    return re.sub(r"[^\w.\-:/ ]", "_", text)
 
 
 @dataclass(frozen=True)

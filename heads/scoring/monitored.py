@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from extractors.common import HeadstartError
-from extractors.monitor.ood import KnnOOD
+from extractors.monitor.ood import KnnOOD, columns_of
 from extractors.store.layout import embedding_matrix
 
 
@@ -74,7 +74,7 @@ class Monitored:
         self.top.append(proba.max(axis=1))
         self.paths += rows["path"].to_pylist()
         self._reservoir(vectors)
-        return {"ood_score": (1.0 - p).astype(np.float64), "ood": p <= self.level}
+        return columns_of(p, self.level)
 
     def _reservoir(self, vectors: np.ndarray) -> None:
         """Algorithm R (Vitter, 1985): a uniform sample of every row seen, `keep` at most."""
