@@ -11,8 +11,10 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +137,7 @@ class DaemonPool:
 
     Daemon threads, not a ThreadPoolExecutor: a file that never finishes reading (a hung
     network mount) costs one thread, and neither the run nor the interpreter's exit waits
-    for it.
+    for it. `result` bounds each task's time from when it started.
     """
 
     def __init__(self, threads: int):
@@ -143,11 +145,13 @@ class DaemonPool:
         for n in range(threads):
             threading.Thread(target=self._work, name=f"worker-{n}", daemon=True).start()
         self.threads = threads
+        self.stuck = 0  # tasks past their time limit: each still holds its thread
 
     def _work(self) -> None:
         while (task := self.tasks.get()) is not None:
             fn, arg, fut = task
             if fut.set_running_or_notify_cancel():
+                fut.started = time.monotonic()
                 try:
                     fut.set_result(fn(arg))
                 except BaseException as exc:
@@ -157,6 +161,24 @@ class DaemonPool:
         fut: Future = Future()
         self.tasks.put((fn, arg, fut))
         return fut
+
+    def result(self, fut: Future, timeout: float) -> Any:
+        """`fut`'s result, waiting until `timeout` seconds after it started running, so tasks
+        that hang together cost `timeout` together, not one after the other. TimeoutError
+        past that, or at once for a task that has not started while every thread is stuck."""
+        while (started := getattr(fut, "started", None)) is None and not fut.done():
+            if self.stuck >= self.threads:
+                raise TimeoutError("every thread is stuck on a task past its time limit")
+            try:
+                return fut.result(timeout=0.05)  # until it starts (or finishes)
+            except FutureTimeout:
+                continue
+        left = timeout - (time.monotonic() - started) if started is not None else 0.0
+        try:
+            return fut.result(timeout=max(left, 0.0))
+        except FutureTimeout:
+            self.stuck += 1
+            raise TimeoutError(f"took longer than {timeout:g} s") from None
 
     def close(self) -> None:
         for _ in range(self.threads):

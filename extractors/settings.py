@@ -316,15 +316,16 @@ class EngineSettings(Settings):
     kind: str = setting(
         "local",
         "local (this process) or dask: shard the new images over a Dask cluster, a local one "
-        "of --engine-workers processes unless --address names a scheduler. Workers write their "
-        "own staging parts; the commit and the index are built here after.",
+        "of --engine-workers processes unless --scheduler names one. Workers read the images "
+        "and send back the rows; only this process writes the store.",
         flags=("--engine",),
         choices=ENGINES,
     )
     address: str | None = setting(
         None,
-        "Dask scheduler to join (tcp://host:8786) with --engine dask. Its workers must see the "
-        "images and the store at the same paths.",
+        "Dask scheduler to join (tcp://host:8786) with --engine dask. Its workers must reach "
+        "the images (the same local paths, or the bucket), not the store.",
+        flags=("--scheduler", "--address"),
     )
     workers: int | None = setting(
         None,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from extractors import DEFAULT_BACKBONE, DEFAULT_WORKSPACE
 from extractors.embedding import finetuned
-from extractors.store.layout import LATEST_HEADS, default_store_dir
+from extractors.store.layout import LATEST_HEADS, absolute, default_store_dir
 from extractors.store.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def resolve_store(
     if store is not None:
         return Store(store)
     if source is not None:
-        src_root = str(Path(source).expanduser().resolve())
+        src_root = absolute(source)  # a bucket's URL as it is: the same store from any folder
         return Store(default_store_dir(workspace, src_root, backbone or DEFAULT_BACKBONE))
     return latest_store(workspace, need)
 

@@ -16,9 +16,11 @@ from prefect.exceptions import ObjectNotFound
 from flows.deployments import DeploymentSpec
 from flows.tracking.monitoring import DRIFT_EVENT
 
+PREFIX, SUFFIX = "headstart: run ", " on drift in "  # the automations headstart makes
+
 
 def automation_name(spec: DeploymentSpec) -> str:
-    return f"headstart: run {spec.options['on_drift']} on drift in {spec.name}"
+    return f"{PREFIX}{spec.options['on_drift']}{SUFFIX}{spec.name}"
 
 
 def trigger_of(spec: DeploymentSpec) -> EventTrigger:
@@ -35,7 +37,8 @@ def trigger_of(spec: DeploymentSpec) -> EventTrigger:
 def drift_automations(specs: list[DeploymentSpec], built: list[Any]) -> list[Automation]:
     """One automation per score deployment with `on_drift`, replacing one of the same name
     (so serving again does not pile them up); the target deployment is applied first, for
-    its id."""
+    its id. An automation an earlier `serve` made for a score deployment of `specs` that
+    no longer has it (on_drift removed, or pointing elsewhere) is deleted (`stale`)."""
     by_name = {d.name: d for d in built}
     made = []
     for spec in specs:
@@ -48,3 +51,20 @@ def drift_automations(specs: list[DeploymentSpec], built: list[Any]) -> list[Aut
         action = RunDeployment(source="selected", deployment_id=target)
         made.append(Automation(name=name, trigger=trigger_of(spec), actions=[action]).create())
     return made
+
+
+def stale(specs: list[DeploymentSpec]) -> list[str]:
+    """Delete the automations headstart made for the score deployments of `specs` that they
+    no longer declare; their names."""
+    from prefect import get_client
+
+    wanted = {automation_name(s) for s in specs if s.options.get("on_drift")}
+    mine = tuple(f"{SUFFIX}{s.name}" for s in specs if s.kind == "score")
+    removed = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            name = automation.name
+            if name.startswith(PREFIX) and name.endswith(mine) and name not in wanted:
+                client.delete_automation(automation.id)
+                removed.append(name)
+    return removed

@@ -22,8 +22,9 @@ One `[[deployment]]` per source: `name`, `source`, `cron` or `interval` (seconds
 
 `kind = "score"` makes it a scoring deployment instead: each run scores the new or changed
 images of `source` with `model` (default `models:/<experiment>-image@champion`) and appends
-them to the `predictions` folder (default WORKSPACE/predictions/<experiment>); its only
-stage table is `[deployment.embed]` (batch_size, decode_threads, device):
+them to the `predictions` folder (default WORKSPACE/predictions/<experiment>); its stage
+tables are `[deployment.embed]` (batch_size, decode_threads, device) and
+`[deployment.monitor]` (the drift and out-of-distribution thresholds, `MonitorSettings`):
 
     [[deployment]]
     name = "photos-hourly-scores"
@@ -31,6 +32,8 @@ stage table is `[deployment.embed]` (batch_size, decode_threads, device):
     source = "incoming"
     cron = "0 * * * *"
     experiment = "photos"
+    [deployment.monitor]
+    ood_level = 0.05
 
 The whole file is checked against one typed schema (`_File`) when it is read, before anything
 is served: a wrong type, shape or unknown key is one line naming the key and the deployment.
@@ -48,12 +51,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from extractors.common import HeadstartError
-from extractors.settings import SettingsError
+from extractors.embedding.sources import source_name
+from extractors.settings import MonitorSettings, SettingsError
+from extractors.store.layout import is_url
 from flows.settings import STAGES, PipelineSettings
 
 LOCATIONS = ("store", "workspace", "experiment")  # where a run reads and records, not settings
 KINDS = ("pipeline", "score")
-SCORE_OPTIONS = ("model", "predictions", "on_drift")  # a score deployment's own keys
+SCORE_OPTIONS = ("model", "predictions", "on_drift", "monitor")  # a score deployment's own keys
 AUTOMATION_OPTIONS = ("on_drift",)  # what `serve` makes Prefect automations of, not parameters
 SCORE_EMBED = ("batch_size", "decode_threads", "device")  # what a score run takes of embed
 
@@ -74,7 +79,7 @@ class DeploymentSpec:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     locations: dict[str, str] = field(default_factory=dict)
     kind: str = "pipeline"
-    options: dict[str, str] = field(default_factory=dict)  # score: model, predictions, on_drift
+    options: dict[str, Any] = field(default_factory=dict)  # score: SCORE_OPTIONS
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -114,7 +119,7 @@ class DeploymentSpec:
                 "source": self.source,
                 "embedding": self.settings.embed.as_dict(),
                 "progress": False,
-                "experiment": Path(self.source).stem,
+                "experiment": source_name(self.source),
                 **self.locations,
                 **{k: v for k, v in self.options.items() if k not in AUTOMATION_OPTIONS},
             }
@@ -186,6 +191,7 @@ class _Entry(BaseModel):
     model: Text | None = None
     predictions: Text | None = None
     on_drift: Text | None = None
+    monitor: dict[str, Any] | None = None  # a score deployment's [deployment.monitor] table
 
 
 # The settings' keys, from the settings object itself (one list): checked by `settings_of`.
@@ -313,7 +319,7 @@ def _check_on_drift(path: Path, spec: DeploymentSpec, specs: list[DeploymentSpec
         raise DeploymentError(
             f"{where} is not a pipeline deployment of this file ({', '.join(pipelines) or 'none'})"
         )
-    trains = pipelines[target].locations.get("experiment") or Path(pipelines[target].source).stem
+    trains = pipelines[target].locations.get("experiment") or source_name(pipelines[target].source)
     scores = spec.parameters()["experiment"]
     if trains != scores:
         raise DeploymentError(
@@ -336,9 +342,14 @@ def _score_options(path: Path, name: str, kind: str, entry: dict[str, Any]) -> d
     ]
     if ignored:
         raise DeploymentError(
-            f"{where}: a score deployment takes model, predictions, on_drift and embed."
-            f"{{{', '.join(SCORE_EMBED)}}}, not {ignored} (its model decides the backbone)"
+            f"{where}: a score deployment takes model, predictions, on_drift, monitor and "
+            f"embed.{{{', '.join(SCORE_EMBED)}}}, not {ignored} (its model decides the backbone)"
         )
+    if "monitor" in options:  # the thresholds, checked as `score --help` documents them
+        try:
+            options["monitor"] = MonitorSettings.from_dict(options["monitor"]).as_dict()
+        except SettingsError as exc:
+            raise DeploymentError(f"{where}: [deployment.monitor] {exc}") from None
     if "predictions" in options:
         options["predictions"] = _resolve(path, options["predictions"])
     return options
@@ -347,7 +358,9 @@ def _score_options(path: Path, name: str, kind: str, entry: dict[str, Any]) -> d
 def _resolve(path: Path, value: Any) -> str:
     if not isinstance(value, str):
         raise DeploymentError(f"{path}: paths are strings, not {value!r}")
-    return value if Path(value).is_absolute() else str((path.parent / value).resolve())
+    if is_url(value) or Path(value).is_absolute():  # s3://bucket/prefix/: as it is
+        return value
+    return str((path.parent / value).resolve())
 
 
 def build(specs: list[DeploymentSpec]) -> list[Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from extractors import DEFAULT_WORKSPACE
+from extractors.embedding.objects import stamps
 from extractors.embedding.sources import read_source
 from extractors.settings import EmbedSettings, EngineSettings, IndexSettings, MonitorSettings
-from extractors.store.layout import os_path
 from extractors.store.store import StoreBusy
 from extractors.workspace import resolve_store
 from flows import runs
@@ -83,11 +82,12 @@ def embed_cache_key(
             other = resolve_store(e.split_from, workspace).manifest()
             h.update(json.dumps([e.split_from, other["fingerprint"], other["rows"]]).encode())
         h.update(json.dumps(index.as_dict(), sort_keys=True, default=str).encode())
+        stamped = stamps([r.path for r in src.records], src.stamps)
         for r in sorted(src.records, key=lambda r: r.path):
-            stat = os.stat(os_path(r.path))
-            h.update(
-                f"{r.path}\0{r.label}\0{r.split}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
-            )
+            if isinstance(stamped[r.path], OSError):
+                raise stamped[r.path]
+            size, mtime_ns = stamped[r.path]
+            h.update(f"{r.path}\0{r.label}\0{r.split}\0{size}\0{mtime_ns}\n".encode())
         return f"embed-{h.hexdigest()}"
     except (OSError, ValueError, KeyError):
         return None

@@ -326,13 +326,12 @@ def _heads(
 def _decide(
     runner: Runner, tracker: Tracker, run_id: str, summary: dict[str, Any], s: PipelineSettings
 ) -> dict[str, Any]:
-    """Whether to escalate to fine-tuning, and why, on the run."""
+    """Whether to escalate to fine-tuning, and why, on the run: with `--layers` columns, the
+    ladder's rungs too (flows/candidates.py `log_ladder`)."""
+    from flows.candidates import log_ladder
+
     decision = runner.decide(summary, s.target, s.always_finetune)
-    tracker.log_to_run(
-        run_id,
-        params={"escalate": decision["escalate"]},
-        tags={"escalation_reason": decision["reason"]},
-    )
+    log_ladder(runner, tracker, run_id, decision)
     return decision
 
 
@@ -406,10 +405,11 @@ def score(
     report = runner.score(
         source, predictions, model, store, workspace, embedding, progress, monitor
     )
-    if report.get("monitor"):
-        from flows.tracking.monitoring import log_batch
+    from flows.tracking.monitoring import record
 
-        report["monitor"]["run_id"] = log_batch(workspace, name, source, report)
+    run_id = record(workspace, name, source, report, predictions)  # earlier batches' too
+    if report.get("monitor"):
+        report["monitor"]["run_id"] = run_id
         if report["monitor"]["alarm"]:
             runner.log(f"drift alarm on {source}: {'; '.join(report['monitor']['reasons'])}")
     if report["nothing_new"]:

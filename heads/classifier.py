@@ -11,6 +11,12 @@ Saved as a folder (`save`, `load`; what the MLflow image model ships as its arti
     head.skops        the head (+ head.json), when it is a head
     network/          a fine-tuned network's files, when the backbone is one (its classifier,
                       or the body a head reads)
+    ood/              the out-of-distribution reference of a head trained on a store: a
+                      capped sample of its embeddings and calibration scores, .npy and JSON
+                      (heads/scoring/reference.py); `predict_items` then gives each image
+                      `ood_score` and `ood`, as `score` does. A folder without it (written
+                      before it existed, a fine-tuned network, a --layers head, a store that
+                      is not here) loads and predicts all the same, with both columns null.
 
 A pretrained backbone is a reference: its weights come from the bundled package or the
 model hub when loaded, and are checked against the identity recorded here.
@@ -34,9 +40,12 @@ from sklearn.base import BaseEstimator
 from extractors.common import HeadstartError, write_json_atomic
 from extractors.embedding.backbones import Backbone, create_backbone
 from extractors.embedding.images import ImageError, open_rgb
+from extractors.settings import MonitorSettings
 from extractors.store.layout import embedding_matrix
 from heads.classical import class_scores
 from heads.persist import load_head, save_head
+from heads.scoring.reference import COLUMNS as OOD_COLUMNS
+from heads.scoring.reference import OODReference, unusable
 from heads.scoring.table import PROBA
 
 MODEL_JSON, HEAD_FILE, NETWORK = "model.json", "head.skops", "network"
@@ -58,6 +67,7 @@ class ImageClassifier:
     feature: str = "embedding"  # the store column the head reads
     feature_module: str | None = None  # the layer that column pools (--layers heads)
     store: str | None = None  # the store its head was trained on (its embeddings are reused)
+    ood: OODReference | None = None  # the folder's OOD reference (None: columns null)
 
     @classmethod
     def from_head(cls, path: str | Path, name: str | None = None) -> ImageClassifier:
@@ -92,9 +102,15 @@ class ImageClassifier:
             backbone.set_layers([self.feature_module])
         return BoundClassifier(self, backbone)
 
-    def save(self, folder: str | Path, network: str | Path | None = None) -> Path:
+    def save(
+        self,
+        folder: str | Path,
+        network: str | Path | None = None,
+        monitor: MonitorSettings = MonitorSettings(),
+    ) -> Path:
         """Write the model folder (see the module docstring); `network` is the fine-tuned
-        network's folder when the backbone is `finetuned:<id>`."""
+        network's folder when the backbone is `finetuned:<id>`; `monitor`: k, level and seed
+        of the OOD reference taken from the head's store."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.backbone.startswith("finetuned:"):
@@ -113,8 +129,23 @@ class ImageClassifier:
                 },
                 folder / HEAD_FILE,
             )
+        reference = self.ood or self._reference(monitor)
+        if reference is not None:
+            reference.save(folder)
         write_json_atomic(folder / MODEL_JSON, self.as_dict())
         return folder
+
+    def _reference(self, monitor: MonitorSettings) -> OODReference | None:
+        """The OOD reference from the head's training store, where it can serve as `score`'s
+        (flows/steps/monitoring.py): here, same backbone and weights, the model reading its
+        `embedding` column."""
+        from extractors.store.store import Store
+
+        if self.head is None or unusable(
+            self.store or None, self.backbone, self.weights, self.feature
+        ):
+            return None
+        return OODReference.from_store(Store(self.store), monitor)
 
     @classmethod
     def load(
@@ -129,6 +160,7 @@ class ImageClassifier:
             clf = cls.of_finetuned(backbone, name=name or meta["name"])
         else:
             clf = cls.from_head(folder / HEAD_FILE, name=name or meta["name"])
+        clf.ood = OODReference.load(folder)
         return clf.bind(backbone)
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,9 +205,12 @@ class BoundClassifier:
 
     def proba_images(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities of a preprocessed batch of images."""
+        return self._proba_and_embedding(batch)[0]
+
+    def _proba_and_embedding(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         emb, extra = self.backbone.embed_all(batch)
         x = emb if self.model.feature == "embedding" else extra[self._column]
-        return self.from_features(x.numpy())
+        return self.from_features(x.numpy()), emb.numpy()
 
     @property
     def _column(self) -> str:
@@ -196,21 +231,29 @@ class BoundClassifier:
         return out
 
     def predict_items(
-        self, items: Sequence[str | bytes | None], batch_size: int = 32
+        self,
+        items: Sequence[str | bytes | None],
+        batch_size: int = 32,
+        ood_level: float | None = None,
     ) -> list[dict[str, Any]]:
         """One row per item (a file path, or an encoded image's bytes): prediction,
-        probability, error (None when it decoded) and proba_<class> for every class."""
+        probability, error (None when it decoded), proba_<class> for every class, and
+        ood_score and ood (at `ood_level`, default the folder's; None for an error row or a
+        model without an OOD reference: see the module docstring)."""
         rows: list[dict[str, Any]] = [{} for _ in items]
         ready: list[tuple[int, torch.Tensor]] = []
+        nulls = dict.fromkeys(OOD_COLUMNS)
         for i, item in enumerate(items):
             try:
                 ready.append((i, self._prepare(item)))
             except ImageError as exc:
-                rows[i] = self._row(None, str(exc))
+                rows[i] = self._row(None, str(exc)) | nulls
             if len(ready) == batch_size or (i == len(items) - 1 and ready):
-                proba = self.proba_images(torch.cat([t for _, t in ready]))
-                for (j, _), p in zip(ready, proba, strict=True):
-                    rows[j] = self._row(p, None)
+                proba, emb = self._proba_and_embedding(torch.cat([t for _, t in ready]))
+                ood = self.model.ood
+                cols = ood.columns(emb, ood_level) if ood else {c: [None] * len(emb) for c in nulls}
+                for n, ((j, _), p) in enumerate(zip(ready, proba, strict=True)):
+                    rows[j] = self._row(p, None) | {c: cols[c][n] for c in OOD_COLUMNS}
                 ready = []
         return rows
 

@@ -111,8 +111,10 @@ def train_heads(
                     break
                 r.params["feature"] = f
                 fitted.append(r)
-            if fitted:
+            if fitted:  # each column's score kept: the ladder's rungs (flows/candidates.py)
                 results.append(rank(fitted)[0])
+                scores = {r.params["feature"]: r.val_score for r in fitted}
+                results[-1].extra["val_by_feature"] = scores
     if not results:
         raise TrainingDataError(f"no head could be trained: {skipped}")
     return Trained(rank(results), first, skipped, imbalanced)

@@ -116,3 +116,23 @@ def planted(backbone, tmp_path_factory: pytest.TempPathFactory):
     store = Store(tmp_path_factory.mktemp("store") / "photos")
     store.update(read_source(root), backbone, progress=False)
     return store, copies
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """One S3-compatible server for the session, found by the code under test the way users'
+    set-ups are: AWS_ENDPOINT_URL and the AWS_* credentials in the environment."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.close()

@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 # Lines that need what a user has and a test does not, or that are not commands of headstart's
 # data: checked (headstart's options), not run.
 NOT_RUN = re.compile(
-    r"PATH/TO|path/to/|<[a-z ]+>|SECRET|@db:|-host|scheduler:|createdb|apt-get|pip install|"
+    r"PATH/TO|path/to/|<[a-z ]+>|:SECRET@|@db:|-host|scheduler:|createdb|apt-get|pip install|"
     r"uv run pytest|uv run ruff|bench/|prefect server start|headstart serve|mlflow server|"
     r"PREFECT_API_URL|PREFECT_SERVER_DATABASE|MLFLOW_TRACKING_URI=http"
 )
@@ -40,6 +40,7 @@ SERVERS = {  # command -> default port
     "headstart ui": 8765,
     "mlflow ui": 5000,
     "mlflow models serve": 5000,
+    "moto_server": 5000,  # a local S3-compatible server (docs/operations.md)
 }
 SERVICE_PORT = 8765
 # What only the libraries print (log lines, warnings, registrations, telemetry), never ours.

@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,7 @@ class EmbedStats:
     model_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
+    bytes_moved: int = 0  # rows sent from Dask workers to this process (compressed Arrow)
     path: str = ""  # how the network ran (compiled or eager, and why): set by the engine
 
     def metrics(self) -> dict[str, float]:
@@ -53,7 +53,7 @@ class EmbedStats:
             "decode_ms_per_image": 1000 * self.decode_s / n,
             "model_ms_per_image": 1000 * self.model_s / n,
             "write_ms_per_image": 1000 * self.write_s / n,
-        }
+        } | ({"bytes_moved_per_image": self.bytes_moved / n} if self.bytes_moved else {})
 
     def postfix(self) -> str:
         m = self.metrics()
@@ -176,8 +176,8 @@ def _batches(
             items = []
             for i, fut in pending.popleft():
                 try:
-                    items.append(fut.result(timeout=timeout if timeout > 0 else None))
-                except FuturesTimeout:
+                    items.append(pool.result(fut, timeout) if timeout > 0 else fut.result())
+                except TimeoutError:
                     reason = (
                         f"took longer than {timeout:g} s to read and decode (slow or huge file)"
                     )
@@ -241,27 +241,7 @@ def embed_files(
         for items in batches:
             batch = _collate(items, split)
             n_in = len(batch["indices"]) + len(batch["failures"])
-            t0 = time.perf_counter()
-            if batch["pixels"] is None:
-                emb = np.zeros((0, backbone.dim), dtype=np.float32)
-                layers = {c: np.zeros((0, d), np.float32) for c, d in backbone.layer_dims.items()}
-            else:
-                pixels = batch["pixels"]
-                if backbone.device.type == "cuda":
-                    pixels = pixels.pin_memory()
-                out, extra = backbone.embed_all(pixels)
-                emb = out.numpy().astype(np.float32, copy=False)
-                layers = {c: t.numpy().astype(np.float32, copy=False) for c, t in extra.items()}
-            stats.model_s += time.perf_counter() - t0
-            stats.decode_s += batch["decode_s"]
-            yield EmbeddedBatch(
-                indices=batch["indices"],
-                embeddings=emb,
-                widths=batch["widths"],
-                heights=batch["heights"],
-                failures=batch["failures"],
-                layers=layers,
-            )
+            yield run_model(backbone, batch, stats)
             stats.images += n_in
             stats.wall_s = time.perf_counter() - start
             if bar is not None:
@@ -270,6 +250,32 @@ def embed_files(
     finally:
         if bar is not None:
             bar.close()
+
+
+def run_model(backbone: Backbone, batch: dict[str, Any], stats: EmbedStats) -> EmbeddedBatch:
+    """The network on one collated batch (`_collate`): its embeddings, failures passed on;
+    model and decode seconds added to `stats`."""
+    t0 = time.perf_counter()
+    if batch["pixels"] is None:
+        emb = np.zeros((0, backbone.dim), dtype=np.float32)
+        layers = {c: np.zeros((0, d), np.float32) for c, d in backbone.layer_dims.items()}
+    else:
+        pixels = batch["pixels"]
+        if backbone.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        out, extra = backbone.embed_all(pixels)
+        emb = out.numpy().astype(np.float32, copy=False)
+        layers = {c: t.numpy().astype(np.float32, copy=False) for c, t in extra.items()}
+    stats.model_s += time.perf_counter() - t0
+    stats.decode_s += batch["decode_s"]
+    return EmbeddedBatch(
+        indices=batch["indices"],
+        embeddings=emb,
+        widths=batch["widths"],
+        heights=batch["heights"],
+        failures=batch["failures"],
+        layers=layers,
+    )
 
 
 def _progress(total: int, desc: str):

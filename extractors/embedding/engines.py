@@ -2,12 +2,13 @@
 process (decode threads feed the model, a thread writes the parts); `DaskEngine` shards the
 files over a Dask cluster (`--engine dask`).
 
-Each Dask shard is embedded on a worker and written as one staging part named after its
-content (`write_shard`); the store's usual commit then merges the parts and builds the index
-in the calling process. Dask re-runs the shards of a worker that dies, and a shard that runs
-twice writes the same part again, so every image lands exactly once. Workers must see the
-store and the images at the same paths (one machine, or a shared file system). Dask is
-imported only when a Dask engine runs.
+Each Dask shard is embedded on a worker (`embed_shard`), which reads the images (local paths
+it sees, or objects in storage) and sends the shard's rows back as Arrow IPC bytes; the
+client writes each as one staging part named after its content (`write_part`) as shards
+finish, and the store's usual commit then merges the parts and builds the index in the
+calling process. Workers never touch the store, so they need not see it. Dask re-runs the
+shards of a worker that dies, and a part written twice is the same part, so every image
+lands exactly once. Dask is imported only when a Dask engine runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extractors.common import atomic_path
+from extractors.common import HeadstartError, atomic_path
 from extractors.embedding import compiled
 from extractors.embedding.backbones import Backbone
 from extractors.embedding.embed import EmbedStats, embed_files
@@ -52,10 +54,7 @@ class LocalEngine:
         self, staging_dir: Path, backbone: Backbone, pending: list[Pending], stats: EmbedStats
     ) -> list[tuple[str, str]]:
         s = self.settings
-        use, why = compiled.decide(backbone, s.batch_size, len(pending), s.compile)
-        if use and not backbone.compiled:
-            backbone.compile(s.batch_size)
-        stats.path = why if backbone.compiled or not use else "eager (compiling failed)"
+        self.prepare(backbone, len(pending), stats)
         sch = schema(backbone.dim, backbone.layer_dims)
         failures: list[tuple[str, str]] = []
         paths = [p.path for p in pending]
@@ -74,23 +73,26 @@ class LocalEngine:
                     writer.put(batch_table(batch, pending, sch))
         return failures
 
+    def prepare(self, backbone: Backbone, n: int, stats: EmbedStats) -> None:
+        """Compile the network when `n` images repay it (extractors/embedding/compiled.py);
+        `stats.path` says how it runs and why."""
+        s = self.settings
+        use, why = compiled.decide(backbone, s.batch_size, n, s.compile)
+        if use and not backbone.compiled:
+            backbone.compile(s.batch_size)
+        stats.path = why if backbone.compiled or not use else "eager (compiling failed)"
 
-def write_shard(
-    staging_dir: str | Path,
+
+def shard_rows(
     backbone: Backbone,
     pending: list[Pending],
     batch_size: int = 32,
     num_workers: int | None = 0,
     fast_decode: bool = True,
     stats: EmbedStats | None = None,
-) -> list[tuple[str, str]]:
-    """Embed one shard of an update into one staging part and return its failures.
-
-    The part is named after the shard's content hashes and renamed into place whole, so a
-    shard that runs twice (its worker died after writing) replaces the part with the same
-    rows, and a shard whose worker died before writing leaves nothing behind."""
+) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    """Embed one shard of an update: its rows (None when every file failed) and failures."""
     sch = schema(backbone.dim, backbone.layer_dims)
-    key = hashlib.sha256("".join(sorted(p.sha256 for p in pending)).encode()).hexdigest()[:20]
     paths = [p.path for p in pending]
     tables, failures = [], []
     for batch in embed_files(
@@ -99,10 +101,19 @@ def write_shard(
         failures.extend((paths[i], reason) for i, reason in batch.failures)
         if len(batch.indices):
             tables.append(batch_table(batch, pending, sch))
-    if tables:
-        with atomic_path(Path(staging_dir) / f"shard-{key}.parquet") as tmp:
-            pq.write_table(pa.concat_tables(tables), tmp, compression="zstd")
-    return failures
+    return (pa.concat_tables(tables) if tables else None), failures
+
+
+def write_part(staging_dir: str | Path, rows: pa.Table) -> Path:
+    """One shard's rows as a staging part named after their content hashes, renamed into
+    place whole: a shard whose rows arrive twice (its worker died after sending them, and
+    Dask ran it again) replaces the part with the same rows."""
+    digest = "".join(sorted(rows["sha256"].to_pylist()))
+    key = hashlib.sha256(digest.encode()).hexdigest()[:20]
+    part = Path(staging_dir) / f"shard-{key}.parquet"
+    with atomic_path(part) as tmp:
+        pq.write_table(rows, tmp, compression="zstd")
+    return part
 
 
 @dataclass(frozen=True)
@@ -149,21 +160,20 @@ def _worker_device() -> str:
 
 
 def embed_shard(
-    staging_dir: str,
     spec: BackboneSpec,
     pending: list[Pending],
     batch_size: int,
     threads: int | None,
     fast_decode: bool = True,
 ) -> dict[str, Any]:
-    """Runs on a worker: embed one shard into a staging part; failures and stage seconds back."""
+    """Runs on a worker: embed one shard; its rows (Arrow IPC bytes, zstd-compressed),
+    failures and stage seconds go back to the client, which alone writes the store."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     stats = EmbedStats()
-    failures = write_shard(
-        staging_dir,
+    rows, failures = shard_rows(
         _worker_backbone(spec, _worker_device()),
         pending,
         batch_size=batch_size,
@@ -171,7 +181,24 @@ def embed_shard(
         fast_decode=fast_decode,
         stats=stats,
     )
-    return {"failures": failures, "stats": stats.__dict__, "worker": os.getpid()}
+    return {
+        "rows": None if rows is None else _ipc(rows),
+        "failures": failures,
+        "stats": stats.__dict__,
+        "worker": os.getpid(),
+    }
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
 
 
 @dataclass
@@ -220,9 +247,9 @@ class DaskEngine:
         bar = _progress(len(pending)) if self.progress else None
         failures: list[tuple[str, str]] = []
         try:
+            _check_weights(client, spec)
             futures = client.map(
                 embed_shard,
-                [str(staging_dir)] * len(shards),
                 [spec] * len(shards),
                 shards,
                 [self.batch_size] * len(shards),
@@ -235,6 +262,12 @@ class DaskEngine:
             # this thread: with another client in the process, that waited on an event bound
             # to a different loop after a worker died).
             for fut, result in as_completed(futures, with_results=True):
+                if result["rows"] is not None:
+                    started = time.perf_counter()
+                    write_part(staging_dir, _from_ipc(result["rows"]))
+                    stats.write_s += time.perf_counter() - started
+                    stats.bytes_moved += len(result["rows"])
+                fut.release()  # the shard's bytes leave the cluster's memory
                 failures.extend(tuple(f) for f in result["failures"])
                 for k in ("images", "decode_s", "model_s", "write_s"):
                     setattr(stats, k, getattr(stats, k) + result["stats"][k])
@@ -247,6 +280,25 @@ class DaskEngine:
             if cluster is not None:
                 cluster.close()
         return failures
+
+
+class EngineError(HeadstartError, RuntimeError):
+    """A cluster that cannot run this update; the message says what to fix."""
+
+
+def _check_weights(client: Any, spec: BackboneSpec) -> None:
+    """Workers build the backbone themselves: a weights file or fine-tuned network (a path
+    on this machine) must be at the same path on every worker, checked before any shard."""
+    if spec.weights is None:
+        return
+    seen = client.run(os.path.exists, spec.weights)
+    blind = sorted(w for w, ok in seen.items() if not ok)
+    if blind:
+        raise EngineError(
+            f"{len(blind)} Dask worker(s) cannot read the weights {spec.weights} (a --weights "
+            f"file or a fine-tuned network), e.g. {blind[0]}: copy it to the same path on "
+            "every worker, or use --engine local"
+        )
 
 
 def make_engine(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import io
 import stat
 import warnings
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from extractors.common import HeadstartError
+from extractors.embedding import objects
 from extractors.store.layout import os_path
 
 ORIENTATION = 0x0112  # EXIF tag
@@ -29,13 +30,12 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (`path` as stored, extractors/store/layout.py `os_path`)."""
-    digest = hashlib.sha256()
-    with open(os_path(str(path)), "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's or object's bytes (`path` as stored: extractors/store/layout.py
+    `os_path`, or a URL, extractors/embedding/objects.py)."""
+    from extractors.embedding.objects import sha256_of
+
+    return sha256_of(str(path))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -86,8 +86,17 @@ def open_rgb(
     path: str | Path | BinaryIO, min_side: int | None = None
 ) -> tuple[Image.Image, int, int]:
     """`load_rgb` plus the full-resolution (width, height) after EXIF orientation. `path` may
-    also be an open binary file (an upload, a file opened without following links), or a path
-    as stored (extractors/store/layout.py `os_path`)."""
+    also be an open binary file (an upload, a file opened without following links), a path
+    as stored (extractors/store/layout.py `os_path`), or a URL fsspec opens (its bytes read
+    in one request, extractors/embedding/objects.py)."""
+    if isinstance(path, str) and objects.is_url(path):
+        try:
+            data = objects.read_bytes(path)
+        except OSError as exc:
+            raise ImageError(objects.failure_reason(exc)) from None
+        if not data:
+            raise ImageError("empty object (0 bytes)")
+        path = io.BytesIO(data)
     if isinstance(path, str | Path):
         path = Path(os_path(str(path)))
         try:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import itertools
 import math
 import os
+import posixpath
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from extractors.common import HeadstartError
+from extractors.embedding import objects
 from extractors.embedding.images import IMAGE_EXTENSIONS, is_image_path
 from extractors.store.layout import os_path, stored_name, stored_path
 
@@ -44,15 +49,24 @@ class Source:
     root: str
     kind: str  # "folders" | "manifest" | "unlabelled" | "files"
     records: tuple[ImageRecord, ...]
+    # url -> (bytes, mtime_ns) of the objects a listing found (extractors/embedding/objects.py):
+    # an update reads their stamps from here instead of asking the object store again.
+    stamps: Mapping[str, objects.Stamp] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
-        """A short human name for the source (folder or manifest file stem)."""
-        return Path(self.root).stem or "source"
+        """A short human name for the source (folder, prefix or manifest file stem)."""
+        return source_name(self.root)
 
     @property
     def labelled(self) -> bool:
         return any(r.label is not None for r in self.records)
+
+
+def source_name(source: str | Path) -> str:
+    """A source's short name (its folder's, prefix's or manifest's stem): the default
+    experiment and store names."""
+    return Path(str(source).rstrip("/").rsplit("/", 1)[-1]).stem or "source"
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -119,16 +133,20 @@ def _from_folder(root: Path, layout: str) -> Source:
 MANIFEST_COLUMNS = ("path", "label", "split", "group")
 
 
-def _read_manifest(path: Path) -> pa.Table:
-    """A manifest as a table; a CSV's cells as the text a person wrote (no type guessing:
-    `007` stays `007`, `NA` is a class), an empty cell missing."""
+def _read_manifest(path: str) -> pa.Table:
+    """A manifest (a local file, or an object fsspec opens) as a table; a CSV's cells as the
+    text a person wrote (no type guessing: `007` stays `007`, `NA` is a class), an empty
+    cell missing."""
     try:
-        if path.suffix.lower() == ".parquet":
-            return pq.read_table(path)
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            names = next(csv.reader(fh), [])
+        data = io.BytesIO(objects.read_bytes(path))
+        if path.lower().endswith(".parquet"):
+            return pq.read_table(data)
+        text = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
+        names = next(csv.reader(text), [])
+        text.detach()
+        data.seek(0)
         return pacsv.read_csv(
-            path,
+            data,
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names},
                 strings_can_be_null=True,
@@ -136,7 +154,8 @@ def _read_manifest(path: Path) -> pa.Table:
             ),
         )
     except Exception as exc:
-        raise SourceError(f"cannot read manifest {path}: {exc}") from None
+        shown = objects.failure_reason(exc) if isinstance(exc, OSError) else exc
+        raise SourceError(f"cannot read manifest {path}: {shown}") from None
 
 
 def _column_text(table: pa.Table, name: str, where: str) -> list[str | None]:
@@ -172,7 +191,7 @@ def _column_text(table: pa.Table, name: str, where: str) -> list[str | None]:
 _WHOLE = re.compile(r"[+-]?[0-9]+\.0*")  # a whole number written as a float ("1.0")
 
 
-def _from_manifest(path: Path) -> Source:
+def _from_manifest(path: str) -> Source:
     table = _read_manifest(path)
     where = f"manifest {path}"
     # " Label" or "PATH" (a spreadsheet's header) names the column, not a column ignored.
@@ -208,61 +227,152 @@ def _from_manifest(path: Path) -> Source:
             if lab is None and spl is None and grp is None:
                 continue  # an empty row
             raise SourceError(f"{where}: row {i + 2} has an empty path")
-        p = os_path(p.strip())  # a store's own path column (file:// URIs) reads back as it was
-        full = Path(p) if Path(p).is_absolute() else path.parent / p
         spl = None if spl is None else spl.lower()
         if spl is not None and spl not in SPLITS:
             raise SourceError(
                 f"{where}: row {i + 2} has split {spl!r}; use one of {', '.join(SPLITS)}"
             )
-        records.append(ImageRecord(_abspath(full), lab, spl, grp))
-    return Source(_abspath(path), "manifest", _unique(records, where))
+        records.append(ImageRecord(_listed_path(p.strip(), path), lab, spl, grp))
+    root = path if objects.is_url(path) else _abspath(Path(path))
+    return Source(root, "manifest", _unique(records, where))
+
+
+def _listed_path(p: str, manifest: str) -> str:
+    """A manifest's path as stored: a URL as it is; a relative path against the manifest's
+    own folder (or prefix, for a manifest in object storage); a store's own path column
+    (file:// URIs) read back as it was."""
+    if objects.is_url(p):
+        return _plain_url(p, f"manifest {manifest}")
+    if objects.is_url(manifest):
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(manifest), p))
+        joined = joined.replace(":/", "://", 1)
+        if urlsplit(joined).netloc != urlsplit(manifest).netloc:
+            raise SourceError(
+                f"manifest {manifest}: the path {p!r} leads out of its bucket; give a full URL"
+            )
+        return joined
+    p = os_path(p)
+    return _abspath(Path(p) if Path(p).is_absolute() else Path(manifest).parent / p)
+
+
+def _plain_url(url: str, where: str) -> str:
+    """`url`, refused when it carries credentials (user:password@, a presigned signature):
+    they would be stored in the store's rows and printed."""
+    parts = urlsplit(url)
+    if parts.username or parts.password or "signature=" in parts.query.lower():
+        raise SourceError(
+            f"{where}: a URL with credentials in it ({parts.scheme}://{parts.hostname}/…); "
+            "give the credentials in the environment or ~/.aws/credentials, never in a path"
+        )
+    return url
+
+
+def _from_prefix(url: str, layout: str) -> Source:
+    """The objects under a prefix (s3://bucket/photos/), read as a folder is: one class per
+    sub-prefix when the prefix holds only sub-prefixes, else unlabelled; keys starting with
+    a dot skipped. Their stamps come from the one listing (no request per object)."""
+    root = url.rstrip("/")
+    listed = {
+        u: st
+        for u, st in objects.list_objects(root + "/").items()
+        if is_image_path(u) and not any(s.startswith(".") for s in u[len(root) + 1 :].split("/"))
+    }
+    nested = any("/" in u[len(root) + 1 :] for u in listed)
+    top = any("/" not in u[len(root) + 1 :] for u in listed)
+    if layout == "auto":
+        layout = "folders" if nested and not top else "unlabelled"
+    if layout == "folders":
+        records = [
+            ImageRecord(u, label=u[len(root) + 1 :].split("/")[0])
+            for u in listed
+            if "/" in u[len(root) + 1 :]
+        ]
+        return Source(root, "folders", tuple(records), stamps=listed)
+    return Source(root, "unlabelled", tuple(ImageRecord(u) for u in listed), stamps=listed)
 
 
 def read_source(source: str | Path, layout: str = "auto") -> Source:
-    """Resolve a folder or manifest into records; `layout` is auto, folders or unlabelled.
+    """Resolve a folder, prefix or manifest into records; `layout` is auto, folders or unlabelled.
 
     auto: a folder whose top level holds only sub-folders is read as one class per sub-folder;
     a folder with images at its top level is read as unlabelled (searched recursively);
     a .csv or .parquet file is a manifest with columns path,label[,split][,group] (rows of one
     group, e.g. the photos of one patient or one product, are kept in one split), each column
     read as text a person wrote (`_column_text`), so a CSV and a Parquet of one table agree.
-    Each file is listed once (paths resolved); one file with two labels is a SourceError.
+    A URL fsspec opens (s3://bucket/prefix/, a manifest at s3://bucket/list.csv) is read the
+    same way, its paths URLs (extractors/embedding/objects.py). Each file is listed once
+    (paths resolved); one file with two labels is a SourceError.
     """
+    if layout not in ("auto", "folders", "unlabelled"):
+        raise SourceError(f"unknown layout {layout!r}: use auto, folders or unlabelled")
+    if objects.is_url(str(source)):
+        url = _plain_url(str(source), "source")
+        return _nonempty(_from_url(url, layout), url)
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(f"source {path} does not exist: give a folder of images or a manifest")
     if path.is_file():
         if path.suffix.lower() not in (".csv", ".parquet"):
             raise SourceError(f"{path} is a file but not a .csv or .parquet manifest")
-        src = _from_manifest(path)
-    else:
-        if layout not in ("auto", "folders", "unlabelled"):
-            raise SourceError(f"unknown layout {layout!r}: use auto, folders or unlabelled")
-        src = _from_folder(path, layout)
+        return _nonempty(_from_manifest(str(path)), str(path))
+    return _nonempty(_from_folder(path, layout), str(path))
+
+
+def _from_url(url: str, layout: str) -> Source:
+    if _is_manifest(url):
+        return _from_manifest(url)
+    try:
+        return _from_prefix(url, layout)
+    except OSError as exc:
+        why = (
+            "no such bucket" if isinstance(exc, FileNotFoundError) else objects.failure_reason(exc)
+        )
+        raise SourceError(
+            f"cannot list {url}: {why} (check the bucket, the credentials and, for an "
+            "S3-compatible server, AWS_ENDPOINT_URL)"
+        ) from None
+
+
+def _nonempty(src: Source, where: str) -> Source:
     if not src.records:
         raise SourceError(
-            f"no images found in {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            f"no images found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
             "put images in it, one sub-folder per class for training heads"
         )
     return src
 
 
+def _is_manifest(path: str) -> bool:
+    return path.lower().endswith((".csv", ".parquet"))
+
+
 def read_sources(paths: list[str | Path], layout: str = "auto") -> Source:
-    """One folder or manifest (as `read_source`), or any number of image files (unlabelled;
-    a file that does not decode is then that file's failure, not the whole run's)."""
-    paths = [Path(p).expanduser() for p in paths]
+    """One folder, prefix or manifest (as `read_source`), or any number of image files or
+    object URLs (unlabelled; a file that does not decode is then that file's failure, not
+    the whole run's)."""
     if not paths:
         raise SourceError("give a folder, a .csv/.parquet manifest, or image files")
-    one = paths[0]
-    if len(paths) == 1 and (
-        one.is_dir() or one.suffix.lower() in (".csv", ".parquet") or not one.exists()
-    ):
+    texts = [str(p) for p in paths]
+    if any(objects.is_url(t) for t in texts):
+        if len(texts) == 1 and (_is_manifest(texts[0]) or not is_image_path(texts[0])):
+            return read_source(texts[0], layout)
+        if not all(objects.is_url(t) and is_image_path(t) for t in texts):
+            raise SourceError(
+                "give one prefix or manifest, or image URLs (or local files), not a mix"
+            )
+        records = tuple(dict.fromkeys(ImageRecord(_plain_url(t, "image")) for t in texts))
+        folders = [t.rsplit("/", 1)[0].split("/") for t in texts]
+        same = itertools.takewhile(lambda c: len(set(c)) == 1, zip(*folders, strict=False))
+        root = "/".join(c[0] for c in same)
+        return Source(root, "files", records)
+    local = [Path(p).expanduser() for p in paths]
+    one = local[0]
+    if len(local) == 1 and (one.is_dir() or _is_manifest(one.name) or not one.exists()):
         return read_source(one, layout)
-    for p in paths:
-        if p.is_dir() or p.suffix.lower() in (".csv", ".parquet"):
+    for p in local:
+        if p.is_dir() or _is_manifest(p.name):
             raise SourceError(f"{p}: give one folder or manifest, or image files, not a mix")
-    records = tuple(dict.fromkeys(ImageRecord(_abspath(p)) for p in paths))
+    records = tuple(dict.fromkeys(ImageRecord(_abspath(p)) for p in local))
     root = os.path.commonpath([str(Path(os_path(r.path)).parent) for r in records])
     return Source(stored_path(root), "files", records)
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from extractors.embedding.objects import is_url
 from extractors.search.filters import MAX_IDS, Filters
 from extractors.search.query import NotFound, QueryError
 from extractors.store.layout import FILE_URI, os_path, stored_path
@@ -118,8 +119,10 @@ class Rows:
     def by_path(self, path: str) -> int:
         """The id of the row of `path`: a stored `path` value as it is (a file:// one too), or
         a path, absolute or relative to the source root (`layout.stored_path`: not UTF-8)."""
-        if path.startswith(FILE_URI):
+        if path.startswith(FILE_URI) or is_url(path):
             candidate = path
+        elif is_url(self.root):  # an object's key relative to the source's prefix
+            candidate = f"{self.root.rstrip('/')}/{path.lstrip('/')}"
         else:
             p = Path(path).expanduser()
             p = p if p.is_absolute() else Path(os_path(self.root)) / p
@@ -132,7 +135,12 @@ class Rows:
     def prefix(self, text: str) -> str:
         """What a path prefix matches, as an OS path: absolute, or relative to the source root,
         resolved; a folder (a trailing slash, `/`, `.`, `..`) ends with one separator, so `/`
-        matches every absolute path and `cat//` is `cat/`. A stored file:// value is decoded."""
+        matches every absolute path and `cat//` is `cat/`. A stored file:// value is decoded;
+        a URL (s3://bucket/cats/) is compared as it is, and a relative one joins a URL root."""
+        if is_url(text):
+            return text
+        if is_url(self.root):
+            return f"{self.root.rstrip('/')}/{text.lstrip('/')}"
         text = os_path(text)
         p = Path(text).expanduser()
         p = p if p.is_absolute() else Path(os_path(self.root)) / p

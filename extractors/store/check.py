@@ -3,7 +3,6 @@ update from this source leave it as it is?). Reads only: no lock, no model."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 
 from extractors.common import normalize
 from extractors.embedding.images import file_sha256
+from extractors.embedding.objects import stamps
 from extractors.embedding.sources import Source
 from extractors.index import maintain
 from extractors.index.ann import index_ids
@@ -23,7 +23,6 @@ from extractors.store.layout import (
     STAGING,
     VECTORS,
     embedding_matrix,
-    os_path,
 )
 
 if TYPE_CHECKING:
@@ -120,13 +119,13 @@ def unchanged(
     cols = [old[c].to_pylist() for c in ("path", "label", "split", "bytes", "mtime_ns")]
     rows = {p: (lab, s, b, t) for p, lab, s, b, t in zip(*cols, strict=True)}
     dups = duplicates(store, old) if m.get("duplicates") else {}
+    now = stamps([r.path for r in source.records], source.stamps)  # objects': in parallel
     for rec in source.records:
         row = rows.get(rec.path)
         if row is None and rec.path in dups:  # still the bytes of the row it duplicates
             sha, was = dups[rec.path]
             try:
-                st = os.stat(os_path(rec.path))
-                if was is not None and (st.st_size, st.st_mtime_ns) == was:
+                if was is not None and now[rec.path] == was:
                     continue  # not touched since it was found a duplicate
                 if file_sha256(rec.path) != sha:  # touched: hashed, as an update would
                     return False
@@ -135,11 +134,7 @@ def unchanged(
             continue
         if row is None or row[0] != rec.label or rec.split not in (None, row[1]):
             return False
-        try:
-            st = os.stat(os_path(rec.path))
-        except OSError:
-            return False
-        if (st.st_size, st.st_mtime_ns) != row[2:]:
+        if now[rec.path] != row[2:]:  # changed, or gone (an OSError)
             return False
     return store.index_if_consistent(mmap=True) is not None  # unreadable: rebuilt
 

@@ -153,6 +153,23 @@ def stored_path(path: str) -> str:
     return path
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme: s3://, gs://, https://
+
+
+def is_url(path: str) -> bool:
+    """True for a URL fsspec opens (s3://bucket/key, https://host/a.jpg: a `path` value of an
+    object, extractors/embedding/objects.py); False for a local path, including one stored as
+    a file:// URI (`stored_path`: its name is not valid UTF-8)."""
+    return bool(URL.match(path)) and not path.startswith(FILE_URI)
+
+
+def absolute(source: str | Path) -> str:
+    """A source as a location that means the same from any folder: a URL as it is, a local
+    path made absolute."""
+    text = str(source)
+    return text if is_url(text) else str(Path(text).expanduser().resolve())
+
+
 def os_path(stored: str) -> str:
     """The path to open for a `path` value (see `stored_path`): plain paths as they are."""
     if stored.startswith(FILE_URI):
@@ -171,10 +188,15 @@ def slug(text: str) -> str:
 
 
 def default_store_dir(workspace: str | Path, source_root: str, backbone: str) -> Path:
-    """data/stores/<source name>-<path hash>__<backbone>: one store per (source, backbone)."""
-    root = Path(os_path(source_root)).resolve()
-    tag = hashlib.sha256(os.fsencode(root)).hexdigest()[:6]
-    return Path(workspace) / "stores" / f"{slug(stored_name(root.stem))}-{tag}__{slug(backbone)}"
+    """data/stores/<source name>-<path hash>__<backbone>: one store per (source, backbone); a
+    source in object storage (a URL) is named by its URL."""
+    if is_url(source_root):
+        url = source_root.rstrip("/")
+        stem, tag = Path(url.rsplit("/", 1)[-1]).stem, hashlib.sha256(url.encode()).hexdigest()[:6]
+    else:
+        root = Path(os_path(source_root)).resolve()
+        stem, tag = stored_name(root.stem), hashlib.sha256(os.fsencode(root)).hexdigest()[:6]
+    return Path(workspace) / "stores" / f"{slug(stem)}-{tag}__{slug(backbone)}"
 
 
 def embedding_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:

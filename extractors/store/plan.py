@@ -3,9 +3,7 @@ embedding, or fail (unreadable, not a file, duplicate content). Reads only; no m
 
 from __future__ import annotations
 
-import os
-import stat
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,10 +11,12 @@ import pyarrow as pa
 
 from extractors.common import FILE_TIMEOUT_S, DaemonPool
 from extractors.embedding.images import file_sha256
+from extractors.embedding.objects import Stamp, failure_reason, is_url, stamps
 from extractors.embedding.sources import ImageRecord, Source
-from extractors.store.layout import DUPLICATE, os_path
+from extractors.store.layout import DUPLICATE
 
 HASH_THREADS = 4  # files hashed at once (reads; the GIL is released)
+REMOTE_HASH_THREADS = 16  # objects hashed at once: each waits on the network more than on a disk
 
 
 @dataclass(frozen=True)
@@ -65,27 +65,29 @@ def known_hashes(*tables: pa.Table | None) -> dict[str, tuple[str, int, int]]:
     return known
 
 
-def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> UpdatePlan:
-    """Hash the source (reusing stored hashes of files whose size and mtime are unchanged) and
-    decide per file: keep its committed row, use its staged row, embed it, or record it as a
-    failure or duplicate."""
+def plan_update(
+    source: Source,
+    old: pa.Table | None,
+    staged: pa.Table,
+    hashed: dict[str, tuple[str, int, int]] | None = None,
+) -> UpdatePlan:
+    """Hash the source (reusing stored hashes of files whose size and mtime are unchanged, and
+    those of `hashed`, path -> (sha256, bytes, mtime_ns): another store's plan of the same
+    source) and decide per file: keep its committed row, use its staged row, embed it, or
+    record it as a failure or duplicate."""
     plan = UpdatePlan()
     committed = known_hashes(old)
-    known = known_hashes(old, staged)
+    known = (hashed or {}) | known_hashes(old, staged)
     staged_pairs = set(zip(staged["path"].to_pylist(), staged["sha256"].to_pylist(), strict=True))
     first_path_of: dict[str, str] = {}
     records = sorted(source.records, key=lambda r: r.path)
-    hashing = _Hashing(records, known)
+    stamped = stamps([r.path for r in records], source.stamps, timeout=FILE_TIMEOUT_S)
+    hashing = _Hashing(records, known, stamped)
     for rec in records:
         try:
-            st = os.stat(os_path(rec.path))
-            if not stat.S_ISREG(st.st_mode):
-                plan.failures.append(
-                    (rec.path, "not a regular file (a folder, pipe or device named like an image)")
-                )
-                continue
+            size, mtime_ns = _raised(stamped[rec.path])
             prev = known.get(rec.path)
-            if prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
+            if prev and prev[1:] == (size, mtime_ns):
                 sha = prev[0]
             else:
                 sha = hashing.result(rec.path)
@@ -94,23 +96,17 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
                 (rec.path, f"took longer than {FILE_TIMEOUT_S:g} s to read (a hung mount?)")
             )
             continue
-        except FileNotFoundError:
-            plan.failures.append((rec.path, "file not found (moved or deleted after listing?)"))
-            continue
-        except PermissionError:
-            plan.failures.append((rec.path, "permission denied: the file is not readable"))
-            continue
         except OSError as exc:
-            plan.failures.append((rec.path, f"cannot read file: {exc.strerror or exc}"))
+            plan.failures.append((rec.path, failure_reason(exc)))
             continue
         if sha in first_path_of:
             plan.failures.append((rec.path, f"{DUPLICATE}{first_path_of[sha]}"))
             plan.duplicate_of[rec.path] = first_path_of[sha]
-            plan.duplicate_stat[rec.path] = (st.st_size, st.st_mtime_ns)
+            plan.duplicate_stat[rec.path] = (size, mtime_ns)
             continue
         first_path_of[sha] = rec.path
         plan.sha[rec.path] = sha
-        plan.stat[rec.path] = (st.st_size, st.st_mtime_ns)
+        plan.stat[rec.path] = (size, mtime_ns)
         if rec.group is not None:
             plan.groups[rec.path] = rec.group
         if rec.path in committed and committed[rec.path][0] == sha:
@@ -125,28 +121,37 @@ def plan_update(source: Source, old: pa.Table | None, staged: pa.Table) -> Updat
     return plan
 
 
+def _raised(stamped: Stamp | OSError) -> Stamp:
+    if isinstance(stamped, OSError):
+        raise stamped
+    return stamped
+
+
 class _Hashing:
     """The files whose stored hash cannot be reused, hashed ahead on daemon threads, each
     within FILE_TIMEOUT_S: a file on a hung mount becomes a failure, not a stalled run."""
 
-    def __init__(self, records: list[ImageRecord], known: dict[str, tuple[str, int, int]]):
-        self.pool = DaemonPool(HASH_THREADS)
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        known: dict[str, tuple[str, int, int]],
+        stamped: Mapping[str, Stamp | OSError],
+    ):
+        remote = any(is_url(r.path) for r in records)
+        self.pool = DaemonPool(REMOTE_HASH_THREADS if remote else HASH_THREADS)
         self.futures = {}
         for rec in records:
-            prev = known.get(rec.path)
-            try:
-                st = os.stat(os_path(rec.path))
-            except OSError:
+            prev, now = known.get(rec.path), stamped[rec.path]
+            if isinstance(now, OSError):
                 continue  # reported by the plan itself
-            if not (prev and prev[1] == st.st_size and prev[2] == st.st_mtime_ns):
+            if not (prev and prev[1:] == now):
                 self.futures[rec.path] = self.pool.submit(file_sha256, rec.path)
 
     def result(self, path: str) -> str:
+        """The file's hash, or TimeoutError after FILE_TIMEOUT_S; once every thread is stuck
+        on a file that never finishes (a dead mount or store), at once for the rest."""
         future = self.futures.get(path) or self.pool.submit(file_sha256, path)
-        try:
-            return future.result(timeout=FILE_TIMEOUT_S)
-        except FutureTimeout:
-            raise TimeoutError(path) from None
+        return self.pool.result(future, FILE_TIMEOUT_S)
 
     def close(self) -> None:
         self.pool.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -50,6 +51,7 @@ from extractors.store.store import Store, StoreError, UpdateReport
 
 if TYPE_CHECKING:
     from extractors.embedding.backbones import Backbone
+    from extractors.embedding.embed import EmbedStats
     from extractors.embedding.engines import Engine
 
 
@@ -89,11 +91,7 @@ def update(
         try:
             return _update(store, source, backbone, seed, engine, index, grouping or Grouping())
         except OSError as exc:
-            raise StoreError(
-                f"cannot write to store {store.path}: {exc.strerror or exc}. The store is "
-                "unchanged; free disk space or fix permissions, or choose another --store, "
-                "then run again (finished batches are kept in staging/ and reused)."
-            ) from exc
+            raise disk_error(str(store.path), exc) from exc
 
 
 def _update(
@@ -105,20 +103,62 @@ def _update(
     index: IndexSettings | None,
     grouping: Grouping,
 ) -> UpdateReport:
+    run = begin_update(store, source, backbone)
+    if run.plan.to_embed:
+        pending = run.plan.pending()
+        run.report.failures.extend(engine(run.staging.folder, backbone, pending, run.stats))
+    return commit_update(run, source, seed, index, grouping)
+
+
+@dataclass
+class Underway:
+    """An update planned and not yet committed: its store, backbone, staging folder, plan,
+    report so far and stage seconds (the engine embeds `plan.pending()` into `staging`)."""
+
+    store: Store
+    backbone: Backbone
+    staging: Staging
+    plan: UpdatePlan
+    report: UpdateReport
+    stats: EmbedStats
+    started: float
+
+
+def begin_update(
+    store: Store,
+    source: Source,
+    backbone: Backbone,
+    hashed: dict[str, tuple[str, int, int]] | None = None,
+) -> Underway:
+    """The first half of an update (the caller holds the lock): temp files of killed writers
+    dropped, the staging folder opened (parts of another backbone dropped), the plan made
+    (`hashed`: hashes another store's plan of the same source took, see `plan_update`)."""
+    from extractors.embedding.embed import EmbedStats
+
     started = time.perf_counter()
     sch = schema(backbone.dim, backbone.layer_dims)
     remove_temp_files(store.path)
     staging = Staging(store.path / STAGING, sch, backbone)
     report = UpdateReport(store=str(store.path), scanned=len(source.records))
-    plan = plan_update(source, store.metadata(), staging.metadata())
+    plan = plan_update(source, store.metadata(), staging.metadata(), hashed)
     report.failures.extend(plan.failures)
     report.resumed = len(plan.staged) - len(plan.to_embed)
+    return Underway(store, backbone, staging, plan, report, EmbedStats(), started)
 
-    from extractors.embedding.embed import EmbedStats
 
-    stats = EmbedStats()
+def commit_update(
+    run: Underway,
+    source: Source,
+    seed: int,
+    index: IndexSettings | None,
+    grouping: Grouping,
+) -> UpdateReport:
+    """The second half, once the engine has embedded `run.plan.pending()`: every file checked
+    accounted for, the kept and staged rows merged, failures, index and manifest written
+    under a `Rollback`, the staging folder removed. The report says what changed."""
+    store, backbone, staging = run.store, run.backbone, run.staging
+    plan, report = run.plan, run.report
     if plan.to_embed:
-        report.failures.extend(engine(staging.folder, backbone, plan.pending(), stats))
         check_accounted(plan, staging, report.failures)
     report.failures.sort()
     report.removed = plan.removed
@@ -134,7 +174,7 @@ def _update(
     if not grouped["groups"] and not grouped["joined"] and "split_groups" in previous:
         grouped = previous["split_groups"] | grouping.record()  # keep the last counts
     with Rollback(store.path) as rollback:
-        merged = merge_rows(store.path, sch, plan, staging.parts(), paths, splits)
+        merged = merge_rows(store.path, staging.schema, plan, staging.parts(), paths, splits)
         write_rows(store)
         report.kept, report.rows = merged.kept, merged.rows
         report.embedded = report.rows - report.kept
@@ -147,10 +187,19 @@ def _update(
         rollback.done()
     staging.remove()
 
-    stats.wall_s = time.perf_counter() - started
-    report.stats = stats.metrics() | {"seconds": stats.wall_s}
-    report.model_path = stats.path
+    run.stats.wall_s = time.perf_counter() - run.started
+    report.stats = run.stats.metrics() | {"seconds": run.stats.wall_s}
+    report.model_path = run.stats.path
     return report
+
+
+def disk_error(paths: str, exc: OSError) -> StoreError:
+    """A failed write as a person reads it: which store(s), why, and that nothing changed."""
+    return StoreError(
+        f"cannot write to store {paths}: {exc.strerror or exc}. The store is "
+        "unchanged; free disk space or fix permissions, or choose another --store, "
+        "then run again (finished batches are kept in staging/ and reused)."
+    )
 
 
 def check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[str, str]]) -> None:
@@ -162,8 +211,8 @@ def check_accounted(plan: UpdatePlan, staging: Staging, failures: list[tuple[str
     if lost:
         raise StoreError(
             f"{len(lost)} file(s) were neither embedded nor recorded as failures, e.g. "
-            f"{lost[0]}; nothing was committed. With --engine dask, every worker must see the "
-            f"store's staging folder ({staging.folder}) at the same path."
+            f"{lost[0]}; nothing was committed (a bug: please report it), and the next run "
+            "embeds them again."
         )
 
 

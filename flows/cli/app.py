@@ -23,7 +23,12 @@ from extractors.common import HeadstartError
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline-friendly
 # The libraries' loggers whose INFO lines are theirs, not ours (MLflow's database creation and
 # "Successfully registered model", alembic's migrations): shown with --verbose only.
-LIBRARY_LOGGERS = {"mlflow": "ERROR", "alembic": "WARNING", "httpx": "WARNING"}
+LIBRARY_LOGGERS = {
+    "mlflow": "ERROR",
+    "alembic": "WARNING",
+    "httpx": "WARNING",
+    "distributed": "CRITICAL",  # a Dask cluster's shutdown chatter; its failures raise here
+}
 OWN_MODULES = r"(extractors|heads|flows)(\.|$)"
 
 out = Console()
@@ -85,6 +90,8 @@ def quiet_libraries(verbose: bool) -> None:
         return
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", LIBRARY_LOGGERS["mlflow"])
+    # Dask's worker processes read their logging level from the environment they inherit.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", LIBRARY_LOGGERS["distributed"].lower())
     for name, level in LIBRARY_LOGGERS.items():  # already imported, or configured later
         logging.getLogger(name).setLevel(level)
     warnings.filterwarnings("ignore")

@@ -16,7 +16,7 @@ from flows.cli.options import JsonOpt, StoreOpt, Workspace, with_settings
 from flows.cli.render import DataTable, index_line, print_embed
 
 Source = Annotated[
-    Path,
+    str,
     typer.Argument(
         help="Folder (one sub-folder per class, or unlabelled images) or a CSV/Parquet "
         "manifest with path,label[,split][,group] (rows of one group share a split)."

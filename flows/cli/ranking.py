@@ -4,7 +4,6 @@ source by transferability estimates, in seconds, before any head is trained."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,7 +19,7 @@ from flows.cli.render import DataTable, show
 @with_settings(embedding=Group(EmbedSettings, skip=frozenset({"backbone", "weights"})))
 def rank(
     source: Annotated[
-        Path,
+        str,
         typer.Argument(
             help="Labelled folder (one sub-folder per class) or CSV/Parquet manifest with "
             "path,label[,split][,group]."

@@ -273,20 +273,32 @@ def print_splits(result: dict[str, Any]) -> None:
 
 
 def print_grid(result: dict[str, Any]) -> None:
-    """A run over several backbones: one row per backbone (its best head), best marked, and
-    the ladder's rungs in order."""
-    table = DataTable(title="backbones on one split, in the order given (the ladder's rungs)")
-    for col in ("backbone", "best head", "val", "test acc"):
-        table.add_column(col, justify="left" if col in ("backbone", "best head") else "right")
-    for g in result["backbones"]:
-        mark = " *" if g["backbone"] == result["best_backbone"] else ""
-        table.add_row(g["backbone"] + mark, g["best_head"], num(g["val_score"]), num(g["accuracy"]))
-    table.caption = "* the best frozen candidate: its heads follow"
+    """The ladder: one row per rung (backbone in the order given, then feature column:
+    `embedding`, then the `--layers` ones), its best head and verdict against the target; the
+    best frozen candidate marked, the rung that stopped the ladder too."""
+    d = result["decision"]
+    table = DataTable(title="the ladder: frozen candidates on one split, cheapest first")
+    for col in ("rung", "backbone", "feature", "best head", "val", "test acc", "vs target"):
+        left = col in ("backbone", "feature", "best head", "vs target")
+        table.add_column(col, justify="left" if left else "right")
+    for i, r in enumerate(d["rungs"]):
+        verdict = {True: ">=", False: "<", None: ""}[r["reaches"]]
+        verdict += ", stop" if i == d["reached"] and not d["escalate"] else ""
+        table.add_row(
+            f"{i + 1}{' *' if i == d['best'] else ''}",
+            r["backbone"] or result["embed"]["backbone"],
+            r["feature"],
+            r["best_head"],
+            num(r["val_score"]),
+            num(r["accuracy"]),
+            verdict,
+        )
+    table.caption = "* the best frozen candidate: its heads follow; stop: the first to reach"
     out.print(table)
 
 
 def print_pipeline(result: dict[str, Any], workspace: Path) -> None:
-    if result.get("backbones"):
+    if result["decision"].get("rungs"):
         print_grid(result)
 
     print_embed(result["embed"])

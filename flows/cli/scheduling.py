@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def serve(
     settings: PipelineSettings,
     source: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(help="Folder or manifest to re-process; omit to serve --file."),
     ] = None,
     cron: Annotated[
@@ -60,6 +60,8 @@ def serve(
     Prefect API in PREFECT_API_URL (a standing `prefect server start`, see docs/operations.md) and
     MLflow in MLFLOW_TRACKING_URI. With a SOURCE, every option of `run` applies to its runs.
     """
+    from extractors.embedding.sources import source_name
+    from extractors.store.layout import absolute
     from flows import deployments
 
     if source is None:
@@ -77,8 +79,8 @@ def serve(
             locations["experiment"] = experiment
         specs = [
             deployments.DeploymentSpec(
-                name or f"pipeline-{source.resolve().name}",
-                str(source.resolve()),
+                name or f"pipeline-{source_name(source)}",
+                absolute(source),
                 cron or (None if interval else "0 * * * *"),  # both given: an error
                 interval,
                 settings,
@@ -98,7 +100,7 @@ def _check_sources(specs: list[DeploymentSpec]) -> None:
         where = spec.locations
         for backbone in spec.settings.candidates():
             preflight(
-                Path(spec.source),
+                spec.source,
                 where.get("store") and Path(where["store"]),
                 backbone,
                 Path(where.get("workspace", DEFAULT_WORKSPACE)),
@@ -135,9 +137,11 @@ def _serve(built: list[Any], specs: list[DeploymentSpec], limit: int) -> None:
         out.print(
             f"serving pipeline/{spec.name} over {spec.source}, {spec.schedule}", highlight=False
         )
-    if any(s.options.get("on_drift") for s in specs):
-        from flows.automations import drift_automations
+    if any(s.kind == "score" for s in specs):
+        from flows.automations import drift_automations, stale
 
+        for name in stale(specs):
+            out.print(f"automation removed (no longer declared): {name}", highlight=False)
         for made in drift_automations(specs, built):
             out.print(f"automation: {made.name}", highlight=False)
     out.print(f"at most {plural(limit, 'run')} at once; Ctrl-C stops")

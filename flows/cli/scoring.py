@@ -22,19 +22,25 @@ if TYPE_CHECKING:
     from heads.scoring.runner import ScoreReport
 
 
+# What of the monitor `predict --out` uses: the per-image OOD columns, not the batch tests.
+PER_IMAGE = frozenset({"ood_k", "ood_level"})
+
+
 @app.command()
 @with_settings(
-    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"}))
+    embedding=Group(EmbedSettings, only=frozenset({"batch_size", "decode_threads", "device"})),
+    monitor=Group(MonitorSettings, only=PER_IMAGE),
 )
 def predict(
     sources: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="Image files, or one folder (any depth; one sub-folder per class gives each "
             "row its label) or a CSV/Parquet manifest with path[,label]."
         ),
     ],
     embedding: EmbedSettings,
+    monitor: MonitorSettings,
     out_file: Annotated[
         Path | None,
         typer.Option(
@@ -93,6 +99,7 @@ def predict(
         workspace=workspace,
         embedding=embedding,
         progress=not as_json,
+        monitor=monitor,
     )
     _print_report(report, as_json)
 
@@ -103,7 +110,9 @@ def predict(
     monitor=MonitorSettings,
 )
 def score(
-    source: Annotated[Path, typer.Argument(help="Folder (any depth) or CSV/Parquet manifest.")],
+    source: Annotated[
+        str, typer.Argument(help="Folder (any depth), bucket prefix or CSV/Parquet manifest.")
+    ],
     embedding: EmbedSettings,
     monitor: MonitorSettings,
     predictions: Annotated[

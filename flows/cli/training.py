@@ -121,7 +121,9 @@ def train(
 @app.command()
 @with_settings(settings=RUN)
 def run(
-    source: Annotated[Path, typer.Argument(help="Labelled folder or manifest (see `embed`).")],
+    source: Annotated[
+        str, typer.Argument(help="Labelled folder, bucket prefix or manifest (see `embed`).")
+    ],
     settings: PipelineSettings,
     store: StoreOpt = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
@@ -246,30 +248,42 @@ def compare(
         )
         previous, backbone = r["parent_run_id"], r["backbone"]
     show(table)
-    for run_rows in _runs_over_several_backbones(rows):
+    for run_rows in _runs_over_several_rungs(rows):
         show(_grid(run_rows, wide))
 
 
-def _runs_over_several_backbones(rows: list[dict]) -> list[list[dict]]:
-    """The rows of each run that trained heads on more than one backbone."""
+def _rung_of(row: dict) -> str:
+    """A model's rung of the ladder: its backbone, and its feature column when not the
+    `embedding` (flows/candidates.py `rung_name`)."""
+    from flows.candidates import rung_name
+
+    feature = (row["chosen"] or {}).get("feature", "embedding")
+    rung = {"backbone": row["backbone"], "feature": feature}
+    return row["backbone"] if feature == "embedding" else rung_name(rung)
+
+
+def _runs_over_several_rungs(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each run whose models stand on more than one rung of the ladder (several
+    backbones, or `--layers` columns chosen)."""
     runs: dict[str, list[dict]] = {}
     for r in rows:
         runs.setdefault(r["parent_run_id"], []).append(r)
-    return [g for g in runs.values() if len({r["backbone"] for r in g}) > 1]
+    return [g for g in runs.values() if len({_rung_of(r) for r in g}) > 1]
 
 
 def _grid(rows: list[dict], wide: bool) -> DataTable:
-    """One row per backbone of a run: its best model on validation; the best overall marked."""
+    """One row per rung of a run (backbone, feature column) that a model chose: its best
+    model on validation; the best overall marked. Every rung's verdict, chosen or not, is the
+    run's `ladder` tag."""
     best: dict[str, dict] = {}
     for r in rows:
-        if r["backbone"] not in best or (r.get("val_score") or 0) > (
-            best[r["backbone"]].get("val_score") or 0
-        ):
-            best[r["backbone"]] = r
+        rung = _rung_of(r)
+        if rung not in best or (r.get("val_score") or 0) > (best[rung].get("val_score") or 0):
+            best[rung] = r
     top = max(best.values(), key=lambda r: r.get("val_score") or 0)
     run = f"{rows[0]['experiment']}/{rows[0]['parent_run']}"
-    table = DataTable(title=f"{run}: the best model of each backbone", wide=wide)
-    table.caption = "* the best overall, on validation"
+    table = DataTable(title=f"{run}: the best model of each backbone (and layer)", wide=wide)
+    table.caption = "* the best overall, on validation; every rung: the run's `ladder` tag"
     table.add_column("backbone", no_wrap=True)
     model_columns(table, [r["model"] for r in best.values()])
     for name, r in best.items():

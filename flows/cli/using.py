@@ -24,7 +24,7 @@ from flows.cli.render import DataTable, index_line, short_path, show
 def search(
     search: SearchSettings,
     images: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
             help="Query images: one result list each (or, with --like/--unlike, examples of "
             "one query)."
@@ -85,7 +85,7 @@ def search(
 
 
 def _titles(
-    images: list[Path], like: list[str], unlike: list[str], vector: Path | None
+    images: list[str], like: list[str], unlike: list[str], vector: Path | None
 ) -> list[str]:
     if like or unlike or vector is not None:
         near = [*map(str, images), *like, *([str(vector)] if vector is not None else [])]

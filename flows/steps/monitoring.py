@@ -18,6 +18,7 @@ from extractors.settings import MonitorSettings
 from extractors.store.store import Store
 from heads.classifier import BoundClassifier
 from heads.scoring.monitored import Monitored
+from heads.scoring.reference import unusable
 
 defaults = logging.getLogger("headstart.defaults")
 FLAGGED_SHOWN = 50  # the most unusual images listed with a batch
@@ -42,15 +43,8 @@ def watch(
 
 
 def _unwatchable(bound: BoundClassifier, trained_on: Path | None) -> str | None:
-    if trained_on is None or not Store(trained_on).exists:
-        return "the model's training store is not here"
-    m = Store(trained_on).manifest()
     bb = bound.backbone
-    if (m.get("backbone"), m.get("weights")) != (bb.name, bb.weights):
-        return f"the training store {trained_on} holds another network's embeddings"
-    if bound.model.feature not in (None, "embedding"):
-        return "the model reads a --layers column, not the embedding"
-    return None
+    return unusable(trained_on, bb.name, bb.weights, bound.model.feature)
 
 
 def batch_figures(

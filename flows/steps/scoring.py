@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from extractors import DEFAULT_WORKSPACE
 from extractors.embedding.engines import LocalEngine
-from extractors.embedding.sources import read_sources
+from extractors.embedding.sources import read_sources, source_name
 from extractors.settings import EmbedSettings, MonitorSettings
 from extractors.store.layout import LATEST_HEADS, MANIFEST
 from extractors.store.store import Store, StoreError
@@ -54,14 +54,14 @@ def scoring_model(
         from flows.tracking.image_model import RegistryError, image_name, resolve
 
         try:
-            resolve(f"models:/{image_name(Path(source).stem)}@champion", workspace)
-            experiment = Path(source).stem
+            resolve(f"models:/{image_name(source_name(source))}@champion", workspace)
+            experiment = source_name(source)
         except RegistryError:
             model = default_model(store, workspace)
             if model is not None:
-                stem = Path(source).stem
+                stem = source_name(source)
                 defaults.info(f"model: {model} (no champion of {stem!r}; --experiment picks)")
-    name = experiment or _experiment_of(model) or Path(source).stem
+    name = experiment or _experiment_of(model) or source_name(source)
     return model or f"models:/{name}-image@champion", name
 
 

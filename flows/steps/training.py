@@ -323,13 +323,16 @@ def reusable_training(
 
 
 def _row(r: HeadResult, run_id: str, **extra: Any) -> dict[str, Any]:
-    """One line of the heads table (CLI, JSON and Prefect artifact alike)."""
+    """One line of the heads table (CLI, JSON and Prefect artifact alike); with `--layers`
+    columns, the head's val score on each column (`val_by_feature`: the ladder's rungs)."""
+    by_feature = r.extra.get("val_by_feature") or {}
     return {
         "head": r.name,
         "params": {k: v for k, v in r.params.items() if k != "feature" or v != "embedding"},
         "val_score": r.val_score,
         "selection_metric": r.selection_metric,
         **r.metrics,
+        **({"val_by_feature": by_feature} if len(by_feature) > 1 else {}),
         "run_id": run_id,
         **extra,
     }
@@ -338,21 +341,24 @@ def _row(r: HeadResult, run_id: str, **extra: Any) -> dict[str, Any]:
 def escalation_decision(
     summary: dict[str, Any], target: float | None, finetune: bool = False
 ) -> dict[str, Any]:
-    """Escalate to fine-tuning when asked, or when the best head's val score is below target."""
+    """Escalate to fine-tuning when asked, or when no frozen candidate reaches the target: the
+    ladder (flows/candidates.py) over the store's feature columns, a rung each, its verdicts
+    kept when there are `--layers` columns; with `embedding` alone, its one rung is the best
+    head, and the reason says so."""
+    from flows.candidates import ladder, rungs_of
+
+    rungs = rungs_of(summary)
+    decision = ladder(rungs, target, finetune)
+    if len(rungs) > 1:
+        return decision
     best = next(h for h in summary["heads"] if h["head"] == summary["best"])
     score, metric = best["val_score"], best["selection_metric"].replace("_", " ")
-    if finetune:
-        escalate, reason = True, "fine-tuning requested (--finetune)"
-    elif target is not None and score < target:
-        escalate = True
-        reason = f"best head {best['head']} val {metric} {score:.3f} < target {target:.3f}"
-    elif target is not None:
-        escalate = False
-        reason = f"best head {best['head']} val {metric} {score:.3f} >= target {target:.3f}"
-    else:
-        escalate, reason = False, "no target set"
+    reason = decision["reason"]
+    if target is not None and not finetune:
+        verdict = "<" if decision["escalate"] else ">="
+        reason = f"best head {best['head']} val {metric} {score:.3f} {verdict} target {target:.3f}"
     return {
-        "escalate": escalate,
+        "escalate": decision["escalate"],
         "reason": reason,
         "best_head": best["head"],
         "best_val_score": score,

@@ -57,10 +57,12 @@ def image_name(experiment: str) -> str:
 
 
 def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
-    """Log `clf` as the active run's `image_model` (a pyfunc from code); return its URI."""
+    """Log `clf` as the active run's `image_model` (a pyfunc from code); return its URI.
+    Its folder carries the OOD reference of the head's store (heads/scoring/reference.py);
+    the param `ood_level` overrides the level written there, as `score --ood-level` does."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from heads.scoring.table import PROBA
 
@@ -73,8 +75,11 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
             ColSpec("double", "probability", required=False),
             ColSpec("string", "error", required=False),
             *[ColSpec("double", f"{PROBA}{c}", required=False) for c in clf.classes],
+            ColSpec("double", "ood_score", required=False),
+            ColSpec("boolean", "ood", required=False),
         ]
     )
+    params = ParamSchema([ParamSpec("ood_level", "double", None)])
     with tempfile.TemporaryDirectory() as tmp:
         folder = clf.save(Path(tmp) / "model", network=network)
         with explicit_requirements(), quiet("mlflow.models.model"), warnings.catch_warnings():
@@ -85,7 +90,7 @@ def log_image_model(clf: ImageClassifier, network: Path | None = None) -> str:
                 artifacts={"model": str(folder)},
                 code_paths=model_code_paths(),
                 pip_requirements=pinned(REQUIREMENTS),
-                signature=ModelSignature(inputs=inputs, outputs=outputs),
+                signature=ModelSignature(inputs=inputs, outputs=outputs, params=params),
             )
     return info.model_uri
 

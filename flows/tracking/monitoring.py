@@ -1,21 +1,59 @@
 """Monitoring in MLflow: one run per scored batch under the experiment (tag
 `headstart.kind = monitor`), its figures as metrics at the batch's time (the UI plots them over
 time) and its most unusual images as a table; the history `headstart monitor` reads back; the
-Prefect event an alarm raises (flows/pipeline.py)."""
+Prefect event an alarm raises (flows/pipeline.py). A batch's figures are kept on disk beside
+its predictions until MLflow has them (`record`), so an MLflow failure after the batch was
+written loses nothing: the next scoring run logs them, at the batch's own time."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from extractors.common import HeadstartError, exclusive, write_json_atomic
 from flows.tracking.tracker import Tracker
 
 KIND = "monitor"
 DRIFT_EVENT = "headstart.drift.detected"  # what an automation of deployments.toml listens for
 PARTS = ("embedding_drift", "ood", "prediction_drift", "confidence")
+PENDING = ".monitoring-pending"  # in a predictions folder: batches' figures not yet in MLflow
+
+
+def record(
+    workspace: str | Path,
+    experiment: str,
+    source: str,
+    report: dict[str, Any],
+    predictions: str | Path,
+) -> str | None:
+    """Log the batch of `report` (if it was monitored) and any batch an earlier run could not
+    log, oldest first; the batch's run id. Each batch's figures are written to the
+    predictions folder's PENDING folder first and removed once MLflow has them."""
+    folder = Path(predictions) / PENDING
+    if report.get("monitor") and report.get("part"):
+        entry = {
+            "experiment": experiment,
+            "source": source,
+            "at": time.time(),
+            "report": {k: report[k] for k in ("model", "part", "monitor")},
+        }
+        write_json_atomic(folder / f"{Path(report['part']).stem}.json", entry)
+    if not folder.is_dir():
+        return None
+    busy = HeadstartError(f"another scoring run is logging the batches of {predictions}")
+    run_id = None
+    with exclusive(folder / ".lock", busy, wait_s=120):
+        for pending in sorted(folder.glob("*.json")):
+            e = json.loads(pending.read_text())
+            logged = log_batch(workspace, e["experiment"], e["source"], e["report"], e["at"])
+            pending.unlink()
+            if report.get("part") and Path(report["part"]).stem == pending.stem:
+                run_id = logged
+    return run_id
 
 
 def figures(watched: dict[str, Any]) -> dict[str, float]:
@@ -28,12 +66,19 @@ def figures(watched: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def log_batch(workspace: str | Path, experiment: str, source: str, report: dict[str, Any]) -> str:
-    """The batch's monitoring run; its id."""
+def log_batch(
+    workspace: str | Path,
+    experiment: str,
+    source: str,
+    report: dict[str, Any],
+    at: float | None = None,
+) -> str:
+    """The batch's monitoring run, at its time `at` (seconds; default now); its id."""
     watched = report["monitor"]
     tracker = Tracker(workspace)
     client = tracker.client()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    at = time.time() if at is None else at
+    stamp = dt.datetime.fromtimestamp(at).strftime("%Y%m%d-%H%M%S")
     run = client.create_run(
         tracker.experiment_id(experiment),
         run_name=f"monitor-{stamp}",
@@ -44,7 +89,7 @@ def log_batch(workspace: str | Path, experiment: str, source: str, report: dict[
         },
     )
     run_id = run.info.run_id
-    now = int(time.time())
+    now = int(at)
     for key, value in {"source": source, "model": report["model"], "part": report["part"]}.items():
         client.log_param(run_id, key, str(value))
     for key, value in figures(watched).items():

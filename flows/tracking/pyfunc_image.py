@@ -3,7 +3,10 @@ model (nothing is pickled). Its artifact `model` is a heads/classifier.py model 
 
 Input: a DataFrame with a `path` column (image files) or an `image` column (encoded image
 bytes; over `mlflow models serve`, base64 in JSON); a row with neither is an error row. Output, one
-row per input row: prediction, probability, error, and proba_<class> for every class.
+row per input row: prediction, probability, error, proba_<class> for every class, and the
+out-of-distribution columns of `score`, `ood_score` and `ood` (null for an error row, or a model
+folder without an OOD reference: heads/classifier.py). Param `ood_level`: the level `ood`
+flags at (default: the one the folder was written with).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class ImageModel(PythonModel):
             items = list(frame["path"])
         else:
             items = [None] * len(frame)
-        return pd.DataFrame(self.bound.predict_items(items))
+        level = (params or {}).get("ood_level")
+        return pd.DataFrame(self.bound.predict_items(items, ood_level=level))
 
 
 def _given(value: Any) -> bool:

@@ -7,6 +7,8 @@ that are rows of the store can be read.
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import io
 import mimetypes
 import os
@@ -15,22 +17,26 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
 
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from PIL import ImageOps
 
+from extractors.common import DaemonPool
 from extractors.embedding.images import ImageError, open_rgb
+from extractors.embedding.objects import failure_reason, is_url, read_bytes, stamp
 from extractors.search.query import NotFound
-from extractors.store.layout import os_path
+from extractors.store.layout import content_id, os_path
 
 if TYPE_CHECKING:
     from flows.web.service import Snapshot
 
 THUMB_DECODING = 4  # thumbnails decoded at once (a cached one waits for none of them)
 THUMB_CACHE_BYTES = 32 * 2**20  # thumbnails kept
+OBJECT_READS = 8  # rows' objects read from object storage at once
+OBJECT_TIMEOUT_S = 30.0  # the most one object's read may take before the request gets 504
 
 
 def open_file(snap: Snapshot, row_id: int) -> tuple[BinaryIO, str]:
@@ -40,6 +46,8 @@ def open_file(snap: Snapshot, row_id: int) -> tuple[BinaryIO, str]:
     404 (gone, or no longer a row) or 410 (replaced), with the reason."""
     row = snap.rows.get(row_id)  # NotFound: 404
     path = row["path"]
+    if is_url(path):
+        return _open_object(path, row_id, (row["bytes"], row["mtime_ns"])), path
     try:
         fd = os.open(os_path(path), os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
@@ -65,6 +73,45 @@ def open_file(snap: Snapshot, row_id: int) -> tuple[BinaryIO, str]:
     return fh, path
 
 
+def _open_object(url: str, row_id: int, embedded: tuple[int, int]) -> BinaryIO:
+    """An object's bytes, only if they are still those embedded: its stamp (size,
+    modification time, ETag) unchanged, then its content's hash the row's id (so an object
+    replaced between the two requests is caught too). At most OBJECT_READS objects are read
+    at once, each within OBJECT_TIMEOUT_S and at most its recorded size; 404 when it is gone
+    or unreadable, 410 when it was replaced, 504 when the store does not answer."""
+
+    def fetch(_: Any) -> bytes | None:
+        return read_bytes(url, limit=embedded[0]) if stamp(url) == embedded else None
+
+    pool = _object_pool()
+    try:
+        data = pool.result(pool.submit(fetch, None), OBJECT_TIMEOUT_S)
+    except TimeoutError:
+        raise HTTPException(
+            504, f"the object store did not answer within {OBJECT_TIMEOUT_S:g} s for {url}"
+        ) from None
+    except OSError as exc:
+        raise HTTPException(404, f"cannot read {url}: {failure_reason(exc)}") from None
+    if data is None or content_id(hashlib.sha256(data).hexdigest()) != row_id:
+        raise HTTPException(
+            410,
+            f"{url} changed since it was embedded (size, modification time, ETag or content); "
+            "`headstart embed` the source again to serve it",
+        )
+    return io.BytesIO(data)
+
+
+@functools.cache
+def _object_pool() -> DaemonPool:
+    return DaemonPool(OBJECT_READS)
+
+
+def _size(fh: BinaryIO) -> int:
+    if isinstance(fh, io.BytesIO):
+        return len(fh.getbuffer())
+    return os.fstat(fh.fileno()).st_size
+
+
 def image_response(fh: BinaryIO, path: str) -> StreamingResponse:
     """The open file of `path`, streamed (never by path; no Range support, so none of
     Starlette's FileResponse Range parsing, CVE-2025-62727, is reachable)."""
@@ -74,7 +121,7 @@ def image_response(fh: BinaryIO, path: str) -> StreamingResponse:
         _chunks(fh),
         media_type=kind or "application/octet-stream",
         headers={
-            "Content-Length": str(os.fstat(fh.fileno()).st_size),
+            "Content-Length": str(_size(fh)),
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(name)}",
             "X-Content-Type-Options": "nosniff",
         },

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from extractors.common import write_json_atomic
-from extractors.store.layout import os_path
+from extractors.embedding.objects import stamp
 from heads.evaluate import HeadResult, scored_on_test
 from heads.settings import FineTuneSettings
 
@@ -112,9 +112,17 @@ def reuse(
     the labels of the files still there stand in for runs saved before `test_y` was."""
     cls_index = {c: i for i, c in enumerate(classes)}
     here = [(p, cls_index[str(c)]) for p, c in zip(*test, strict=True)]
-    here = [(p, c) for p, c in here if Path(os_path(p)).is_file()]
+    here = [(p, c) for p, c in here if _still_there(p)]
     y = np.asarray([c for _, c in here], dtype=np.int64)
     return _reuse(workdir / DONE, workdir, classes, cfg, y, [p for p, _ in here], ids)
+
+
+def _still_there(path: str) -> bool:
+    try:
+        stamp(path)
+    except OSError:
+        return False
+    return True
 
 
 def _reuse(

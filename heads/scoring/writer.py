@@ -5,7 +5,6 @@ duplicate (its first file's score), into `<out>`, written to a temporary name an
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from extractors.common import atomic_path
-from extractors.store.layout import os_path
+from extractors.embedding.objects import stamp
 from extractors.store.plan import UpdatePlan
 from extractors.store.staging import Staging
 from heads.scoring.monitored import Monitored
@@ -195,7 +194,6 @@ class _Facts:
 
 def _stat(path: str) -> tuple[int | None, int | None]:
     try:
-        st = os.stat(os_path(path))
+        return stamp(path)
     except OSError:
         return None, None
-    return st.st_size, st.st_mtime_ns

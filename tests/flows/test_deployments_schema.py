@@ -38,6 +38,9 @@ BAD = [
     (CRON + "targett = 1\n", "deployment 'a': unknown key 'targett'"),
     (CRON + "target = nan\n", "deployment 'a'"),
     (CRON + 'kind = "score"\non_drift = "b"\n', "on_drift 'b' is not a pipeline deployment"),
+    (CRON + 'kind = "score"\n[deployment.monitor]\nood_levl = 0.1\n', "unknown setting.*ood_levl"),
+    (CRON + 'kind = "score"\n[deployment.monitor]\nood_level = 0.9\n', r"monitor\].*ood_level"),
+    (CRON + "[deployment.monitor]\nood_level = 0.1\n", 'are for kind = "score"'),
     (
         CRON + '[[deployment]]\nname = "s"\nsource = "y"\ncron = "@daily"\nkind = "score"\n'
         'on_drift = "a"\n',
@@ -66,11 +69,28 @@ def test_typed_values_reach_the_flow_as_given(tmp_path: Path) -> None:
         HEAD + "interval = 90\n"
         '[[deployment]]\nname = "s"\nsource = "x"\ncron = "@daily"\nkind = "score"\n'
         'experiment = "e"\nmodel = "models:/m@champion"\n'
+        "[deployment.monitor]\nood_level = 0.05\ndrift_alpha = 0.01\n"
     )
     spec, score = read_file(path)
     assert spec.interval == 90.0 and spec.schedule == "every 90 s"
     params = score.parameters()
     assert params["experiment"] == "e" and params["model"] == "models:/m@champion"
+    assert params["monitor"]["ood_level"] == 0.05 and params["monitor"]["drift_alpha"] == 0.01
+    assert params["monitor"]["ood_k"] == 10  # the rest at their defaults
+
+
+def test_a_bucket_source_stays_a_url_and_names_the_experiment(tmp_path: Path) -> None:
+    path = tmp_path / "deployments.toml"
+    path.write_text(
+        '[[deployment]]\nname = "train"\nsource = "s3://team/photos/"\ncron = "@daily"\n'
+        '[[deployment]]\nname = "score"\nsource = "s3://team/incoming/photos"\n'
+        'cron = "@hourly"\nkind = "score"\non_drift = "train"\nexperiment = "photos"\n'
+        '[[deployment]]\nname = "local"\nsource = "photos"\ncron = "@daily"\n'
+    )
+    train, score, local = read_file(path)
+    assert train.source == "s3://team/photos/" and train.parameters()["source"] == train.source
+    assert score.source == "s3://team/incoming/photos"
+    assert local.source == str((tmp_path / "photos").resolve())
 
 
 @pytest.mark.parametrize("interval", ["nan", "inf", "-inf"])

@@ -160,3 +160,45 @@ def test_a_drift_alarm_under_prefect_starts_the_training_deployment(
         time.sleep(2)
         found = asyncio.run(runs_of_target())
     assert found, f"the automation {made.name!r} started no run of digits-train"
+
+    # on_drift taken out of the file: serving it again removes the automation
+    from flows.automations import stale
+
+    toml.write_text(toml.read_text().replace('on_drift = "digits-train"\n', ""))
+    assert stale(deployments.read_file(toml)) == [made.name]
+    assert stale(deployments.read_file(toml)) == []
+
+
+def test_a_batch_whose_figures_mlflow_refused_is_logged_by_the_next_run(watched: dict) -> None:
+    """MLflow's database is locked for writing (another writer holds it) while a batch is
+    scored: the part is written, the run fails naming MLflow, and the figures wait on disk;
+    the next run (nothing new) logs them, at the batch's own time."""
+    import sqlite3
+
+    ws, env, root = str(watched["ws"]), watched["env"], watched["root"]
+    before = json.loads(
+        runner.invoke(app, ["monitor", "--workspace", ws, "--json"], env=env).stdout
+    )
+    batch = root / "late"
+    shutil.copytree(root / "heldout" / "2", batch / "2")
+    pred = root / "pred-late"
+    args = ["score", str(batch), "--experiment", "digits", "--workspace", ws]
+    args += ["--predictions", str(pred), "--ood-level", LEVEL]
+    writer = sqlite3.connect(watched["ws"] / "mlflow.db", timeout=1)
+    writer.execute("BEGIN IMMEDIATE")  # readers go on; any other writer waits, then fails
+    try:
+        res = runner.invoke(app, args, env=env)
+    finally:
+        writer.rollback()
+        writer.close()
+    assert res.exit_code == 2 and "locked" in res.output, res.output  # one line, named
+    assert list(pred.glob("part-*.parquet")), "the batch was not written"
+    pending = list((pred / ".monitoring-pending").glob("*.json"))
+    assert len(pending) == 1
+    res = runner.invoke(app, args, env=env)
+    assert res.exit_code == 0, res.output
+    assert "nothing new" in res.output
+    assert not list((pred / ".monitoring-pending").glob("*.json"))
+    after = json.loads(runner.invoke(app, ["monitor", "--workspace", ws, "--json"], env=env).stdout)
+    assert len(after) == len(before) + 1
+    assert after[0]["images"] == len(list((batch / "2").iterdir()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -26,16 +27,19 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from extractors.embedding.sources import read_source
+from extractors.settings import MonitorSettings
 from extractors.store.store import Store
 from flows.cli import app
 from flows.steps import training
 from flows.tracking import champion
 from flows.tracking.tracker import Tracker
+from heads.classifier import ImageClassifier
 from heads.scoring.table import PROBA
 
 runner = CliRunner()
 EXPERIMENT = "audit"
 IMAGE = f"{EXPERIMENT}-image"
+OOD_LEVEL = 0.1  # the store's 20 val images flag from 1/21 (the default 0.01 needs 99)
 
 
 def _ok(args: list[str]) -> str:
@@ -174,20 +178,27 @@ def test_the_image_model_agrees_with_predict_alone_and_over_http(
     assert report["reused"] == 100  # the good store's rows, same backbone and content
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     classes = sorted({r["label"] for r in rows.values()})
+    assert {r["ood"] for r in rows.values()} == {None}  # 20 val images cannot flag at 1%
 
     model_dir = _download(f"models:/{IMAGE}/3", tmp_path / "model")
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.outputs.input_names()[-2:] == ["ood_score", "ood"]
+    assert [p["name"] for p in signature.params.to_dict()] == ["ood_level"]
     assert not (model_dir / "uv.lock").exists()  # only its own requirements travel
     python = _clean_env(model_dir / "requirements.txt", tmp_path / "venv-image")
     paths = sorted(rows)[::9]
+    photo = _photo(tmp_path)
+    probe = [*paths, *_unseen_digits(digits_dir, tmp_path), str(photo)]
+    ood = _predicted_ood(probe, uri, ws, tmp_path)
     script = (
         "import json, sys, mlflow.pyfunc, pandas as pd\n"
         "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
         "frame = pd.DataFrame({'path': json.loads(sys.argv[2])})\n"
-        "print(m.predict(frame).to_json(orient='records'))\n"
+        f"print(m.predict(frame, params={{'ood_level': {OOD_LEVEL}}}).to_json(orient='records'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(
-        [str(python), "-c", script, str(model_dir), json.dumps(paths)],
+        [str(python), "-c", script, str(model_dir), json.dumps(probe)],
         capture_output=True,
         text=True,
         env=env,
@@ -196,9 +207,17 @@ def test_the_image_model_agrees_with_predict_alone_and_over_http(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     alone = json.loads(done.stdout.strip().splitlines()[-1])
-    for p, a in zip(paths, alone, strict=True):
+    for p, a in zip(paths, alone[: len(paths)], strict=True):
         assert a["prediction"] == rows[p]["prediction"]
         assert max(abs(a[f"{PROBA}{c}"] - rows[p][f"{PROBA}{c}"]) for c in classes) < 1e-3
+    # The out-of-distribution columns: those of `predict --out` at the same level, directly
+    # (the model folder through ImageClassifier) and in the clean environment.
+    direct = ImageClassifier.load(model_dir / "artifacts" / "model", device="cpu")
+    for where in (direct.predict_items(probe, ood_level=OOD_LEVEL), alone):
+        for p, a in zip(probe, where, strict=True):
+            assert a["ood"] == ood[p]["ood"], p
+            assert abs(a["ood_score"] - ood[p]["ood_score"]) <= _tie(p, paths), p
+    assert not any(ood[p]["ood"] for p in paths) and ood[str(photo)]["ood"] is True
 
     port = _free_port()
     serve_env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -226,7 +245,11 @@ def test_the_image_model_agrees_with_predict_alone_and_over_http(
         _wait(f"http://127.0.0.1:{port}/ping", server)
         image = base64.b64encode(Path(paths[0]).read_bytes()).decode()
         junk = base64.b64encode(b"not an image").decode()
-        body = {"dataframe_split": {"columns": ["image"], "data": [[image], [junk]]}}
+        foreign = base64.b64encode(photo.read_bytes()).decode()
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[image], [junk], [foreign]]},
+            "params": {"ood_level": OOD_LEVEL},
+        }
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             json.dumps(body).encode(),
@@ -240,6 +263,64 @@ def test_the_image_model_agrees_with_predict_alone_and_over_http(
     assert served[0]["prediction"] == rows[paths[0]]["prediction"]
     assert abs(served[0]["probability"] - rows[paths[0]]["probability"]) < 1e-3
     assert "not an image" in served[1]["error"]  # a row that says why, not a 500
+    # In distribution (a training digit): not flagged; a colour photograph: flagged; both
+    # as `predict --out` scores them; the error row: null.
+    for got, p in ((served[0], paths[0]), (served[2], str(photo))):
+        assert got["ood"] == ood[p]["ood"], p
+        assert abs(got["ood_score"] - ood[p]["ood_score"]) <= _tie(p, paths), p
+    assert served[0]["ood"] is False and served[2]["ood"] is True
+    # The error row: null flag; its score missing as its probability is (a float column's
+    # missing value, which MLflow's JSON writes as NaN).
+    assert served[1]["ood"] is None
+    assert math.isnan(served[1]["ood_score"]) and math.isnan(served[1]["probability"])
+
+
+def _photo(tmp_path: Path) -> Path:
+    """A colour photograph (scikit-image's astronaut): nothing like a handwritten digit."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "foreign" / "astronaut.png"
+    path.parent.mkdir()
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def _unseen_digits(digits_dir: Path, tmp_path: Path) -> list[str]:
+    """Handwritten digits of the same classes that the store does not hold (in distribution,
+    never seen)."""
+    from flows.sample_data import materialise_digits
+
+    more = materialise_digits(tmp_path / "more", per_class=28)
+    held = {f.name for f in digits_dir.rglob("*.png")}
+    classes = {d.name for d in digits_dir.iterdir()}
+    return [
+        str(f)
+        for f in sorted(more.rglob("*.png"))
+        if f.parent.name in classes and f.name not in held
+    ]
+
+
+def _tie(path: str, training: list[str]) -> float:
+    """How far the served `ood_score` may be from `predict --out`'s: `predict` reuses a training
+    image's stored embedding, the model embeds it again (float noise, ~1e-6), which can break
+    an exact tie with a val image's calibration score (two images each other's k-th neighbour)
+    by one conformal step, 1 / (20 val images + 1); an image the store does not hold has no
+    such tie: equal."""
+    return (1 / 21 if path in training else 0.0) + 1e-9
+
+
+def _predicted_ood(paths: list[str], uri: str, ws: str, tmp_path: Path) -> dict[str, dict]:
+    """`ood_score` and `ood` of `predict --out` (its step, at OOD_LEVEL: the CLI's predict
+    keeps the default level, which this store's 20 val images cannot flag at), by path."""
+    from flows.steps.scoring import predict_to_file
+
+    out = tmp_path / "ood.parquet"
+    monitor = MonitorSettings(ood_level=OOD_LEVEL)
+    predict_to_file(paths, out, model=uri, workspace=ws, progress=False, monitor=monitor)
+    return {
+        r["path"]: r for r in pq.read_table(out, columns=["path", "ood_score", "ood"]).to_pylist()
+    }
 
 
 def test_every_head_model_loads_from_its_own_requirements(registry, tmp_path) -> None:

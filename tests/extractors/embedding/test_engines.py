@@ -53,7 +53,7 @@ def test_engine_settings_refuse_unknown_names_and_a_stray_address() -> None:
 
 
 def test_embed_on_a_local_dask_cluster_equals_the_local_engine(
-    prefect_server, mlflow_tmp, digits_dir, built_store, tmp_path
+    prefect_server, mlflow_tmp, digits_dir, built_store, tmp_path, capfd
 ) -> None:
     store = tmp_path / "dask-store"
     args = ["embed", str(digits_dir), "--store", str(store), "--workspace", str(tmp_path)]
@@ -68,6 +68,8 @@ def test_embed_on_a_local_dask_cluster_equals_the_local_engine(
 
     run = mlflow.get_run(report["run_id"])
     assert run.data.params["engine"] == "dask"
+    printed = capfd.readouterr().err  # the workers' own processes included
+    assert "distributed." not in printed, printed[-2000:]
 
 
 def test_killing_a_worker_mid_run_still_embeds_every_image_once(

@@ -166,3 +166,33 @@ def fuzz_corpus(n: int, seed: int = 0) -> list[bytes]:
                 data[pos:pos] = rng.randbytes(rng.randint(1, 16))
         out.append(bytes(data))
     return out
+
+
+def test_a_row_in_a_bucket_is_served_only_while_it_is_the_embedded_object(
+    s3_server, backbone, tmp_path
+) -> None:
+    s3 = s3_server.client()
+    bucket = s3_server.bucket("served")
+    bodies = {}
+    for i, label in enumerate(("cat", "dog", "cat")):
+        buf = io.BytesIO()
+        arr = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(buf, format="PNG")
+        bodies[f"photos/{label}/{i}.png"] = buf.getvalue()
+        s3.put_object(Bucket=bucket, Key=f"photos/{label}/{i}.png", Body=buf.getvalue())
+    store = Store(tmp_path / "store")
+    store.update(read_source(f"s3://{bucket}/photos/"), backbone, progress=False)
+    c = _client(store)
+    rows = {r["path"]: r["id"] for r in store.table(["id", "path"]).to_pylist()}
+    url = f"s3://{bucket}/photos/cat/0.png"
+    ok = c.get(f"/api/image/{rows[url]}")
+    assert ok.status_code == 200 and ok.content == bodies["photos/cat/0.png"]
+    assert ok.headers["content-type"] == "image/png"
+    assert c.get(f"/api/thumb/{rows[url]}").status_code == 200
+    s3.put_object(Bucket=bucket, Key="photos/cat/0.png", Body=b"secret of the same length?")
+    replaced = c.get(f"/api/image/{rows[url]}")
+    assert replaced.status_code == 410 and "changed since it was embedded" in replaced.text
+    assert "secret" not in replaced.text
+    s3.delete_object(Bucket=bucket, Key="photos/dog/1.png")
+    gone = c.get(f"/api/image/{rows[f's3://{bucket}/photos/dog/1.png']}")
+    assert gone.status_code == 404 and "object not found" in gone.json()["detail"]
