@@ -198,22 +198,24 @@ def read_bytes(path: str, limit: int = MAX_OBJECT_BYTES) -> bytes:
 
 
 def sha256_of(path: str) -> str:
-    """Hex SHA-256 of a file's or object's bytes, read in chunks."""
+    """Hex SHA-256 of a file's or object's bytes, read in chunks (an object's read retried
+    as `_remote` says)."""
+    if not is_url(path):
+        with open(os_path(path), "rb") as fh:
+            return _hashed(fh)
+    fs, key = filesystem(path)
+
+    def hashed() -> str:
+        with fs.open(key, "rb", block_size=CHUNK) as fh:
+            return _hashed(fh)
+
+    return _remote(hashed)
+
+
+def _hashed(fh: Any) -> str:
     digest = hashlib.sha256()
-    if is_url(path):
-        fs, key = filesystem(path)
-
-        def hashed() -> str:
-            h = hashlib.sha256()
-            with fs.open(key, "rb", block_size=CHUNK) as fh:
-                while block := fh.read(CHUNK):
-                    h.update(block)
-            return h.hexdigest()
-
-        return _remote(hashed)
-    with open(os_path(path), "rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
+    while block := fh.read(CHUNK):
+        digest.update(block)
     return digest.hexdigest()
 
 
